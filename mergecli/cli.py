@@ -1,0 +1,289 @@
+"""The `mergecli` command: thin Typer commands over the Python API.
+
+Each command parses its arguments, calls one stage, and renders the result (a Rich table, or JSON
+on stdout with --json). Errors the user can fix print as one line with a hint; tracebacks only
+with --debug.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .display import RichReporter, table
+from .errors import MergeCliError
+from .recipe import Recipe, load_recipe
+from .stages.merge import run_merge
+from .stages.taskvec import run_taskvec
+from .workspace import Workspace, artifact_key
+
+app = typer.Typer(help="Merge fine-tuned language models: task vectors, Hessians, merges, evaluation.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+recipes_app = typer.Typer(help="List and copy the built-in recipes.", no_args_is_help=True)
+ws_app = typer.Typer(help="Inspect and clean the workspace cache.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(ws_app, name="ws")
+
+OVERRIDES = typer.Argument(None, help="recipe overrides, e.g. density=0.3 merges.ties.seed=1", show_default=False)
+RECIPE = typer.Argument(..., help="YAML recipe file", show_default=False)
+
+
+@dataclass
+class Options:
+    workspace: Optional[Path] = None
+    quiet: bool = False
+    json: bool = False
+    device: str = "cpu"
+    debug: bool = False
+    wait: bool = True
+
+    @property
+    def out(self) -> Console:
+        return Console()
+
+    @property
+    def err(self) -> Console:
+        return Console(stderr=True)
+
+    @property
+    def reporter(self) -> RichReporter:
+        return RichReporter(self.err, quiet=self.quiet or self.json)
+
+    def recipe(self, path: Path, overrides: list[str] | None) -> Recipe:
+        extra = [f"workspace={self.workspace.resolve()}"] if self.workspace else []
+        return load_recipe(path, list(overrides or []) + extra)
+
+    def emit(self, data: Any, title: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if self.json:
+            typer.echo(json.dumps(data, indent=2, default=str))
+        elif not self.quiet:
+            self.out.print(table(title, columns, rows))
+
+
+OPTIONS = Options()
+
+
+@app.callback()
+def main_options(
+    workspace: Optional[Path] = typer.Option(None, "--workspace", "-w", help="workspace folder (overrides the recipe's)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or logs"),
+    json_output: bool = typer.Option(False, "--json", help="machine-readable result on stdout"),
+    device: str = typer.Option("cpu", "--device", help="torch device for the math: cpu, cuda, cuda:1, mps"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for, or fail on, another run holding a lock"),
+    version: bool = typer.Option(False, "--version", help="print the version and exit", is_eager=True),
+) -> None:
+    if version:
+        typer.echo(f"mergecli {__version__}")
+        raise typer.Exit()
+    OPTIONS.__init__(workspace, quiet, json_output, device, debug, wait)
+
+
+def command(fn: Callable[..., None]) -> Callable[..., None]:
+    """Turn MergeCliError into one line on stderr and its exit code; other errors too, unless --debug."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except MergeCliError as exc:
+            OPTIONS.err.print(f"[bold red]Error:[/] {exc.message}", highlight=False, soft_wrap=True)
+            if exc.hint:
+                OPTIONS.err.print(f"[dim]hint: {exc.hint}[/]", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            OPTIONS.err.print("[red]interrupted[/]: finished artifacts are kept; rerun to resume")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001
+            if OPTIONS.debug:
+                raise
+            OPTIONS.err.print(f"[bold red]Internal error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+            OPTIONS.err.print("[dim]hint: rerun with --debug for the traceback, and report it[/]")
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+# -- recipes --------------------------------------------------------------------------------
+@app.command()
+@command
+def validate(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Check a recipe (schema, values, paths) without opening any model."""
+    resolved = OPTIONS.recipe(recipe, overrides)
+    data = resolved.model_dump(by_alias=True, exclude_none=True)
+    rows = [[m.name, m.method, m.score or "-", m.density, m.lambda_, m.topk] for m in resolved.merges]
+    if OPTIONS.json:
+        typer.echo(json.dumps({"valid": True, "recipe": data}, indent=2, default=str))
+        return
+    if not OPTIONS.quiet:
+        OPTIONS.err.print(f"[green]recipe {recipe} is valid[/]: base {resolved.base}, "
+                          f"{len(resolved.models)} fine-tune(s), {len(resolved.merges)} merge(s)")
+        OPTIONS.out.print(table("merges", ["name", "method", "score", "density", "lambda", "top-k per"], rows))
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Recipes shipped in the wheel (mergecli/_recipes) or, from a checkout, in recipes/."""
+    here = Path(__file__).resolve().parent
+    folder = next((p for p in (here / "_recipes", here.parent / "recipes") if p.is_dir()), None)
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder else {}
+
+
+@recipes_app.command("ls")
+@command
+def recipes_ls() -> None:
+    """List the built-in recipes."""
+    found = builtin_recipes()
+    rows = [[name, _description(path)] for name, path in found.items()]
+    OPTIONS.emit({name: {"path": str(p), "description": _description(p)} for name, p in found.items()},
+                 "built-in recipes (copy one with `mergecli recipes cp NAME DEST`)", ["name", "description"], rows)
+
+
+@recipes_app.command("cp")
+@command
+def recipes_cp(name: str = typer.Argument(..., help="built-in recipe name"),
+               dest: Path = typer.Argument(..., help="file or folder to copy it to")) -> None:
+    """Copy a built-in recipe to edit it."""
+    found = builtin_recipes()
+    if name not in found:
+        raise MergeCliError(f"no built-in recipe named {name!r}", f"choose one of: {', '.join(found)}")
+    target = dest / f"{name}.yaml" if dest.is_dir() else dest
+    if target.exists():
+        raise MergeCliError(f"{target} already exists", "choose another destination")
+    shutil.copyfile(found[name], target)
+    OPTIONS.reporter.log(f"copied {name} to {target}")
+
+
+def _description(path: Path) -> str:
+    first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+    return first.lstrip("# ").strip()
+
+
+# -- stages ---------------------------------------------------------------------------------
+@app.command()
+@command
+def taskvec(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Compute each fine-tune's task vector (fine-tune minus base) into the workspace cache."""
+    resolved = OPTIONS.recipe(recipe, overrides)
+    vectors = run_taskvec(resolved, OPTIONS.reporter, OPTIONS.wait)
+    data = [{"model": v.model, "kind": v.kind, "key": v.artifact.key, "path": str(v.path), "reused": v.reused,
+             "bytes": v.artifact.size, "tensors": v.tensors} for v in vectors]
+    rows = [[d["model"], d["kind"], d["tensors"], _size(d["bytes"]), "reused" if d["reused"] else "computed", d["key"]]
+            for d in data]
+    OPTIONS.emit(data, "task vectors", ["model", "kind", "tensors", "size", "status", "cache key"], rows)
+
+
+@app.command()
+@command
+def merge(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES,
+          only: Optional[list[str]] = typer.Option(None, "--only", help="merge only this variant (repeatable)"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="replace output folders not written by mergecli")) -> None:
+    """Build every merge variant of the recipe as a Hugging Face model folder."""
+    resolved = OPTIONS.recipe(recipe, overrides)
+    results = run_merge(resolved, only, overwrite, OPTIONS.device, OPTIONS.reporter, OPTIONS.wait)
+    rows = [[r.name, r.method, r.score or "-", r.density, f"{r.kept_density:.4f}", f"{r.seconds:.1f}",
+             "reused" if r.reused else "built", r.path] for r in results]
+    OPTIONS.emit([r.as_dict() for r in results], "merges",
+                 ["name", "method", "score", "density", "kept", "seconds", "status", "output"], rows)
+
+
+def _not_yet(stage: str) -> None:
+    raise MergeCliError(f"the {stage} stage is not available in mergecli {__version__} yet",
+                        "taskvec and merge work today; see the README for the roadmap")
+
+
+@app.command()
+@command
+def hessian(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES,
+            samples: int = typer.Option(128, help="calibration sequences per fine-tune"),
+            seq_len: int = typer.Option(512, help="tokens per sequence")) -> None:
+    """Collect per-layer H = X^T X from each fine-tune's calibration data (for sparsegpt, wanda, regmean)."""
+    _not_yet("hessian")
+
+
+@app.command(name="eval")
+@command
+def evaluate(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Perplexity of the base, every fine-tune and every merge on every dataset of the recipe."""
+    _not_yet("eval")
+
+
+@app.command()
+@command
+def compare(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """One table of every model x dataset, best merge marked; json/csv/markdown/png export."""
+    _not_yet("compare")
+
+
+# -- workspace ------------------------------------------------------------------------------
+def _workspace(recipe: Optional[Path], overrides: Optional[list[str]]) -> Workspace:
+    if OPTIONS.workspace:
+        return Workspace(OPTIONS.workspace.resolve(), log=OPTIONS.reporter.log)
+    if recipe is None:
+        raise MergeCliError("which workspace?", "pass a recipe, or --workspace PATH before the command")
+    return Workspace(load_recipe(recipe, overrides, check_paths=False).workspace_path, log=OPTIONS.reporter.log)
+
+
+@ws_app.command("ls")
+@command
+def ws_ls(recipe: Optional[Path] = typer.Argument(None, help="recipe whose workspace to list")) -> None:
+    """List cached artifacts with their sizes."""
+    ws = _workspace(recipe, None)
+    artifacts = sorted(ws.artifacts(), key=lambda a: (a.kind, a.label))
+    data = [{"kind": a.kind, "key": a.key, "label": a.label, "bytes": a.size, "path": str(a.path)} for a in artifacts]
+    rows = [[a.kind, a.label, _size(a.size), a.key] for a in artifacts]
+    rows.append(["total", "", _size(sum(a.size for a in artifacts)), ""])
+    OPTIONS.emit(data, f"workspace {ws.root}", ["kind", "what", "size", "key"], rows)
+
+
+@ws_app.command("gc")
+@command
+def ws_gc(recipes: list[Path] = typer.Argument(..., help="recipes whose artifacts to keep"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be removed")) -> None:
+    """Remove cached artifacts that none of the given recipes uses (and leftovers of killed runs)."""
+    loaded = [load_recipe(r) for r in recipes]
+    ws = _workspace(recipes[0], None)
+    keep = set()
+    for r in loaded:
+        keep |= _taskvec_keys(r)
+    if dry_run:
+        garbage = ws.garbage(keep)
+        OPTIONS.emit([str(p) for p in garbage], "would remove", ["path"], [[p] for p in garbage])
+        return
+    count, freed = ws.collect(keep)
+    OPTIONS.emit({"removed": count, "bytes": freed}, "workspace gc", ["removed", "freed"], [[count, _size(freed)]])
+
+
+def _taskvec_keys(recipe: Recipe) -> set[str]:
+    from .models.reference import resolve_model
+
+    base = resolve_model(recipe.base, recipe.root)
+    keys = set()
+    for spec in recipe.models:
+        source = resolve_model(spec.model, recipe.root)
+        keys.add(artifact_key("taskvec", {"base": base.fingerprint, "model": source.fingerprint, "kind": source.kind}))
+    return keys
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

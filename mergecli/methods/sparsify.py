@@ -1,0 +1,47 @@
+"""Which entries of a task vector survive: exact top-k and seeded Bernoulli masks.
+
+Pure tensor functions. Top-k keeps exactly k entries (never a threshold, which keeps more on
+ties); Bernoulli masks draw from a generator derived from (seed, tensor name, model index), so a
+mask never depends on the order tensors are processed in or on how many workers run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def keep_count(n: int, density: float) -> int:
+    """Entries kept out of n: round(density * n), at least 1."""
+    return max(1, min(n, round(density * n)))
+
+
+def topk_mask(scores: torch.Tensor, density: float, per_row: bool = False) -> torch.Tensor:
+    """Boolean mask of the k highest scores, per tensor or per row (dim 0 indexes rows).
+
+    `per_row` expects `scores` oriented out x in (rows are output features).
+    """
+    if scores.dim() < 2:
+        per_row = False
+    if per_row:
+        flat = scores.reshape(scores.shape[0], -1)
+        k = keep_count(flat.shape[1], density)
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask.scatter_(1, flat.topk(k, dim=1, sorted=False).indices, True)
+        return mask.reshape(scores.shape)
+    flat = scores.reshape(-1)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[flat.topk(keep_count(flat.numel(), density), sorted=False).indices] = True
+    return mask.reshape(scores.shape)
+
+
+def tensor_generator(seed: int, tensor_name: str, model_index: int) -> torch.Generator:
+    """A CPU generator whose stream depends only on (seed, tensor name, model index)."""
+    digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def bernoulli_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Each entry kept independently with probability `density` (DARE's drop)."""
+    return torch.rand(shape, generator=generator) < density

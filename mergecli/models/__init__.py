@@ -1,0 +1,1 @@
+"""Model references, checkpoints, LoRA adapters and architecture facts."""

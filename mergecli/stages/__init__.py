@@ -1,0 +1,1 @@
+"""Stages: orchestration of loading, math and writing for one step of the pipeline."""

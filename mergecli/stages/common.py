@@ -1,0 +1,49 @@
+"""What every stage needs from a recipe: its workspace, the resolved base and fine-tunes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import MergeCliError, ModelMismatchError
+from ..models.architecture import Architecture, describe
+from ..models.reference import ModelSource, resolve_model
+from ..progress import Reporter
+from ..recipe import Recipe
+from ..workspace import Workspace
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    workspace: Workspace
+    reporter: Reporter
+    base: ModelSource
+    arch: Architecture
+
+
+def open_context(recipe: Recipe, reporter: Reporter, wait: bool = True) -> Context:
+    base = resolve_model(recipe.base, recipe.root)
+    if base.kind != "full":
+        raise ModelMismatchError(f"base: {base.path} is a LoRA adapter; the base must be a full model")
+    workspace = Workspace(recipe.workspace_path, wait=wait, log=reporter.log)
+    return Context(recipe, workspace, reporter, base, describe(base.path))
+
+
+def check_device(device: str) -> torch.device:
+    """Fail early and clearly when the requested accelerator is absent."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MergeCliError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise MergeCliError(f"device {device!r} requested but no such CUDA device is available", "use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MergeCliError("device 'mps' requested but MPS is not available", "use --device cpu")
+    return dev
+
+
+def output_folder_is_ours(folder: Path, stamp: str) -> bool:
+    return not folder.exists() or (folder / stamp).is_file() or not any(folder.iterdir())

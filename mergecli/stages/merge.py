@@ -1,0 +1,203 @@
+"""merge stage: every variant of the recipe, streamed tensor by tensor into a Hugging Face folder.
+
+For each output tensor: read the base tensor and each fine-tune's task vector (memory-mapped),
+apply the variant's method (pure math in `mergecli.methods`), append the result to the shard being
+written. Peak memory is the largest tensor times (models + a few), independent of depth. The
+folder is built under a temporary name and renamed into place, so it appears complete or not at
+all; a `mergecli.json` stamp records the cache key, and an identical rerun reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import MergeCliError
+from ..methods import METHODS, TrimParams, merge_tensor
+from ..models.safetensors_io import Checkpoint, ShardedWriter, TensorInfo
+from ..progress import SILENT, Reporter
+from ..recipe import MergeSpec, Recipe
+from ..workspace import artifact_key, fsync_tree
+from .common import Context, check_device, open_context, output_folder_is_ours
+from .taskvec import TaskVector, task_vector
+
+STAMP = "mergecli.json"
+WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+NOT_COPIED = {"README.md", ".gitattributes", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+@dataclass
+class MergeResult:
+    name: str
+    method: str
+    score: str | None
+    density: float
+    path: Path
+    reused: bool
+    seconds: float
+    kept_density: float
+    tensors: int
+    models: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def run_merge(recipe: Recipe, only: list[str] | None = None, overwrite: bool = False, device: str = "cpu",
+              reporter: Reporter = SILENT, wait: bool = True) -> list[MergeResult]:
+    """Build every merge variant of the recipe (or those named in `only`); cached ones are reused."""
+    if not recipe.merges:
+        raise MergeCliError("the recipe has no merges", "add a 'merges:' list (see `mergecli recipes ls`)")
+    variants = [recipe.merge(name) for name in only] if only else recipe.merges
+    dev = check_device(device)
+    ctx = open_context(recipe, reporter, wait)
+    vectors = {spec.name: task_vector(ctx, spec) for spec in recipe.models}
+    return [_merge_variant(ctx, merge, [vectors[m.name] for m in recipe.models_of(merge)], overwrite, dev)
+            for merge in variants]
+
+
+def _merge_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], overwrite: bool,
+                   device: torch.device) -> MergeResult:
+    recipe = ctx.recipe
+    weights = [next(m.weight for m in recipe.models if m.name == v.model) for v in vectors]
+    params = merge.model_dump(by_alias=True, exclude={"name", "models"})
+    key = artifact_key("merge", {"base": ctx.base.fingerprint, "taskvecs": [v.artifact.key for v in vectors],
+                                 "weights": weights, "params": params, "shard_bytes": recipe.shard_bytes})
+    out = recipe.output_path / merge.name
+    with ctx.workspace.lock(key):
+        stamp = _read_stamp(out)
+        if stamp and stamp.get("key") == key and all((out / f).is_file() for f in stamp.get("files", [])):
+            ctx.reporter.log(f"merge [bold]{merge.name}[/]: reused {out}")
+            return MergeResult(**{**stamp["result"], "path": out, "reused": True})
+        if not overwrite and not output_folder_is_ours(out, STAMP):
+            raise MergeCliError(f"output folder {out} exists and was not written by mergecli",
+                                "pass --overwrite to replace it, or change output_dir")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{merge.name}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.mkdir()
+        try:
+            result = _write_variant(ctx, merge, vectors, weights, tmp, device)
+            result.path = out
+            files = sorted(p.name for p in tmp.iterdir())
+            (tmp / STAMP).write_text(json.dumps({"key": key, "files": files, "result": result.as_dict()}, indent=1))
+            _write_card(tmp, recipe, merge, result)
+            fsync_tree(tmp)
+            _replace_folder(out, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    ctx.reporter.log(f"merge [bold]{merge.name}[/]: wrote {out} in {result.seconds:.1f} s")
+    return result
+
+
+def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], weights: list[float],
+                   folder: Path, device: torch.device) -> MergeResult:
+    start = time.perf_counter()
+    method = METHODS[merge.method]
+    params = TrimParams(merge.score, merge.density or 1.0, merge.topk == "row", merge.seed)
+    out_dtype = getattr(torch, merge.dtype) if merge.dtype else None
+    arch = ctx.arch
+    kept = offered = 0
+    with Checkpoint.open(ctx.base.path) as base:
+        taus = [Checkpoint.open(v.artifact.path) for v in vectors]
+        infos = [TensorInfo(n, i.shape, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype)
+                 for n, i in ((n, base.info(n)) for n in base.names())]
+        writer = ShardedWriter(folder, infos, ctx.recipe.shard_bytes)
+        memo: dict[str, torch.Tensor] = {}
+        tied_targets = set(arch.tied.values())
+
+        def merged(name: str, dtype: torch.dtype) -> torch.Tensor:
+            nonlocal kept, offered
+            canonical = arch.canonical(name)
+            if canonical in memo:
+                return memo.pop(canonical)
+            theta = base.get(name)
+            deltas = [t.get(canonical) if canonical in t else None for t in taus]
+            if theta.dtype.is_floating_point and any(d is not None for d in deltas):
+                delta, k, n = merge_tensor(method, [d.to(device) if d is not None else None for d in deltas],
+                                           weights, params, canonical, canonical in arch.transposed)
+                kept, offered = kept + k, offered + n
+                theta = (theta.to(device, torch.float32) + merge.lambda_ * delta).cpu()
+            result = theta.to(dtype)
+            if canonical in tied_targets and any(a in base for a, c in arch.tied.items() if c == canonical):
+                memo[canonical] = result  # the other half of a tied pair is written from this one
+            return result
+
+        try:
+            with ctx.reporter.track(f"merge {merge.name}", len(infos)) as advance:
+                for info in writer.order:
+                    writer.write(info.name, merged(info.name, info.dtype))
+                    advance(1)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            for t in taus:
+                t.close()
+    _copy_side_files(ctx.base.path, folder, merge.dtype)
+    return MergeResult(merge.name, merge.method, merge.score, merge.density or 1.0, folder, False,
+                       round(time.perf_counter() - start, 3), kept / offered if offered else 0.0,
+                       len(infos), [v.model for v in vectors])
+
+
+def _copy_side_files(base: Path, folder: Path, dtype: str | None) -> None:
+    """Config, generation config, tokenizer files: everything of the base that is not weights."""
+    for path in base.iterdir():
+        if path.is_file() and path.suffix not in WEIGHT_FILES and path.name not in NOT_COPIED:
+            shutil.copy2(path, folder / path.name)
+    config_path = folder / "config.json"
+    if dtype and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config["dtype"] = dtype
+        config.pop("torch_dtype", None)
+        config_path.write_text(json.dumps(config, indent=2))
+
+
+def _write_card(folder: Path, recipe: Recipe, merge: MergeSpec, result: MergeResult) -> None:
+    (folder / "mergecli_recipe.yaml").write_text(recipe.to_yaml())
+    rows = "\n".join(f"| {m.name} | `{m.model}` | {m.weight} |" for m in recipe.models_of(merge))
+    (folder / "README.md").write_text(f"""---
+library_name: transformers
+tags: [merge, mergecli]
+---
+# {recipe.name}: {merge.name}
+
+Merged with [mergecli](https://pypi.org/project/mergecli/) {__version__}: method `{merge.method}`,
+score `{merge.score or '-'}`, density {merge.density}, lambda {merge.lambda_}, seed {merge.seed},
+top-k per {merge.topk}.
+
+Base model: `{recipe.base}`
+
+| fine-tune | source | weight |
+|---|---|---|
+{rows}
+
+Fraction of task-vector entries kept: {result.kept_density:.4f}. Merge time: {result.seconds:.1f} s.
+The exact recipe is in `mergecli_recipe.yaml`.
+""")
+
+
+def _read_stamp(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _replace_folder(out: Path, tmp: Path) -> None:
+    """Swap the finished temp folder in; an old version is moved aside first, then deleted."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

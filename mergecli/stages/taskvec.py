@@ -1,0 +1,151 @@
+"""taskvec stage: tau = theta_ft - theta_base for every fine-tune, streamed into the workspace.
+
+One tensor at a time is read (memory-mapped), subtracted in fp32 and appended to the artifact, so
+memory stays at a few tensors whatever the model size. Tied aliases (lm_head tied to the
+embeddings) are stored once under the canonical name. Non-float tensors (buffers) get no task
+vector; the merge copies them from the base.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import MergeCliError, ModelMismatchError
+from ..models.lora import LoraAdapter
+from ..models.reference import ModelSource, resolve_model
+from ..models.safetensors_io import Checkpoint, StreamingWriter, TensorInfo
+from ..progress import SILENT, Reporter
+from ..recipe import ModelSpec, Recipe
+from ..workspace import Artifact
+from .common import Context, open_context
+
+FILENAME = "task_vector.safetensors"
+
+
+@dataclass(frozen=True)
+class TaskVector:
+    model: str
+    kind: str
+    artifact: Artifact
+    reused: bool
+
+    @property
+    def path(self) -> Path:
+        return self.artifact.path / FILENAME
+
+    @property
+    def tensors(self) -> int:
+        return json.loads((self.artifact.path / "taskvec.json").read_text())["tensors"]
+
+
+def run_taskvec(recipe: Recipe, reporter: Reporter = SILENT, wait: bool = True,
+                ctx: Context | None = None) -> list[TaskVector]:
+    """Compute (or reuse) the task vector of every fine-tune in the recipe."""
+    ctx = ctx or open_context(recipe, reporter, wait)
+    return [task_vector(ctx, spec) for spec in recipe.models]
+
+
+def task_vector(ctx: Context, spec: ModelSpec) -> TaskVector:
+    source = resolve_model(spec.model, ctx.recipe.root)
+    inputs = {"base": ctx.base.fingerprint, "model": source.fingerprint, "kind": source.kind}
+
+    def produce(folder: Path) -> None:
+        with Checkpoint.open(ctx.base.path) as base:
+            if source.kind == "lora":
+                count = _write_lora(ctx, spec, source, base, folder / FILENAME)
+            else:
+                count = _write_full(ctx, spec, source, base, folder / FILENAME)
+        (folder / "taskvec.json").write_text(json.dumps(
+            {"model": spec.name, "ref": spec.model, "kind": source.kind, "tensors": count}, indent=1))
+
+    artifact, reused = ctx.workspace.get_or_build("taskvec", inputs, f"taskvec {spec.name}", produce)
+    ctx.reporter.log(f"task vector [bold]{spec.name}[/] ({source.kind}): "
+                     + ("reused from the workspace cache" if reused else "computed"))
+    return TaskVector(spec.name, source.kind, artifact, reused)
+
+
+def _write(ctx: Context, spec: ModelSpec, path: Path, infos: list[TensorInfo], delta_of) -> int:
+    writer = StreamingWriter(path, infos, {"model": spec.name})
+    try:
+        with ctx.reporter.track(f"task vector {spec.name}", len(infos)) as advance:
+            for info in infos:
+                delta = delta_of(info.name)
+                if not torch.isfinite(delta).all():
+                    raise MergeCliError(f"{spec.name}: tensor {info.name} has NaN/Inf entries in its task vector",
+                                        "the checkpoint (or the base) is corrupt")
+                writer.write(info.name, delta)
+                advance(1)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return len(infos)
+
+
+def _write_full(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkpoint, path: Path) -> int:
+    arch = ctx.arch
+    ft_type = source.config().get("model_type")
+    if ft_type != arch.model_type:
+        raise ModelMismatchError(f"{spec.name}: architecture {ft_type!r} does not match the base's {arch.model_type!r}")
+    with Checkpoint.open(source.path) as ft:
+        base_map, ft_map = _by_canonical(base, arch.canonical), _by_canonical(ft, arch.canonical)
+        _check_match(spec.name, base, base_map, ft, ft_map)
+        names = [base_map[c] for c in base_map if base.info(base_map[c]).dtype.is_floating_point]
+        infos = [TensorInfo(arch.canonical(n), base.info(n).shape, torch.float32) for n in names]
+        return _write(ctx, spec, path, infos,
+                      lambda c: ft.get(ft_map[c]).float() - base.get(base_map[c]).float())
+
+
+def _by_canonical(ckpt: Checkpoint, canonical: Callable[[str], str]) -> dict[str, str]:
+    """canonical name -> the name stored in this checkpoint (tied pairs are often saved once)."""
+    found: dict[str, str] = {}
+    for name in ckpt.names():
+        key = canonical(name)
+        if key == name or key not in found:
+            found[key] = name
+    return found
+
+
+def _check_match(model: str, base: Checkpoint, base_map: dict[str, str], ft: Checkpoint,
+                 ft_map: dict[str, str]) -> None:
+    """Names and shapes must agree; the error lists the first few disagreements."""
+    problems = [f"missing in the fine-tune: {n}" for n in base_map if n not in ft_map]
+    problems += [f"not in the base: {n}" for n in ft_map if n not in base_map]
+    for name in base_map.keys() & ft_map.keys():
+        b, f = base.info(base_map[name]).shape, ft.info(ft_map[name]).shape
+        if b != f:
+            problems.append(f"{name}: shape {list(f)} in the fine-tune, {list(b)} in the base")
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ModelMismatchError(f"{model} does not match the base: " + "; ".join(problems[:5]) + more)
+
+
+def _write_lora(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkpoint, path: Path) -> int:
+    adapter = LoraAdapter(source.path)
+    _check_adapter_base(spec, adapter.base_model, ctx.recipe.base)
+    names = adapter.tensor_names(ctx.arch)
+    missing = [n for n in names if n not in base]
+    if missing:
+        raise ModelMismatchError(f"{spec.name}: the adapter targets tensors the base does not have: "
+                                 + ", ".join(missing[:5]), "is it an adapter for another base model?")
+    order = {n: i for i, n in enumerate(base.names())}
+    names.sort(key=order.__getitem__)
+    infos = [TensorInfo(n, base.info(n).shape, torch.float32) for n in names]
+    return _write(ctx, spec, path, infos, lambda n: adapter.delta(n, base, ctx.arch))
+
+
+def _check_adapter_base(spec: ModelSpec, recorded: str | None, base_ref: str) -> None:
+    """peft records the base as given at training time: compare the last path component only."""
+    if not recorded or not spec.check_base:
+        return
+    def stem(ref: str) -> str:
+        return Path(ref.split("@")[0].rstrip("/")).name.lower()
+    if stem(recorded) != stem(base_ref):
+        raise ModelMismatchError(
+            f"{spec.name}: adapter was trained on {recorded!r}, the recipe's base is {base_ref!r}",
+            f"if they are the same model, set models.{spec.name}.check_base: false")

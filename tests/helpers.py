@@ -1,0 +1,84 @@
+"""Tiny real models built locally: a trained tokenizer, a LLaMA base, fine-tunes and LoRA adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+TEXT = [
+    "def add(a, b):\n    return a + b\n",
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+    "Q: what is 12 plus 7? A: 19.",
+    "import os\nfor name in os.listdir('.'):\n    print(name)\n",
+] * 20
+
+
+def make_tokenizer(folder: Path, vocab_size: int = 96):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    tok.train_from_iterator(TEXT, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_llama(folder: Path, seed: int = 0, layers: int = 2, tie: bool = True, vocab_size: int = 96):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    make_tokenizer(folder, vocab_size)
+    return model
+
+
+def fine_tune(base: Path, folder: Path, seed: int, scale: float = 0.02, fraction: float = 0.3,
+              shard_size: str | None = None, as_bin: bool = False):
+    """A 'fine-tune': the base plus sparse random updates on every float tensor (seeded)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen) * scale
+            param.add_(noise * (torch.rand(param.shape, generator=gen) < fraction))
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    if as_bin:
+        folder.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    else:
+        model.save_pretrained(folder, **kwargs)
+    return model
+
+
+def make_lora(base: Path, folder: Path, seed: int, targets=("q_proj", "v_proj"), **extra):
+    """A LoRA adapter with non-zero B (init_lora_weights=False), as after training."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False,
+                        base_model_name_or_path=str(base), **extra)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(folder)
+    return peft_model
+
+
+def write_recipe(path: Path, base: str, models: list[dict], merges: list[dict], **extra) -> Path:
+    data = {"name": "test", "base": base, "models": models, "merges": merges,
+            "workspace": "ws", "output_dir": "out", **extra}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

@@ -1,0 +1,257 @@
+"""taskvec -> merge end to end through the CLI, checked against independent computations."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.utils import merge_utils
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from helpers import fine_tune, make_llama, make_lora, write_recipe
+from mergecli.cli import app
+
+runner = CliRunner()
+
+
+def cli(*args: str, code: int = 0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, f"exit {result.exit_code}\nstdout:{result.stdout}\nstderr:{result.stderr}"
+    return result
+
+
+def state(folder: Path) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def recipe(tmp_path, models):
+    return write_recipe(tmp_path / "recipe.yaml", str(models / "base"),
+                        [{"name": "a", "model": str(models / "ft_a")}, {"name": "b", "model": str(models / "ft_b")}],
+                        [{"name": "ta", "method": "task_arithmetic", "lambda": 0.7},
+                         {"name": "ties", "method": "ties", "density": 0.3},
+                         {"name": "dare", "method": "dare_ties", "density": 0.4, "seed": 5}])
+
+
+def taskvec_file(tmp_path: Path, model: str) -> Path:
+    manifest = json.loads((tmp_path / "ws" / "manifest.json").read_text())
+    key = next(k for k, e in manifest["entries"].items() if e["label"] == f"taskvec {model}")
+    return tmp_path / "ws" / "taskvec" / key / "task_vector.safetensors"
+
+
+def test_taskvec_is_finetune_minus_base_and_cached(tmp_path, models, recipe):
+    first = cli("taskvec", recipe)
+    assert "computed" in first.stderr
+    base, ft = state(models / "base"), state(models / "ft_a")
+    tv = load_file(taskvec_file(tmp_path, "a"))
+    assert "lm_head.weight" not in tv  # tied: stored once under the embedding's name
+    for name, tensor in tv.items():
+        assert torch.equal(tensor, ft[name] - base[name]), name
+    second = cli("--json", "taskvec", recipe)
+    assert all(row["reused"] for row in json.loads(second.stdout))
+
+
+def test_lora_task_vector_equals_peft_merge_and_unload(tmp_path, models):
+    recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"), [{"name": "c", "model": str(models / "lora_c")}], [])
+    cli("taskvec", recipe)
+    tv = load_file(taskvec_file(tmp_path, "c"))
+    base = state(models / "base")
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models / "base"),
+                                       models / "lora_c").merge_and_unload().state_dict()
+    assert sorted(tv) == sorted(k for k in base if k.endswith(("q_proj.weight", "v_proj.weight")))
+    for name, delta in tv.items():
+        assert torch.allclose(delta, merged[name] - base[name], atol=1e-6), name
+
+
+def test_lora_fan_in_fan_out_rslora_and_alpha_pattern_on_gpt2(tmp_path):
+    """GPT-2's Conv1D (in x out): peft forces fan_in_fan_out; the delta must still match peft."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=64,
+                               bos_token_id=0, eos_token_id=0)).eval().save_pretrained(tmp_path / "g")
+    make_lora(tmp_path / "g", tmp_path / "gl", seed=1, targets=("c_attn", "c_fc"), fan_in_fan_out=True,
+              use_rslora=True, alpha_pattern={"c_fc": 16})
+    recipe = write_recipe(tmp_path / "r.yaml", str(tmp_path / "g"), [{"name": "l", "model": str(tmp_path / "gl")}], [])
+    cli("taskvec", recipe)
+    tv = load_file(taskvec_file(tmp_path, "l"))
+    base = state(tmp_path / "g")
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "g"),
+                                       tmp_path / "gl").merge_and_unload().state_dict()
+    assert len(tv) == 4
+    for name, delta in tv.items():
+        assert delta.shape == base[name].shape
+        assert torch.allclose(delta, merged[name] - base[name], atol=1e-6), name
+
+
+def test_merge_outputs_load_generate_and_equal_independent_math(tmp_path, models, recipe):
+    result = cli("--json", "merge", recipe)
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert set(rows) == {"ta", "ties", "dare"}
+    base, a, b = (state(models / n) for n in ("base", "ft_a", "ft_b"))
+    taus = {n: [a[n] - base[n], b[n] - base[n]] for n in base}
+
+    ta = state(tmp_path / "out" / "ta")
+    for name in base:
+        assert torch.allclose(ta[name], base[name] + 0.7 * (taus[name][0] + taus[name][1]), atol=1e-6), name
+
+    ties = state(tmp_path / "out" / "ties")
+    for name in base:  # peft's ties == ours for unit weights; peft keeps int(d*n), we keep round(d*n)
+        n = base[name].numel()
+        if int(0.3 * n) == round(0.3 * n):
+            expected = base[name] + merge_utils.ties(taus[name], torch.ones(2), density=0.3)
+            assert torch.allclose(ties[name], expected, atol=1e-6), name
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "dare")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "dare")
+    ids = tok("def add(a, b):", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids["input_ids"].shape[1] + 5
+    assert 0.0 < rows["ties"]["kept_density"] < 1.0
+    card = (tmp_path / "out" / "ties" / "README.md").read_text()
+    assert "method `ties`" in card and (tmp_path / "out" / "ties" / "mergecli_recipe.yaml").is_file()
+
+
+def test_dare_result_does_not_depend_on_which_variants_run_or_their_order(tmp_path, models, recipe):
+    cli("merge", recipe, "--only", "dare")
+    first = load_file(tmp_path / "out" / "dare" / "model.safetensors")
+    cli("merge", recipe, "--only", "aaa", "--only", "dare2", "merges.dare.name=dare2", "merges.ties.name=aaa")
+    second = load_file(tmp_path / "out" / "dare2" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    cli("merge", recipe, "--only", "dare3", "merges.dare.seed=6", "merges.dare.name=dare3")
+    third = load_file(tmp_path / "out" / "dare3" / "model.safetensors")
+    assert not torch.equal(first["model.layers.0.mlp.up_proj.weight"], third["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_second_merge_is_reused_and_a_changed_input_is_recomputed(tmp_path, models, recipe):
+    cli("merge", recipe, "--only", "ta")
+    again = cli("merge", recipe, "--only", "ta")
+    assert "reused" in again.stderr
+    cli("merge", recipe, "--only", "ta", "merges.ta.lambda=0.5")
+    assert load_file(tmp_path / "out" / "ta" / "model.safetensors")  # rebuilt in place
+    stamp = json.loads((tmp_path / "out" / "ta" / "mergecli.json").read_text())
+    assert stamp["result"]["name"] == "ta"
+
+
+def test_fine_tune_rewritten_on_disk_invalidates_its_task_vector(tmp_path, models):
+    fine_tune(models / "base", tmp_path / "ft", seed=11)
+    recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"), [{"name": "x", "model": str(tmp_path / "ft")}],
+                          [{"name": "m", "method": "task_arithmetic"}])
+    cli("merge", recipe)
+    fine_tune(models / "base", tmp_path / "ft", seed=12)
+    weights = tmp_path / "ft" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    rerun = cli("merge", recipe)
+    assert "computed" in rerun.stderr and "reused" not in rerun.stderr.split("merge m")[-1]
+    merged, base, ft = state(tmp_path / "out" / "m"), state(models / "base"), state(tmp_path / "ft")
+    assert torch.allclose(merged["model.norm.weight"], ft["model.norm.weight"], atol=1e-6)
+
+
+def test_mixed_full_lora_sharded_and_bin_inputs_with_bf16_sharded_output(tmp_path, models):
+    fine_tune(models / "base", tmp_path / "sharded", seed=21, shard_size="30KB")
+    fine_tune(models / "base", tmp_path / "bin", seed=22, as_bin=True)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"),
+                          [{"name": "s", "model": str(tmp_path / "sharded")}, {"name": "b", "model": str(tmp_path / "bin")},
+                           {"name": "l", "model": str(models / "lora_c"), "weight": 0.5}],
+                          [{"name": "ta", "method": "task_arithmetic", "dtype": "bfloat16"}], shard_size="40KB")
+    cli("merge", recipe)
+    out = tmp_path / "out" / "ta"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    base, s, b = state(models / "base"), state(tmp_path / "sharded"), state(tmp_path / "bin")
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models / "base"),
+                                     models / "lora_c").merge_and_unload().state_dict()
+    name = "model.layers.1.self_attn.q_proj.weight"
+    expected = base[name] + (s[name] - base[name]) + (b[name] - base[name]) + 0.5 * (lora[name] - base[name])
+    assert torch.allclose(model.state_dict()[name].float(), expected.to(torch.bfloat16).float())
+
+
+def test_output_folder_not_written_by_mergecli_needs_overwrite(tmp_path, recipe):
+    (tmp_path / "out" / "ta").mkdir(parents=True)
+    (tmp_path / "out" / "ta" / "precious.txt").write_text("keep me")
+    refused = cli("merge", recipe, "--only", "ta", code=1)
+    assert "not written by mergecli" in refused.stderr and "--overwrite" in refused.stderr
+    assert (tmp_path / "out" / "ta" / "precious.txt").read_text() == "keep me"
+    cli("merge", recipe, "--only", "ta", "--overwrite")
+    assert not (tmp_path / "out" / "ta" / "precious.txt").exists()
+
+
+def test_shape_mismatch_names_tensor_and_shapes(tmp_path, models):
+    make_llama(tmp_path / "other", seed=0, vocab_size=100)
+    recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"), [{"name": "o", "model": str(tmp_path / "other")}],
+                          [{"name": "m", "method": "ties"}])
+    result = cli("merge", recipe, code=1)
+    assert "o does not match the base" in result.stderr
+    assert "model.embed_tokens.weight: shape [100, 32] in the fine-tune, [96, 32] in the base" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_architecture_mismatch_is_refused(tmp_path, models):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=96, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
+    recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"), [{"name": "g", "model": str(tmp_path / "gpt2")}], [])
+    result = cli("taskvec", recipe, code=1)
+    assert "architecture 'gpt2' does not match the base's 'llama'" in result.stderr
+
+
+def test_lora_for_another_base_is_refused_unless_overridden(tmp_path, models):
+    make_llama(tmp_path / "elsewhere", seed=5)
+    make_lora(tmp_path / "elsewhere", tmp_path / "lora", seed=1)
+    recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"), [{"name": "l", "model": str(tmp_path / "lora")}], [])
+    result = cli("taskvec", recipe, code=1)
+    assert "adapter was trained on" in result.stderr and "check_base" in result.stderr
+    cli("taskvec", recipe, "models.l.check_base=false")
+
+
+def test_peak_memory_does_not_grow_with_depth(tmp_path):
+    """The merge streams: 4x the layers must not raise peak RSS by more than 30%."""
+    import subprocess
+    import sys
+    import textwrap
+
+    peaks = []
+    for layers in (2, 8):
+        root = tmp_path / f"L{layers}"
+        script = textwrap.dedent(f"""
+            import resource, sys, torch
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from pathlib import Path
+            from helpers import write_recipe
+            from safetensors.torch import save_file
+            from transformers import LlamaConfig
+            from mergecli import load_recipe, run_merge
+            root = Path({str(root)!r})
+            cfg = LlamaConfig(vocab_size=512, hidden_size=384, intermediate_size=1024, num_hidden_layers={layers},
+                              num_attention_heads=6, num_key_value_heads=6)
+            from transformers import LlamaForCausalLM
+            with torch.device("meta"):
+                shapes = {{n: p.shape for n, p in LlamaForCausalLM(cfg).named_parameters()}}
+            for name, seed in (("base", 0), ("a", 1), ("b", 2)):
+                (root / name).mkdir(parents=True)
+                cfg.save_pretrained(root / name)
+                g = torch.Generator().manual_seed(seed)
+                save_file({{n: torch.randn(s, generator=g) for n, s in shapes.items()}}, root / name / "model.safetensors",
+                          metadata={{"format": "pt"}})
+            write_recipe(root / "r.yaml", "./base", [{{"model": "./a"}}, {{"model": "./b"}}],
+                         [{{"name": "t", "method": "ties"}}])
+            recipe = load_recipe(root / "r.yaml")
+            from mergecli import run_taskvec
+            run_taskvec(recipe)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            run_merge(recipe)
+            print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        """)
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        peaks.append(int(out.stdout.split()[-1]))
+    assert peaks[1] < 1.3 * peaks[0], peaks

@@ -1,0 +1,112 @@
+"""Recipes: validation errors name the field, overrides work, built-ins list and copy."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mergecli import load_recipe
+from mergecli.cli import app, builtin_recipes
+
+runner = CliRunner()
+
+
+def write(tmp_path, data, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def good(tmp_path):
+    for name in ("base", "ft1", "ft2"):
+        (tmp_path / name).mkdir()
+    return {"base": "./base", "models": [{"model": "./ft1"}, {"model": "./ft2", "weight": 0.5}],
+            "merges": [{"name": "t", "method": "ties"}, {"name": "d", "method": "dare_ties", "density": 0.3}]}
+
+
+def test_valid_recipe_resolves_defaults_and_paths_relative_to_the_file(tmp_path, good, monkeypatch):
+    monkeypatch.chdir("/")
+    recipe = load_recipe(write(tmp_path, good))
+    assert [m.name for m in recipe.models] == ["ft1", "ft2"]
+    ties = recipe.merge("t")
+    assert (ties.score, ties.density, ties.lambda_) == ("magnitude", 0.2, 1.0)
+    assert recipe.merge("d").score == "random"
+    assert recipe.resolve("./ft1") == str(tmp_path / "ft1")
+    assert recipe.workspace_path == tmp_path / "workspace"
+
+
+def test_overrides_by_index_by_name_and_for_every_variant(tmp_path, good):
+    path = write(tmp_path, good)
+    assert load_recipe(path, ["merges.0.density=0.5"]).merge("t").density == 0.5
+    assert load_recipe(path, ["merges.d.seed=9"]).merge("d").seed == 9
+    every = load_recipe(path, ["density=0.4"])
+    assert [m.density for m in every.merges] == [0.4, 0.4]
+    assert load_recipe(path, ["models.ft2.weight=2"]).models[1].weight == 2.0
+
+
+BAD = [
+    ("merges.0.method", {"merges": [{"name": "t", "method": "tie"}]}, "unknown method 'tie' (did you mean 'ties'?)"),
+    ("merges.0.density", {"merges": [{"name": "t", "method": "ties", "density": 1.5}]}, "must be in (0, 1], got 1.5"),
+    ("merges.0.density", {"merges": [{"name": "t", "method": "ties", "density": 0}]}, "must be in (0, 1], got 0"),
+    ("merges.1.name", {"merges": [{"name": "t", "method": "ties"}, {"name": "t", "method": "ties"}]},
+     "duplicate merge name 't'"),
+    ("merges.0.densty", {"merges": [{"name": "t", "method": "ties", "densty": 0.2}]},
+     "unknown field (did you mean 'density'?)"),
+    ("models", {"models": []}, "at least 1 item"),
+    ("base", {"base": None}, "valid string"),
+    ("merges.0.score", {"merges": [{"name": "t", "method": "ties", "score": "magnitud"}]}, "did you mean 'magnitude'"),
+    ("merges.0", {"merges": [{"name": "t", "method": "task_arithmetic", "density": 0.2}]}, "merges whole task vectors"),
+    ("models.0.model", {"models": [{"model": "./nope"}]}, "path does not exist"),
+    ("models.0.model", {"models": [{"model": "./base"}]}, "is the base model itself"),
+    ("merges.0.models", {"merges": [{"name": "t", "method": "ties", "models": ["zz"]}]}, "'zz' is not a model"),
+    ("merges.0.dtype", {"merges": [{"name": "t", "method": "ties", "dtype": "int8"}]}, "float32"),
+    ("shard_size", {"shard_size": "lots"}, "not a size"),
+    ("merges.0.lambda", {"merges": [{"name": "t", "method": "ties", "lambda": "big"}]}, "valid number"),
+]
+
+
+@pytest.mark.parametrize("field,change,message", BAD, ids=[b[0] + ":" + b[2][:20] for b in BAD])
+def test_invalid_recipe_is_one_clear_line_with_exit_code_2(tmp_path, good, field, change, message):
+    path = write(tmp_path, {**good, **change})
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert field in result.stderr and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") <= 2
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write(tmp_path, "base: ./b\nmodels: [\n  - oops: {\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "YAML syntax error at line" in result.stderr
+
+
+def test_missing_recipe_file_and_bad_override(tmp_path, good):
+    assert "recipe not found" in runner.invoke(app, ["validate", str(tmp_path / "x.yaml")]).stderr
+    result = runner.invoke(app, ["validate", str(write(tmp_path, good)), "merges.7.density=0.1"])
+    assert result.exit_code == 2 and "index 7 out of range" in result.stderr
+
+
+def test_validate_json_output(tmp_path, good):
+    result = runner.invoke(app, ["--json", "validate", str(write(tmp_path, good))])
+    data = json.loads(result.stdout)
+    assert data["valid"] and data["recipe"]["merges"][0]["lambda"] == 1.0
+
+
+def test_builtin_recipes_list_copy_and_validate_schema(tmp_path):
+    listed = json.loads(runner.invoke(app, ["--json", "recipes", "ls"]).stdout)
+    assert {"basic-ties", "all-methods"} <= set(listed)
+    for name in listed:
+        result = runner.invoke(app, ["recipes", "cp", name, str(tmp_path)])
+        assert result.exit_code == 0, result.stderr
+        recipe = load_recipe(tmp_path / f"{name}.yaml", check_paths=False)
+        assert recipe.merges
+    again = runner.invoke(app, ["recipes", "cp", "basic-ties", str(tmp_path)])
+    assert again.exit_code == 1 and "already exists" in again.stderr
+    assert set(builtin_recipes()) == set(listed)
+
+
+def test_stages_not_built_yet_say_so(tmp_path, good):
+    result = runner.invoke(app, ["eval", str(write(tmp_path, good))])
+    assert result.exit_code == 1 and "not available" in result.stderr

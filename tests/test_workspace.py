@@ -1,0 +1,109 @@
+"""The workspace cache: damaged entries are rebuilt, locks serialise runs, gc cleans up."""
+
+import fcntl
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from helpers import write_recipe
+from mergecli.cli import app
+from mergecli.workspace import Workspace, artifact_key
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def recipe(tmp_path, models):
+    return write_recipe(tmp_path / "r.yaml", str(models / "base"),
+                        [{"name": "a", "model": str(models / "ft_a")}, {"name": "c", "model": str(models / "lora_c")}],
+                        [{"name": "ties", "method": "ties"}])
+
+
+def entries(tmp_path):
+    return json.loads((tmp_path / "ws" / "manifest.json").read_text())["entries"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_header", "delete"])
+def test_damaged_cache_file_is_detected_and_rebuilt(tmp_path, recipe, damage):
+    assert runner.invoke(app, ["taskvec", str(recipe)]).exit_code == 0
+    key = next(k for k, e in entries(tmp_path).items() if e["label"] == "taskvec a")
+    path = tmp_path / "ws" / "taskvec" / key / "task_vector.safetensors"
+    good = {k: v.clone() for k, v in load_file(path).items()}
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "flip_header":
+        data = bytearray(path.read_bytes())
+        data[20] ^= 0x01
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
+    result = runner.invoke(app, ["taskvec", str(recipe)])
+    assert result.exit_code == 0
+    assert "is damaged" in result.stderr and "rebuilding" in result.stderr
+    rebuilt = load_file(path)
+    assert all(torch.equal(good[k], rebuilt[k]) for k in good)
+
+
+def test_unreadable_manifest_means_an_empty_cache_not_a_crash(tmp_path, recipe):
+    runner.invoke(app, ["taskvec", str(recipe)])
+    (tmp_path / "ws" / "manifest.json").write_text("{not json")
+    result = runner.invoke(app, ["taskvec", str(recipe)])
+    assert result.exit_code == 0 and "manifest unreadable" in result.stderr
+    assert len(entries(tmp_path)) == 2
+
+
+def test_no_wait_fails_clearly_while_another_run_holds_the_lock(tmp_path, recipe):
+    ws = Workspace(tmp_path / "ws")
+    runner.invoke(app, ["taskvec", str(recipe)])
+    key = next(iter(entries(tmp_path)))
+    ws.remove(key)
+    (tmp_path / "ws" / "locks").mkdir(exist_ok=True)
+    with open(tmp_path / "ws" / "locks" / f"{key}.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = runner.invoke(app, ["--no-wait", "taskvec", str(recipe)])
+    assert result.exit_code == 3 and "another run is building" in result.stderr
+
+
+def test_two_processes_on_one_workspace_both_succeed_with_identical_results(tmp_path, recipe):
+    cmd = [sys.executable, "-m", "mergecli", "-q", "merge", str(recipe)]
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert len(entries(tmp_path)) == 2
+    out = load_file(tmp_path / "out" / "ties" / "model.safetensors")
+    assert len(out) > 0 and not list(tmp_path.glob("out/.*.tmp"))
+
+
+def test_interrupted_build_leaves_no_entry_and_gc_removes_leftovers(tmp_path, recipe):
+    ws = Workspace(tmp_path / "ws")
+    with pytest.raises(RuntimeError):
+        with ws.build("taskvec", {"x": 1}, "half") as folder:
+            (folder / "part.bin").write_bytes(b"123")
+            raise RuntimeError("killed")
+    assert ws.find("taskvec", {"x": 1}) is None and not list((tmp_path / "ws" / "taskvec").iterdir())
+    # a SIGKILLed run leaves its temp folder behind: gc removes it, and unused artifacts too
+    runner.invoke(app, ["taskvec", str(recipe)])
+    (tmp_path / "ws" / "taskvec" / ".deadbeef.1234.tmp").mkdir()
+    ws.get_or_build("taskvec", {"old": True}, "unused", lambda f: (f / "x").write_text("x"))
+    listed = json.loads(runner.invoke(app, ["--json", "ws", "ls", str(recipe)]).stdout)
+    assert {e["label"] for e in listed} == {"taskvec a", "taskvec c", "unused"}
+    dry = json.loads(runner.invoke(app, ["--json", "ws", "gc", "--dry-run", str(recipe)]).stdout)
+    assert len(dry) == 2
+    result = json.loads(runner.invoke(app, ["--json", "ws", "gc", str(recipe)]).stdout)
+    assert result["removed"] == 2
+    assert {e["label"] for e in entries(tmp_path).values()} == {"taskvec a", "taskvec c"}
+    again = runner.invoke(app, ["taskvec", str(recipe)])
+    assert again.stderr.count("reused") == 2
+
+
+def test_artifact_key_depends_on_every_input():
+    base = {"base": "x", "model": "y", "kind": "full"}
+    assert artifact_key("taskvec", base) == artifact_key("taskvec", dict(reversed(base.items())))
+    assert artifact_key("taskvec", base) != artifact_key("taskvec", {**base, "model": "z"})
+    assert artifact_key("taskvec", base) != artifact_key("hessian", base)
