@@ -22,6 +22,7 @@ from . import __version__
 from .display import RichReporter, table
 from .errors import MergeCliError
 from .recipe import Recipe, load_recipe
+from .stages.hessian import run_hessian
 from .stages.merge import run_merge
 from .stages.taskvec import run_taskvec
 from .workspace import Workspace, artifact_key
@@ -203,10 +204,24 @@ def _not_yet(stage: str) -> None:
 @app.command()
 @command
 def hessian(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES,
-            samples: int = typer.Option(128, help="calibration sequences per fine-tune"),
-            seq_len: int = typer.Option(512, help="tokens per sequence")) -> None:
+            samples: Optional[int] = typer.Option(None, help="calibration windows per fine-tune [recipe: 128]"),
+            seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per window [recipe: 512]"),
+            batch_size: Optional[int] = typer.Option(None, "--batch-size", help="windows per forward pass [recipe: 4]"),
+            layer_by_layer: Optional[bool] = typer.Option(None, "--layer-by-layer/--whole-model",
+                                                          help="one decoder block on the device at a time"),
+            source: Optional[str] = typer.Option(None, help="collect on each 'finetune' (default) or on the 'base'")) -> None:
     """Collect per-layer H = X^T X from each fine-tune's calibration data (for sparsegpt, wanda, regmean)."""
-    _not_yet("hessian")
+    flags = {"samples": samples, "seq_len": seq_len, "batch_size": batch_size, "layer_by_layer": layer_by_layer,
+             "source": source}
+    extra = [f"calibration.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items() if v is not None]
+    resolved = OPTIONS.recipe(recipe, list(overrides or []) + extra)
+    sets = run_hessian(resolved, OPTIONS.reporter, OPTIONS.wait, OPTIONS.device)
+    data = [{"model": h.model, "key": h.artifact.key, "reused": h.reused, "bytes": h.artifact.size,
+             "tokens": h.meta["tokens"], "groups": len(h.meta["groups"]), "layers": len(h.meta["members"]),
+             "dataset": h.meta["dataset"], "path": str(h.artifact.path)} for h in sets]
+    rows = [[d["model"], d["dataset"], d["tokens"], d["layers"], d["groups"], _size(d["bytes"]),
+             "reused" if d["reused"] else "collected"] for d in data]
+    OPTIONS.emit(data, "hessians", ["model", "dataset", "tokens", "linear layers", "groups", "size", "status"], rows)
 
 
 @app.command(name="eval")

@@ -52,6 +52,19 @@ class DatasetSpec(_Strict):
     data_files: str | list[str] | None = None
     split: str = "train"
     text_field: str = "text"
+    messages_field: str | None = Field(None, description="column of chat messages, rendered with the chat template")
+
+
+class CalibrationSpec(_Strict):
+    """How calibration windows are drawn for the hessian stage."""
+
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=2)
+    batch_size: int = Field(4, ge=1)
+    seed: int = 0
+    source: Literal["finetune", "base"] = Field("finetune", description="model whose activations are collected")
+    pack: bool = Field(True, description="pack documents into full windows (else one padded window per document)")
+    layer_by_layer: bool = Field(False, description="one decoder block on the device at a time")
 
 
 class ModelSpec(_Strict):
@@ -81,6 +94,9 @@ class MergeSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     topk: Literal["tensor", "row"] = "tensor"
     models: list[str] | None = Field(None, description="names of the fine-tunes to merge (default: all)")
+    compensate: bool = Field(False, description="sparsegpt only: OBS error compensation of the kept entries")
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="regmean: G~ = alpha G + (1 - alpha) diag G")
+    damp: float = Field(0.01, gt=0.0, description="Hessian damping, relative to mean(diag H)")
 
     @field_validator("method")
     @classmethod
@@ -113,8 +129,14 @@ class MergeSpec(_Strict):
             self.density = 1.0
         else:
             self.score = self.score or spec.default_score
-            self.density = 0.2 if self.density is None else self.density
+            self.density = spec.default_density if self.density is None else self.density
+        if self.compensate and (self.score != "sparsegpt" or spec.rescale):
+            raise ValueError("compensate: true needs score: sparsegpt with method ties or linear")
         return self
+
+    @property
+    def needs_stats(self) -> bool:
+        return METHODS[self.method].needs_stats or (self.score is not None and SCORES[self.score].needs_stats)
 
 
 class Recipe(_Strict):
@@ -127,6 +149,7 @@ class Recipe(_Strict):
     workspace: str = "workspace"
     output_dir: str = "merged"
     shard_size: str = "2GB"
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     root: Path = Field(default=Path("."), exclude=True)
 
     @field_validator("shard_size")
@@ -146,6 +169,12 @@ class Recipe(_Strict):
                 if ref not in known:
                     raise ValueError(f"merges.{i}.models: {ref!r} is not a model of this recipe "
                                      f"({', '.join(sorted(known))})")
+        for merge in self.merges:
+            if merge.needs_stats:
+                for i, model in enumerate(self.models):
+                    if model.dataset is None and (merge.models is None or model.name in merge.models):
+                        raise ValueError(f"models.{i}.dataset: required by merge {merge.name!r} "
+                                         f"({merge.method}/{merge.score} uses calibration statistics)")
         for i, model in enumerate(self.models):
             if model.model.rstrip("/") == self.base.rstrip("/"):
                 raise ValueError(f"models.{i}.model: is the base model itself; list only fine-tunes")
@@ -247,7 +276,8 @@ def _first_problem(exc: ValidationError) -> str:
     msg = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         field = str(error["loc"][-1])
-        model = {"models": ModelSpec, "merges": MergeSpec, "dataset": DatasetSpec}.get(
+        model = {"models": ModelSpec, "merges": MergeSpec, "dataset": DatasetSpec,
+                 "calibration": CalibrationSpec}.get(
             next((str(p) for p in reversed(error["loc"][:-1]) if isinstance(p, str)), ""), Recipe)
         names = [f.alias or n for n, f in model.model_fields.items() if n != "root"]
         return f"{loc}: unknown field{_did_you_mean(field, names)}"

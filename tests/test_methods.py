@@ -119,9 +119,10 @@ def test_per_row_on_transposed_weights_selects_output_rows():
     """GPT-2 Conv1D stores in x out; per-row top-k must pick within output features (columns there)."""
     w_out_in = torch.randn(6, 10, generator=torch.Generator().manual_seed(4))
     params = TrimParams("magnitude", 0.3, per_row=True)
-    normal = trim(w_out_in, params, False, "a", 0)
-    transposed = trim(w_out_in.T.contiguous(), params, False, "a", 0, transposed=True)
+    normal, _, _ = merge_tensor(METHODS["linear"], [w_out_in], [1.0], params, "a")
+    transposed, _, _ = merge_tensor(METHODS["linear"], [w_out_in.T.contiguous()], [1.0], params, "a", transposed=True)
     assert torch.equal(normal, transposed.T)
+    assert torch.equal((normal != 0).sum(dim=1), torch.full((6,), 3))
 
 
 def test_missing_task_vector_is_left_out_of_the_vote():

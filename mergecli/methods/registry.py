@@ -1,21 +1,32 @@
-"""Merge methods registered by name: one combine function plus how task vectors are trimmed.
+"""Merge methods registered by name, and the per-tensor pipeline they share.
 
-Adding a method is one decorated function. `merge_tensor` is the per-tensor pipeline every method
-shares: score -> select -> (rescale) -> combine; it is pure (tensors in, tensor out).
+A method is one combine function registered with how its task vectors are trimmed; adding one is
+one decorated function. `merge_tensor` is pure (tensors in, tensor out): orient out x in ->
+score -> select -> (rescale) -> combine -> orient back.
+
+Selection: TIES-style methods keep the exact top-k of a ranking score; DARE-style methods
+(`rescale=True`) are stochastic and unbiased: Bernoulli(d) with the `random` score, or
+rank-dependent keep-probabilities with a ranking score (see `rank_probabilities`), survivors
+divided by their keep-probability.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from .combine import disjoint_mean, weighted_sum
+from .hessian_math import DegenerateStatistics, obs_trim, regmean_delta
 from .scores import SCORES
-from .sparsify import bernoulli_mask, tensor_generator, topk_mask
+from .sparsify import bernoulli_mask, rank_probabilities, tensor_generator, topk_mask
+from .stats import LayerStats
 
-CombineFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+class CombineFn(Protocol):
+    def __call__(self, trimmed: torch.Tensor, weights: torch.Tensor, stats: list[LayerStats | None],
+                 params: "TrimParams") -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -25,42 +36,59 @@ class Method:
     sparsify: bool
     rescale: bool
     default_score: str | None
+    default_density: float
+    needs_stats: bool
     doc: str
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, *, sparsify: bool, rescale: bool = False,
-                    default_score: str | None = None) -> Callable[[CombineFn], CombineFn]:
+def register_method(name: str, *, sparsify: bool, rescale: bool = False, default_score: str | None = None,
+                    default_density: float = 0.2, needs_stats: bool = False) -> Callable[[CombineFn], CombineFn]:
     def decorate(fn: CombineFn) -> CombineFn:
-        METHODS[name] = Method(name, fn, sparsify, rescale, default_score, (fn.__doc__ or "").strip())
+        METHODS[name] = Method(name, fn, sparsify, rescale, default_score, default_density, needs_stats,
+                               (fn.__doc__ or "").strip())
         return fn
     return decorate
 
 
 @register_method("task_arithmetic", sparsify=False)
-def task_arithmetic(trimmed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def task_arithmetic(trimmed, weights, stats, params):
     """theta_base + lambda * sum_i w_i tau_i (whole task vectors)."""
     return weighted_sum(trimmed, weights)
 
 
+@register_method("linear", sparsify=True, default_score="magnitude")
+def linear(trimmed, weights, stats, params):
+    """Trimmed task arithmetic: keep the top-k by score, then sum_i w_i t_i (no rescale)."""
+    return weighted_sum(trimmed, weights)
+
+
 @register_method("ties", sparsify=True, default_score="magnitude")
-def ties(trimmed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def ties(trimmed, weights, stats, params):
     """Trim to density, elect signs, disjoint weighted mean (Yadav et al. 2023)."""
     return disjoint_mean(trimmed, weights)
 
 
 @register_method("dare_linear", sparsify=True, rescale=True, default_score="random")
-def dare_linear(trimmed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Drop, rescale survivors by 1/density, weighted sum (Yu et al. 2023)."""
+def dare_linear(trimmed, weights, stats, params):
+    """Drop, rescale survivors by 1/keep-probability, weighted sum (Yu et al. 2023)."""
     return weighted_sum(trimmed, weights)
 
 
 @register_method("dare_ties", sparsify=True, rescale=True, default_score="random")
-def dare_ties(trimmed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def dare_ties(trimmed, weights, stats, params):
     """Drop and rescale as DARE, then TIES' sign election and disjoint mean."""
     return disjoint_mean(trimmed, weights)
+
+
+@register_method("regmean", sparsify=True, default_score="magnitude", default_density=1.0, needs_stats=True)
+def regmean(trimmed, weights, stats, params):
+    """Linear layers: (sum w_i W_i G~_i)(sum w_i G~_i)^-1 (Jin et al. 2023); other tensors: weighted mean."""
+    if all(s is not None for s in stats):
+        return regmean_delta(trimmed, [s.gram for s in stats], weights, params.alpha)
+    return weighted_sum(trimmed, weights) / weights.sum()
 
 
 @dataclass(frozen=True)
@@ -69,41 +97,56 @@ class TrimParams:
     density: float
     per_row: bool = False
     seed: int = 0
+    compensate: bool = False
+    alpha: float = 0.9
 
 
 def trim(tau: torch.Tensor, params: TrimParams, rescale: bool, tensor_name: str, model_index: int,
-         transposed: bool = False) -> torch.Tensor:
-    """Keep the selected entries of one task vector (and rescale them for DARE).
-
-    `transposed` marks weights stored in x out (GPT-2 Conv1D) so per-row selection works on output
-    rows whatever the storage layout.
-    """
-    if params.density >= 1.0 or params.score is None:
+         stats: LayerStats | None = None) -> torch.Tensor:
+    """Keep the selected entries of one task vector (oriented out x in)."""
+    if params.score is None or (params.density >= 1.0 and not rescale):
         return tau
     score = SCORES[params.score]
+    if score.needs_stats and stats is None:
+        score = SCORES["magnitude"]
+    if params.compensate and stats is not None:
+        return obs_trim(tau, stats.gram, params.density, stats.damp)
+    generator = tensor_generator(params.seed, tensor_name, model_index)
     if score.selection == "bernoulli":
-        mask = bernoulli_mask(tau.shape, params.density, tensor_generator(params.seed, tensor_name, model_index))
+        mask = bernoulli_mask(tau.shape, params.density, generator).to(tau.device)
+        keep_p: torch.Tensor | float = params.density
+    elif rescale:
+        keep_p = rank_probabilities(score.fn(tau, stats), params.density, params.per_row).to(tau.device)
+        mask = torch.rand(tau.shape, generator=generator, dtype=torch.float64).to(tau.device) < keep_p
     else:
-        scores = score.fn(tau.T if transposed else tau)
-        mask = topk_mask(scores, params.density, per_row=params.per_row)
-        mask = mask.T if transposed else mask
-    kept = tau * mask
-    return kept / params.density if rescale else kept
+        return tau * topk_mask(score.fn(tau, stats), params.density, per_row=params.per_row)
+    if not rescale:
+        return tau * mask
+    return torch.where(mask, tau / keep_p, torch.zeros_like(tau)).to(tau.dtype)
 
 
 def merge_tensor(method: Method, taus: list[torch.Tensor | None], weights: list[float], params: TrimParams,
-                 tensor_name: str, transposed: bool = False) -> tuple[torch.Tensor, int, int]:
+                 tensor_name: str, transposed: bool = False,
+                 stats: list[LayerStats | None] | None = None) -> tuple[torch.Tensor, int, int]:
     """Merged delta for one tensor, plus (entries kept, entries offered) for the density report.
 
     A model without this tensor (e.g. a LoRA that did not target it) contributes nothing: it is
-    left out of the stack, so it neither votes in TIES nor counts in the mean.
+    left out of the stack, so it neither votes in TIES nor counts in a mean. `transposed` marks
+    weights stored in x out (GPT-2's Conv1D); all math sees them out x in.
     """
-    present = [(i, t) for i, t in enumerate(taus) if t is not None]
+    stats = stats or [None] * len(taus)
+    present = [(i, t, stats[i]) for i, t in enumerate(taus) if t is not None]
     if not present:
         raise ValueError(f"{tensor_name}: no task vector has this tensor")
-    trimmed = [trim(t.float(), params, method.rescale, tensor_name, i, transposed) if method.sparsify else t.float()
-               for i, t in present]
+    oriented = [(i, (t.T if transposed else t).float(), s) for i, t, s in present]
+    trimmed = []
+    for i, tau, s in oriented:
+        try:
+            trimmed.append(trim(tau, params, method.rescale, tensor_name, i, s) if method.sparsify else tau)
+        except DegenerateStatistics:
+            trimmed.append(trim(tau, params, method.rescale, tensor_name, i, None))
     stacked = torch.stack(trimmed)
     kept = int(torch.count_nonzero(stacked))
-    w = torch.tensor([weights[i] for i, _ in present], dtype=torch.float32)
-    return method.combine(stacked, w), kept, stacked.numel()
+    w = torch.tensor([weights[i] for i, _, _ in present], dtype=torch.float32, device=stacked.device)
+    delta = method.combine(stacked, w, [s for _, _, s in present], params)
+    return (delta.T if transposed else delta).contiguous(), kept, stacked.numel()

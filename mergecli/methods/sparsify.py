@@ -45,3 +45,22 @@ def tensor_generator(seed: int, tensor_name: str, model_index: int) -> torch.Gen
 def bernoulli_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
     """Each entry kept independently with probability `density` (DARE's drop)."""
     return torch.rand(shape, generator=generator) < density
+
+
+def rank_probabilities(scores: torch.Tensor, density: float, per_row: bool = False) -> torch.Tensor:
+    """DARE with an importance score: keep-probabilities that rise linearly with the score's rank.
+
+    p = d (1 - s) + 2 d s r, where r in [0, 1] is the entry's rank (0 = lowest score, 1 = highest,
+    within the tensor or row) and s = min(1, (1 - d) / d). The mean of p is exactly d, p never
+    exceeds 1, and for d <= 0.5 the single lowest-ranked entry has p = 0 (never kept). Survivors
+    are rescaled by 1/p, so every entry with p > 0 is unbiased: E[kept] = tau.
+    """
+    flat = scores.reshape(scores.shape[0], -1) if per_row and scores.dim() >= 2 else scores.reshape(1, -1)
+    n = flat.shape[1]
+    ranks = torch.empty_like(flat, dtype=torch.float64)
+    order = flat.argsort(dim=1)
+    positions = torch.arange(n, dtype=torch.float64, device=flat.device).expand_as(flat)
+    ranks.scatter_(1, order, positions)
+    r = ranks / max(n - 1, 1)
+    s = min(1.0, (1.0 - density) / density)
+    return (density * (1 - s) + 2 * density * s * r).reshape(scores.shape)

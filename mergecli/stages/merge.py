@@ -27,6 +27,7 @@ from ..progress import SILENT, Reporter
 from ..recipe import MergeSpec, Recipe
 from ..workspace import artifact_key, fsync_tree
 from .common import Context, check_device, open_context, output_folder_is_ours
+from .hessian import HessianReader, HessianSet, hessian_set
 from .taskvec import TaskVector, task_vector
 
 STAMP = "mergecli.json"
@@ -60,16 +61,27 @@ def run_merge(recipe: Recipe, only: list[str] | None = None, overwrite: bool = F
     dev = check_device(device)
     ctx = open_context(recipe, reporter, wait)
     vectors = {spec.name: task_vector(ctx, spec) for spec in recipe.models}
-    return [_merge_variant(ctx, merge, [vectors[m.name] for m in recipe.models_of(merge)], overwrite, dev)
-            for merge in variants]
+    hessians: dict[str, HessianSet] = {}
+    results = []
+    for merge in variants:
+        models = recipe.models_of(merge)
+        if merge.needs_stats:
+            for spec in models:
+                if spec.name not in hessians:
+                    hessians[spec.name] = hessian_set(ctx, spec, dev)
+        results.append(_merge_variant(ctx, merge, [vectors[m.name] for m in models],
+                                      [hessians[m.name] for m in models] if merge.needs_stats else None,
+                                      overwrite, dev))
+    return results
 
 
-def _merge_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], overwrite: bool,
-                   device: torch.device) -> MergeResult:
+def _merge_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], hessians: list[HessianSet] | None,
+                   overwrite: bool, device: torch.device) -> MergeResult:
     recipe = ctx.recipe
     weights = [next(m.weight for m in recipe.models if m.name == v.model) for v in vectors]
     params = merge.model_dump(by_alias=True, exclude={"name", "models"})
     key = artifact_key("merge", {"base": ctx.base.fingerprint, "taskvecs": [v.artifact.key for v in vectors],
+                                 "hessians": [h.artifact.key for h in hessians or []],
                                  "weights": weights, "params": params, "shard_bytes": recipe.shard_bytes})
     out = recipe.output_path / merge.name
     with ctx.workspace.lock(key):
@@ -84,7 +96,7 @@ def _merge_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], ov
         tmp = out.parent / f".{merge.name}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.mkdir()
         try:
-            result = _write_variant(ctx, merge, vectors, weights, tmp, device)
+            result = _write_variant(ctx, merge, vectors, hessians, weights, tmp, device)
             result.path = out
             files = sorted(p.name for p in tmp.iterdir())
             (tmp / STAMP).write_text(json.dumps({"key": key, "files": files, "result": result.as_dict()}, indent=1))
@@ -97,11 +109,14 @@ def _merge_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], ov
     return result
 
 
-def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], weights: list[float],
-                   folder: Path, device: torch.device) -> MergeResult:
+def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], hessians: list[HessianSet] | None,
+                   weights: list[float], folder: Path, device: torch.device) -> MergeResult:
     start = time.perf_counter()
     method = METHODS[merge.method]
-    params = TrimParams(merge.score, merge.density or 1.0, merge.topk == "row", merge.seed)
+    params = TrimParams(merge.score, merge.density or 1.0, merge.topk == "row", merge.seed, merge.compensate,
+                        merge.alpha)
+    readers = [HessianReader(h, merge.damp, device) for h in hessians] if hessians else None
+    without_stats = 0
     out_dtype = getattr(torch, merge.dtype) if merge.dtype else None
     arch = ctx.arch
     kept = offered = 0
@@ -114,15 +129,18 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], we
         tied_targets = set(arch.tied.values())
 
         def merged(name: str, dtype: torch.dtype) -> torch.Tensor:
-            nonlocal kept, offered
+            nonlocal kept, offered, without_stats
             canonical = arch.canonical(name)
             if canonical in memo:
                 return memo.pop(canonical)
             theta = base.get(name)
             deltas = [t.get(canonical) if canonical in t else None for t in taus]
             if theta.dtype.is_floating_point and any(d is not None for d in deltas):
+                stats = [r.stats(canonical) for r in readers] if readers else None
+                without_stats += bool(readers) and any(s is None for s in stats)
                 delta, k, n = merge_tensor(method, [d.to(device) if d is not None else None for d in deltas],
-                                           weights, params, canonical, canonical in arch.transposed)
+                                           weights, params, canonical, canonical in arch.transposed,
+                                           stats)
                 kept, offered = kept + k, offered + n
                 theta = (theta.to(device, torch.float32) + merge.lambda_ * delta).cpu()
             result = theta.to(dtype)
@@ -142,6 +160,10 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], we
         finally:
             for t in taus:
                 t.close()
+    if without_stats:
+        ctx.reporter.log(f"merge [bold]{merge.name}[/]: {without_stats} tensors have no calibration statistics "
+                         f"(embeddings, norms, biases, lm_head) and used "
+                         + ("a weighted mean" if method.needs_stats else "magnitude scores"))
     _copy_side_files(ctx.base.path, folder, merge.dtype)
     return MergeResult(merge.name, merge.method, merge.score, merge.density or 1.0, folder, False,
                        round(time.perf_counter() - start, 3), kept / offered if offered else 0.0,

@@ -1,0 +1,111 @@
+"""Dataset specs -> seeded, reproducible token windows with attention masks.
+
+Texts come from `datasets.load_dataset` (a local json/jsonl/csv/parquet/txt file or folder, a
+loader name with data_files, or a hub dataset). Chat data (a column of `messages` lists) is
+rendered with the tokenizer's chat template. Documents are shuffled with the seed, then either
+packed into full windows of `seq_len` tokens (EOS between documents) or, with `pack: false`,
+truncated/padded one per window with the padding masked out. A dataset that cannot be loaded,
+lacks the field, or is too small is an error naming the spec, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MergeCliError
+from .recipe import DatasetSpec, is_local_reference
+
+LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+
+
+@dataclass(frozen=True)
+class Windows:
+    input_ids: torch.Tensor  # (samples, seq_len) int64
+    attention_mask: torch.Tensor  # (samples, seq_len) int64, 0 on padding
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def batches(self, size: int):
+        for start in range(0, self.input_ids.shape[0], size):
+            yield self.input_ids[start:start + size], self.attention_mask[start:start + size]
+
+
+def describe_spec(spec: DatasetSpec) -> str:
+    return spec.path + (f" ({spec.name})" if spec.name else "") + f" [{spec.split}]"
+
+
+def load_texts(spec: DatasetSpec, root: Path, tokenizer) -> list[str]:
+    """The documents of a dataset spec as strings."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    kwargs: dict = {"split": spec.split}
+    path = spec.path
+    if spec.data_files is not None:
+        files = [spec.data_files] if isinstance(spec.data_files, str) else spec.data_files
+        kwargs["data_files"] = [str((root / f).resolve()) for f in files]
+    elif is_local_reference(path, root):
+        local = (root / path).resolve()
+        if not local.exists():
+            raise MergeCliError(f"dataset {describe_spec(spec)}: no such file or folder {local}")
+        if local.is_file():
+            if local.suffix not in LOADERS:
+                raise MergeCliError(f"dataset {local}: unknown file type {local.suffix!r}",
+                                    f"use one of {', '.join(sorted(LOADERS))} or give path: <loader> with data_files")
+            path, kwargs["data_files"] = LOADERS[local.suffix], str(local)
+        else:
+            path = str(local)
+    try:
+        data = datasets.load_dataset(path, spec.name, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; all mean "cannot load"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MergeCliError(f"cannot load dataset {describe_spec(spec)}: {reason}",
+                            "check path, name, split and data_files (hub datasets need network access)") from None
+    field = spec.messages_field or spec.text_field
+    if field not in data.column_names:
+        raise MergeCliError(f"dataset {describe_spec(spec)} has no column {field!r} "
+                            f"(columns: {', '.join(data.column_names)})",
+                            "set dataset.text_field (or messages_field for chat data)")
+    if spec.messages_field:
+        if not getattr(tokenizer, "chat_template", None):
+            raise MergeCliError(f"dataset {describe_spec(spec)}: chat messages need a tokenizer with a chat template")
+        return [tokenizer.apply_chat_template(m, tokenize=False) for m in data[field]]
+    return [t for t in data[field] if isinstance(t, str) and t.strip()]
+
+
+def make_windows(texts: list[str], tokenizer, samples: int, seq_len: int, seed: int, pack: bool = True,
+                 what: str = "dataset") -> Windows:
+    """`samples` windows of `seq_len` tokens, identical for identical inputs."""
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    ids = torch.full((samples, seq_len), pad, dtype=torch.long)
+    mask = torch.zeros((samples, seq_len), dtype=torch.long)
+    if pack:
+        stream: list[int] = []
+        need = samples * seq_len
+        for i in order:
+            stream.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
+            if eos is not None:
+                stream.append(eos)
+            if len(stream) >= need:
+                break
+        if len(stream) < need:
+            raise MergeCliError(f"{what} has {len(stream)} tokens, {samples} windows of {seq_len} need {need}",
+                                "lower --samples or --seq-len, or add text")
+        ids[:] = torch.tensor(stream[:need]).reshape(samples, seq_len)
+        mask[:] = 1
+        return Windows(ids, mask)
+    if len(order) < samples:
+        raise MergeCliError(f"{what} has {len(order)} documents, --samples {samples} needs as many",
+                            "lower --samples, or use pack: true")
+    for row, i in enumerate(order[:samples]):
+        tokens = tokenizer(texts[i], add_special_tokens=False)["input_ids"][:seq_len]
+        ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, :len(tokens)] = 1
+    return Windows(ids, mask)

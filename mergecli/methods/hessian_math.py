@@ -1,0 +1,111 @@
+"""Math that uses calibration statistics: G = H / n = (1/n) sum x x^T over a layer's inputs.
+
+Pure tensor functions, weights oriented out x in (rows = output features, columns = inputs).
+All factorizations run in fp64.
+
+Damping: G + delta * mean(diag G) * I (delta = 0.01 by default, as in SparseGPT). If the Cholesky
+factorization still fails, delta is multiplied by 10 and retried (up to 1.0); there is never a
+silent pseudo-inverse. Dead inputs (G_jj = 0: the input never fires on the calibration data) get
+only the damping on their diagonal, so their [G^-1]_jj is large and their entries rank lowest:
+the data gives no evidence they matter. If every input is dead the statistics are unusable and
+`DegenerateStatistics` is raised so the caller can fall back to magnitude.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DegenerateStatistics(ValueError):
+    """G has no positive diagonal entry; no data-aware score exists for this layer."""
+
+
+def damped_cholesky(gram: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor of the damped G (fp64) and the damping that succeeded."""
+    g = gram.to(torch.float64)
+    mean_diag = torch.diagonal(g).mean()
+    if not mean_diag > 0:
+        raise DegenerateStatistics("all inputs are dead (diag of H is zero)")
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    delta = damp
+    while True:
+        factor, info = torch.linalg.cholesky_ex(g + delta * mean_diag * eye)
+        if int(info) == 0:
+            return factor, delta
+        if delta >= 1.0:
+            raise DegenerateStatistics(f"H is not positive definite even with damping {delta}")
+        delta *= 10
+
+
+def inverse_diagonal(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """[G_damped^-1]_jj: the diagonal of the inverse (not of its Cholesky factor)."""
+    factor, _ = damped_cholesky(gram, damp)
+    return torch.diagonal(torch.cholesky_inverse(factor)).clone()
+
+
+def obs_saliency(tau: torch.Tensor, hinv_diag: torch.Tensor) -> torch.Tensor:
+    """SparseGPT / OBS saliency tau_ij^2 / [H^-1]_jj: the loss increase of zeroing entry ij alone."""
+    return tau.to(torch.float64).pow(2) / hinv_diag.unsqueeze(0)
+
+
+def wanda_score(tau: torch.Tensor, gram_diag: torch.Tensor) -> torch.Tensor:
+    """Wanda: |tau_ij| * ||X_j|| / sqrt(n) = |tau_ij| * sqrt(G_jj)."""
+    return tau.abs().to(torch.float64) * gram_diag.clamp(min=0).sqrt().unsqueeze(0)
+
+
+def obs_trim(tau: torch.Tensor, gram: torch.Tensor, density: float, damp: float = 0.01,
+             block: int = 128) -> torch.Tensor:
+    """SparseGPT's blockwise column sweep applied to a task vector.
+
+    Keeps `density` of each block of columns (exact count, chosen by the OBS saliency with the
+    running inverse-Cholesky diagonal, which is the right quantity *inside* the sequential sweep)
+    and updates the not-yet-visited entries to compensate, minimising ||X (tau - tau')^T||^2.
+    """
+    from .sparsify import topk_mask
+
+    w = tau.to(torch.float64).clone()
+    factor, _ = damped_cholesky(gram, damp)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    cols = w.shape[1]
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        w1 = w[:, start:end].clone()
+        h1 = hinv[start:end, start:end]
+        d = torch.diagonal(h1)
+        keep = topk_mask(w1.pow(2) / d.pow(2).unsqueeze(0), density)
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        for i in range(end - start):
+            col = w1[:, i]
+            q = torch.where(keep[:, i], col, torch.zeros_like(col))
+            q1[:, i] = q
+            err = (col - q) / d[i]
+            w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, start:end] = q1
+        w[:, end:] -= err1 @ hinv[start:end, end:]
+    return w.to(tau.dtype)
+
+
+def regmean_delta(taus: torch.Tensor, grams: list[torch.Tensor], weights: torch.Tensor,
+                  alpha: float = 0.9) -> torch.Tensor:
+    """RegMean on task vectors: (sum_i w_i tau_i G~_i)(sum_i w_i G~_i)^-1, G~ = alpha G + (1-alpha) diag G.
+
+    Equal to W* - W_base for W* = (sum w_i W_i G~_i)(sum w_i G~_i)^-1 with W_i = W_base + tau_i,
+    because W_base (sum G~)(sum G~)^-1 = W_base.
+    """
+    total = None
+    rhs = None
+    for tau, gram, w in zip(taus, grams, weights.tolist()):
+        g = gram.to(torch.float64)
+        g_tilde = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
+        total = w * g_tilde if total is None else total + w * g_tilde
+        term = w * tau.to(torch.float64) @ g_tilde
+        rhs = term if rhs is None else rhs + term
+    # delta @ total = rhs  <=>  total delta^T = rhs^T (total is symmetric); dead inputs make total
+    # singular, so a failed solve is retried with the same damping rule as the scores.
+    solution, info = torch.linalg.solve_ex(total, rhs.T)
+    if int(info) != 0:
+        factor, _ = damped_cholesky(total)
+        solution = torch.cholesky_solve(rhs.T, factor)
+    return solution.T.to(taus.dtype)

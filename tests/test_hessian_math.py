@@ -1,0 +1,124 @@
+"""Activation-aware math against independent references: inverses, least squares, OBS properties."""
+
+import pytest
+import torch
+
+from mergecli.methods import METHODS, TrimParams, merge_tensor
+from mergecli.methods.hessian_math import (DegenerateStatistics, damped_cholesky, inverse_diagonal, obs_saliency,
+                                           obs_trim, regmean_delta, wanda_score)
+from mergecli.methods.sparsify import rank_probabilities, topk_mask
+from mergecli.methods.stats import LayerStats
+
+
+def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ mix
+
+
+def test_inverse_diagonal_is_diag_of_the_inverse_of_the_damped_gram():
+    x = correlated_inputs(50, 6, 0)
+    gram = x.T @ x / 50
+    damped = gram + 0.01 * torch.diagonal(gram).mean() * torch.eye(6, dtype=torch.float64)
+    expected = torch.diagonal(torch.linalg.inv(damped))
+    assert torch.allclose(inverse_diagonal(gram, 0.01), expected, rtol=1e-10)
+    # not the squared diagonal of the Cholesky factor of the inverse (the seed's mistake)
+    chol_diag = torch.diagonal(torch.linalg.cholesky(torch.linalg.inv(damped), upper=True))
+    assert not torch.allclose(chol_diag ** 2, expected)
+
+
+def test_sparsegpt_and_wanda_scores_written_out():
+    x = correlated_inputs(40, 5, 1)
+    gram = x.T @ x / 40
+    tau = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    stats = LayerStats(gram)
+    hinv = torch.diagonal(torch.linalg.inv(gram + 0.01 * torch.diagonal(gram).mean() * torch.eye(5, dtype=torch.float64)))
+    assert torch.allclose(obs_saliency(tau, stats.hinv_diag), tau ** 2 / hinv)
+    norms = x.norm(dim=0) / 40 ** 0.5  # ||X_j|| / sqrt(n)
+    assert torch.allclose(wanda_score(tau, stats.diag), tau.abs() * norms)
+
+
+def test_damping_is_retried_upward_and_never_a_pseudo_inverse():
+    rank_one = torch.ones(4, 4, dtype=torch.float64)
+    _, delta = damped_cholesky(rank_one, damp=1e-30)
+    assert delta > 1e-30
+    with pytest.raises(DegenerateStatistics):
+        inverse_diagonal(torch.zeros(4, 4))
+
+
+def test_dead_inputs_rank_lowest():
+    x = correlated_inputs(30, 4, 3)
+    x[:, 2] = 0  # input 2 never fires
+    gram = x.T @ x / 30
+    tau = torch.ones(2, 4, dtype=torch.float64)
+    scores = obs_saliency(tau, inverse_diagonal(gram))
+    assert torch.all(scores[:, 2] < scores[:, [0, 1, 3]].min())
+
+
+def test_all_dead_layer_falls_back_to_magnitude_in_the_merge():
+    tau = torch.tensor([[3.0, -1.0, 0.5, 2.0]])
+    stats = [LayerStats(torch.zeros(4, 4, dtype=torch.float64))]
+    delta, _, _ = merge_tensor(METHODS["ties"], [tau], [1.0], TrimParams("sparsegpt", 0.5), "w", stats=stats)
+    assert torch.equal(delta, torch.tensor([[3.0, 0.0, 0.0, 2.0]]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_obs_compensated_trim_reconstructs_better_than_plain_masking(seed):
+    """Property: ||X (tau - tau')^T||^2 is lower with OBS updates than masking at equal density."""
+    x = correlated_inputs(256, 32, seed)
+    gram = x.T @ x / 256
+    tau = torch.randn(16, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + seed))
+    compensated = obs_trim(tau, gram, density=0.25, block=8)
+    assert (compensated != 0).sum() == 16 * 32 // 4
+    plain_obs = tau * topk_mask(obs_saliency(tau, inverse_diagonal(gram)), 0.25)
+    plain_mag = tau * topk_mask(tau.abs(), 0.25)
+
+    def err(t):
+        return ((x @ (tau - t).T) ** 2).sum()
+
+    assert err(compensated) < err(plain_obs)
+    assert err(compensated) < err(plain_mag)
+
+
+def test_regmean_equals_least_squares_on_the_stacked_inputs():
+    """With alpha = 1 and equal token counts, RegMean is argmin_W sum_i ||X_i W^T - X_i W_i^T||^2."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 6, dtype=torch.float64, generator=g)
+    w = [base + 0.3 * torch.randn(3, 6, dtype=torch.float64, generator=g) for _ in range(3)]
+    xs = [correlated_inputs(40, 6, 10 + i) for i in range(3)]
+    grams = [x.T @ x / 40 for x in xs]
+    delta = regmean_delta(torch.stack([wi - base for wi in w]), grams, torch.ones(3, dtype=torch.float64), alpha=1.0)
+    stacked_x = torch.cat(xs)
+    stacked_y = torch.cat([x @ wi.T for x, wi in zip(xs, w)])
+    lstsq = torch.linalg.lstsq(stacked_x, stacked_y).solution.T
+    assert torch.allclose(base + delta, lstsq, atol=1e-8)
+
+
+def test_regmean_alpha_shrinks_off_diagonals():
+    g = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    taus = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=torch.float64)
+    zero_alpha = regmean_delta(taus, [g, g], torch.ones(2, dtype=torch.float64), alpha=0.0)
+    # alpha = 0: G~ = diag(G) = 2I for both -> plain average of the task vectors
+    assert torch.allclose(zero_alpha, torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+
+
+def test_rank_probabilities_average_to_density_and_rise_with_score():
+    scores = torch.randn(50, 40, generator=torch.Generator().manual_seed(6))
+    for d in (0.1, 0.2, 0.5, 0.8):
+        p = rank_probabilities(scores, d)
+        assert abs(p.mean().item() - d) < 1e-9 and p.max() <= 1.0 and p.min() >= 0.0
+        flat_scores, flat_p = scores.flatten(), p.flatten()
+        order = flat_scores.argsort()
+        assert torch.all(flat_p[order].diff() >= 0)
+    rows = rank_probabilities(scores, 0.3, per_row=True)
+    assert torch.allclose(rows.mean(dim=1), torch.full((50,), 0.3, dtype=torch.float64))
+
+
+def test_dare_with_sparsegpt_is_unbiased():
+    """Survivors divided by their keep-probability: the mean over seeds approaches tau."""
+    x = correlated_inputs(64, 8, 7)
+    stats = [LayerStats(x.T @ x / 64)]
+    tau = torch.randn(4, 8, generator=torch.Generator().manual_seed(8))
+    runs = [merge_tensor(METHODS["dare_linear"], [tau], [1.0], TrimParams("sparsegpt", 0.5, seed=s), "w",
+                         stats=stats)[0] for s in range(3000)]
+    assert torch.allclose(torch.stack(runs).mean(0), tau, atol=0.12)
