@@ -39,12 +39,25 @@ def describe_spec(spec: DatasetSpec) -> str:
     return spec.path + (f" ({spec.name})" if spec.name else "") + f" [{spec.split}]"
 
 
-def load_texts(spec: DatasetSpec, root: Path, tokenizer) -> list[str]:
-    """The documents of a dataset spec as strings."""
+def load_texts(spec: DatasetSpec, root: Path, tokenizer, part: str = "calibration") -> list[str]:
+    """The documents of a dataset spec as strings: its calibration part or its held-out eval part.
+
+    With `eval_split` the two are separate splits; otherwise the last `holdout` fraction of the
+    documents of `split` (in file order) is for evaluation only, so perplexity is never measured
+    on text a Hessian was collected from.
+    """
+    texts = _load_all(spec, root, tokenizer, spec.eval_split if part == "eval" and spec.eval_split else spec.split)
+    if spec.eval_split:
+        return texts
+    cut = len(texts) - max(1, round(len(texts) * spec.holdout))
+    return texts[cut:] if part == "eval" else texts[:cut]
+
+
+def _load_all(spec: DatasetSpec, root: Path, tokenizer, split: str) -> list[str]:
     import datasets
 
     datasets.disable_progress_bars()
-    kwargs: dict = {"split": spec.split}
+    kwargs: dict = {"split": split}
     path = spec.path
     if spec.data_files is not None:
         files = [spec.data_files] if isinstance(spec.data_files, str) else spec.data_files

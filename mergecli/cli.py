@@ -23,6 +23,8 @@ from .display import RichReporter, table
 from .errors import MergeCliError
 from .recipe import Recipe, load_recipe
 from .stages.hessian import run_hessian
+from .report import comparison, plot, render
+from .stages.evaluate import run_eval
 from .stages.merge import run_merge
 from .stages.taskvec import run_taskvec
 from .workspace import Workspace, artifact_key
@@ -196,11 +198,6 @@ def merge(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES,
                  ["name", "method", "score", "density", "kept", "seconds", "status", "output"], rows)
 
 
-def _not_yet(stage: str) -> None:
-    raise MergeCliError(f"the {stage} stage is not available in mergecli {__version__} yet",
-                        "taskvec and merge work today; see the README for the roadmap")
-
-
 @app.command()
 @command
 def hessian(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES,
@@ -228,14 +225,51 @@ def hessian(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES,
 @command
 def evaluate(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Perplexity of the base, every fine-tune and every merge on every dataset of the recipe."""
-    _not_yet("eval")
+    resolved = OPTIONS.recipe(recipe, overrides)
+    results = run_eval(resolved, OPTIONS.reporter, OPTIONS.wait, OPTIONS.device)
+    datasets = list(results[0].perplexity)
+    rows = [[r.model, r.role, *(f"{r.perplexity[d]:.3f}" for d in datasets), f"{r.mean:.3f}"] for r in results]
+    OPTIONS.emit([{"model": r.model, "role": r.role, "perplexity": r.perplexity, "mean": r.mean} for r in results],
+                 "perplexity (lower is better)", ["model", "role", *datasets, "mean"], rows)
 
 
 @app.command()
 @command
-def compare(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES) -> None:
-    """One table of every model x dataset, best merge marked; json/csv/markdown/png export."""
-    _not_yet("compare")
+def compare(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES,
+            fmt: str = typer.Option("table", "--format", help="table | json | csv | markdown"),
+            output: Optional[Path] = typer.Option(None, "--output", help="write the table in --format to this file"),
+            plot_path: Optional[Path] = typer.Option(None, "--plot", help="grouped bar chart (PNG)")) -> None:
+    """Run what is missing, then one table of every model x dataset with the best merge marked."""
+    if fmt not in ("table", "json", "csv", "markdown"):
+        raise MergeCliError(f"unknown --format {fmt!r}", "use table, json, csv or markdown")
+    resolved = OPTIONS.recipe(recipe, overrides)
+    results = run_eval(resolved, OPTIONS.reporter, OPTIONS.wait, OPTIONS.device)
+    rows = comparison(results)
+    if output:
+        output.write_text(render(rows, "json" if fmt == "table" else fmt))
+    if plot_path:
+        plot(results, plot_path)
+        OPTIONS.reporter.log(f"chart written to {plot_path}")
+    if OPTIONS.json or fmt == "json":
+        typer.echo(render(rows, "json"))
+    elif fmt in ("csv", "markdown"):
+        typer.echo(render(rows, fmt), nl=False)
+    elif not OPTIONS.quiet:
+        OPTIONS.out.print(comparison_table(rows))
+
+
+def comparison_table(rows: list[dict]) -> Any:
+    datasets = [k for k in rows[0] if k.startswith("ppl_") and k != "ppl_mean"]
+    columns = ["model", "role", *(d[4:] for d in datasets), "mean", "vs own FT", "kept", "merge s"]
+    body = []
+    for row in rows:
+        change = row["vs_own_finetune"]
+        body.append([("★ " if row["best"] else "") + row["model"], row["method"] or row["role"],
+                     *(f"{row[d]:.3f}" for d in datasets), f"{row['ppl_mean']:.3f}",
+                     "" if change is None else f"{100 * change:+.1f}%",
+                     "" if row["kept_density"] is None else f"{row['kept_density']:.3f}",
+                     "" if row["merge_seconds"] is None else f"{row['merge_seconds']:.1f}"])
+    return table("perplexity on held-out text (lower is better; ★ best merge by mean)", columns, body)
 
 
 # -- workspace ------------------------------------------------------------------------------

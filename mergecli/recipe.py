@@ -53,6 +53,18 @@ class DatasetSpec(_Strict):
     split: str = "train"
     text_field: str = "text"
     messages_field: str | None = Field(None, description="column of chat messages, rendered with the chat template")
+    eval_split: str | None = Field(None, description="split for perplexity (default: hold out the end of `split`)")
+    holdout: float = Field(0.1, gt=0.0, lt=1.0, description="fraction of `split` kept for evaluation only")
+
+
+class EvaluationSpec(_Strict):
+    """Perplexity windows: the same seeded set for every model."""
+
+    samples: int = Field(32, ge=1)
+    seq_len: int = Field(256, ge=2)
+    batch_size: int = Field(4, ge=1)
+    seed: int = 0
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="extra eval datasets by name")
 
 
 class CalibrationSpec(_Strict):
@@ -150,6 +162,7 @@ class Recipe(_Strict):
     output_dir: str = "merged"
     shard_size: str = "2GB"
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     root: Path = Field(default=Path("."), exclude=True)
 
     @field_validator("shard_size")
@@ -203,6 +216,11 @@ class Recipe(_Strict):
                 return merge
         raise RecipeError(f"no merge named {name!r} in the recipe",
                           f"choose one of: {', '.join(m.name for m in self.merges) or '(none)'}")
+
+    def eval_datasets(self) -> dict[str, DatasetSpec]:
+        """Every dataset perplexity is measured on: each fine-tune's own, then the extra ones."""
+        found = {m.name: m.dataset for m in self.models if m.dataset is not None}
+        return {**found, **self.evaluation.datasets}
 
     def models_of(self, merge: MergeSpec) -> list[ModelSpec]:
         return [m for m in self.models if merge.models is None or m.name in merge.models]
@@ -277,7 +295,7 @@ def _first_problem(exc: ValidationError) -> str:
     if error["type"] == "extra_forbidden":
         field = str(error["loc"][-1])
         model = {"models": ModelSpec, "merges": MergeSpec, "dataset": DatasetSpec,
-                 "calibration": CalibrationSpec}.get(
+                 "calibration": CalibrationSpec, "evaluation": EvaluationSpec}.get(
             next((str(p) for p in reversed(error["loc"][:-1]) if isinstance(p, str)), ""), Recipe)
         names = [f.alias or n for n, f in model.model_fields.items() if n != "root"]
         return f"{loc}: unknown field{_did_you_mean(field, names)}"

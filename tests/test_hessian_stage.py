@@ -136,7 +136,7 @@ def test_chat_messages_are_rendered_with_the_chat_template(tmp_path, models, dat
     tok = AutoTokenizer.from_pretrained(models / "base")
     tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
     texts = load_texts(DatasetSpec(path=str(data / "chat.jsonl"), messages_field="messages"), tmp_path, tok)
-    assert len(texts) == 10 and texts[0].startswith("<user>Shall I compare")
+    assert len(texts) == 9 and texts[0].startswith("<user>Shall I compare")  # 1 of 10 held out for eval
 
 
 @pytest.mark.parametrize("dataset,calibration,message", [

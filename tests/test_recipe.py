@@ -107,6 +107,6 @@ def test_builtin_recipes_list_copy_and_validate_schema(tmp_path):
     assert set(builtin_recipes()) == set(listed)
 
 
-def test_stages_not_built_yet_say_so(tmp_path, good):
+def test_eval_without_any_dataset_says_what_to_add(tmp_path, good):
     result = runner.invoke(app, ["eval", str(write(tmp_path, good))])
-    assert result.exit_code == 1 and "not available" in result.stderr
+    assert result.exit_code == 1 and "nothing to evaluate on" in result.stderr

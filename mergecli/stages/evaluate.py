@@ -1,0 +1,114 @@
+"""eval stage: perplexity of the base, every fine-tune and every merge on every recipe dataset.
+
+Perplexity = exp(token-weighted mean NLL over non-pad next-token positions) on a fixed, seeded set
+of packed windows from each dataset's held-out part, identical for every model (the windows are
+tokenized with the base's tokenizer). Each (model, dataset, window settings) result is cached in
+the workspace.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..calibration import Windows, describe_spec, load_texts, make_windows
+from ..models.reference import ModelSource, resolve_model
+from ..progress import SILENT, Reporter
+from ..recipe import Recipe
+from .common import Context, check_device, open_context
+from .hessian import load_model
+from .merge import run_merge
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    model: str
+    role: str  # base | finetune | merge
+    perplexity: dict[str, float]
+    merge: dict | None = None
+
+    @property
+    def mean(self) -> float:
+        values = list(self.perplexity.values())
+        return sum(values) / len(values) if values else float("nan")
+
+
+def nll_sum(model: torch.nn.Module, windows: Windows, batch_size: int, device: torch.device) -> tuple[float, int]:
+    """(sum of next-token NLL, number of predicted tokens) over non-pad positions."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in windows.batches(batch_size):
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            target = ids[:, 1:]
+            valid = (mask[:, 1:] * mask[:, :-1]).bool()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                    target.reshape(-1), reduction="none").reshape(target.shape)
+            total += float(nll[valid].double().sum())
+            count += int(valid.sum())
+    return total, count
+
+
+def run_eval(recipe: Recipe, reporter: Reporter = SILENT, wait: bool = True, device: str = "cpu",
+             ctx: Context | None = None) -> list[Evaluated]:
+    """Perplexity of base, fine-tunes and merges (merges are built first if missing)."""
+    dev = check_device(device)
+    ctx = ctx or open_context(recipe, reporter, wait)
+    merges = run_merge(recipe, device=device, reporter=reporter, wait=wait) if recipe.merges else []
+    datasets = recipe.eval_datasets()
+    if not datasets:
+        from ..errors import MergeCliError
+
+        raise MergeCliError("nothing to evaluate on: no fine-tune has a dataset",
+                            "add models.N.dataset or evaluation.datasets")
+    windows = _windows(ctx, datasets)
+    candidates: list[tuple[str, str, ModelSource, dict | None]] = [("base", "base", ctx.base, None)]
+    candidates += [(m.name, "finetune", resolve_model(m.model, recipe.root), None) for m in recipe.models]
+    candidates += [(r.name, "merge", resolve_model(str(r.path), recipe.root), r.as_dict()) for r in merges]
+    results = []
+    for name, role, source, merge in candidates:
+        results.append(Evaluated(name, role, _perplexities(ctx, name, source, windows, dev), merge))
+    return results
+
+
+def _windows(ctx: Context, datasets) -> dict[str, tuple[dict, Windows]]:
+    from transformers import AutoTokenizer
+
+    ev = ctx.recipe.evaluation
+    tokenizer = AutoTokenizer.from_pretrained(ctx.base.path)
+    out = {}
+    for name, spec in datasets.items():
+        texts = load_texts(spec, ctx.recipe.root, tokenizer, part="eval")
+        windows = make_windows(texts, tokenizer, ev.samples, ev.seq_len, ev.seed, pack=True,
+                               what=f"held-out part of dataset {describe_spec(spec)} ({name})")
+        key = {"dataset": spec.model_dump(), "samples": ev.samples, "seq_len": ev.seq_len, "seed": ev.seed,
+               "tokenizer": ctx.base.fingerprint}
+        out[name] = (key, windows)
+    return out
+
+
+def _perplexities(ctx: Context, name: str, source: ModelSource, windows: dict[str, tuple[dict, Windows]],
+                  device: torch.device) -> dict[str, float]:
+    ev = ctx.recipe.evaluation
+    model = None
+    result = {}
+    for dataset, (key, win) in windows.items():
+        inputs = {"model": source.fingerprint, "base": ctx.base.fingerprint, **key}
+
+        def produce(folder: Path) -> None:
+            nonlocal model
+            if model is None:
+                model = load_model(ctx, source, use_base=source.fingerprint == ctx.base.fingerprint)[0].to(device)
+            with ctx.reporter.track(f"perplexity {name} on {dataset}", 1) as advance:
+                total, count = nll_sum(model, win, ev.batch_size, device)
+                advance(1)
+            (folder / "eval.json").write_text(json.dumps({"nll_sum": total, "tokens": count}))
+
+        artifact, _ = ctx.workspace.get_or_build("eval", inputs, f"eval {name} on {dataset}", produce)
+        data = json.loads((artifact.path / "eval.json").read_text())
+        result[dataset] = math.exp(data["nll_sum"] / data["tokens"])
+    return result

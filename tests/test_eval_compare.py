@@ -1,0 +1,89 @@
+"""eval and compare: perplexity against transformers' own loss, every export format parsed back."""
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from helpers import write_recipe
+from mergecli.calibration import make_windows
+from mergecli.cli import app
+from mergecli.report import plot
+from mergecli.stages.evaluate import Evaluated, nll_sum
+
+runner = CliRunner()
+CODE = [f"def f{i}(x):\n    return x * {i} + {i + 1}\n" for i in range(150)]
+VERSE = [f"Shall I compare thee to a summer's day, number {i}? Thou art more lovely." for i in range(150)]
+
+
+def test_perplexity_equals_transformers_loss_on_the_same_windows(models):
+    model = AutoModelForCausalLM.from_pretrained(models / "ft_a").eval()
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    packed = make_windows(CODE, tok, samples=4, seq_len=32, seed=0)
+    total, count = nll_sum(model, packed, 3, torch.device("cpu"))
+    with torch.no_grad():
+        loss = model(input_ids=packed.input_ids, labels=packed.input_ids).loss
+    assert count == 4 * 31
+    assert abs(total / count - loss.item()) / loss.item() < 1e-4
+    # padded windows: pad positions never count (labels -100 there in the reference)
+    padded = make_windows(["x = 1", "def add(a, b):", VERSE[0]], tok, samples=3, seq_len=32, seed=0, pack=False)
+    total, count = nll_sum(model, padded, 2, torch.device("cpu"))
+    labels = padded.input_ids.masked_fill(padded.attention_mask == 0, -100)
+    with torch.no_grad():
+        loss = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask, labels=labels).loss
+    assert count == int(padded.attention_mask[:, 1:].sum())
+    assert abs(total / count - loss.item()) / loss.item() < 1e-4
+
+
+@pytest.fixture
+def recipe(tmp_path, models):
+    (tmp_path / "code.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in CODE))
+    (tmp_path / "verse.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in VERSE))
+    return write_recipe(tmp_path / "r.yaml", str(models / "base"), [
+        {"name": "code", "model": str(models / "ft_a"), "dataset": {"path": "./code.jsonl"}},
+        {"name": "verse", "model": str(models / "lora_c"), "dataset": {"path": "./verse.jsonl"}},
+    ], [{"name": "ta", "method": "task_arithmetic", "lambda": 0.5},
+        {"name": "ties-sg", "method": "ties", "score": "sparsegpt"}],
+        calibration={"samples": 4, "seq_len": 16}, evaluation={"samples": 3, "seq_len": 16})
+
+
+def test_compare_runs_missing_stages_and_every_format_parses_back(tmp_path, recipe):
+    result = runner.invoke(app, ["compare", str(recipe), "--plot", str(tmp_path / "chart.png")])
+    assert result.exit_code == 0, result.stderr
+    assert "★" in result.stdout and "vs own" in result.stdout
+    assert (tmp_path / "chart.png").stat().st_size > 10_000
+    rows = json.loads(runner.invoke(app, ["compare", str(recipe), "--format", "json"]).stdout)
+    assert [r["model"] for r in rows] == ["base", "code", "verse", "ta", "ties-sg"]
+    assert sum(r["best"] for r in rows) == 1
+    best = min((r for r in rows if r["role"] == "merge"), key=lambda r: r["ppl_mean"])
+    assert best["best"]
+    code = next(r for r in rows if r["model"] == "code")
+    assert code["vs_own_finetune"] == pytest.approx((code["ppl_verse"] / rows[2]["ppl_verse"] - 1) / 2, abs=1e-3)
+    assert rows[3]["kept_density"] > 0 and rows[4]["method"] == "ties/sparsegpt"
+    csv_out = runner.invoke(app, ["compare", str(recipe), "--format", "csv"]).stdout
+    parsed = list(csv.DictReader(io.StringIO(csv_out)))
+    assert [r["model"] for r in parsed] == [r["model"] for r in rows]
+    assert float(parsed[0]["ppl_code"]) == pytest.approx(rows[0]["ppl_code"])
+    md = runner.invoke(app, ["compare", str(recipe), "--format", "markdown", "--output", str(tmp_path / "t.md")])
+    lines = md.stdout.strip().splitlines()
+    assert len(lines) == 2 + len(rows) and lines[0].startswith("| model | role | ppl_code")
+    assert (tmp_path / "t.md").read_text() == md.stdout
+    # eval results are cached: the entries did not multiply
+    entries = json.loads((tmp_path / "ws" / "manifest.json").read_text())["entries"]
+    assert sum(e["kind"] == "eval" for e in entries.values()) == 5 * 2
+
+
+def test_eval_json_and_the_chart_has_one_bar_per_model_and_dataset(tmp_path, recipe):
+    result = runner.invoke(app, ["--json", "eval", str(recipe)])
+    data = json.loads(result.stdout)
+    assert {d["model"] for d in data} == {"base", "code", "verse", "ta", "ties-sg"}
+    assert all(d["perplexity"]["code"] > 1 for d in data)
+    results = [Evaluated(d["model"], d["role"], d["perplexity"]) for d in data]
+    fig = plot(results, tmp_path / "c.png")
+    ax = fig.axes[0]
+    assert len(ax.patches) == 5 * 2 and ax.get_yscale() == "log"
+    assert ax.get_ylabel() and ax.get_xlabel() and len(ax.get_legend().get_texts()) == 5
