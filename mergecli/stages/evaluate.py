@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..calibration import Windows, describe_spec, load_texts, make_windows
+from ..errors import MergeCliError
 from ..models.reference import ModelSource, resolve_model
 from ..progress import SILENT, Reporter
 from ..recipe import Recipe
@@ -56,15 +57,13 @@ def nll_sum(model: torch.nn.Module, windows: Windows, batch_size: int, device: t
 def run_eval(recipe: Recipe, reporter: Reporter = SILENT, wait: bool = True, device: str = "cpu",
              ctx: Context | None = None) -> list[Evaluated]:
     """Perplexity of base, fine-tunes and merges (merges are built first if missing)."""
+    datasets = recipe.eval_datasets()
+    if not datasets:
+        raise MergeCliError("nothing to evaluate on: no fine-tune has a dataset",
+                            "add models.N.dataset or evaluation.datasets")
     dev = check_device(device)
     ctx = ctx or open_context(recipe, reporter, wait)
     merges = run_merge(recipe, device=device, reporter=reporter, wait=wait) if recipe.merges else []
-    datasets = recipe.eval_datasets()
-    if not datasets:
-        from ..errors import MergeCliError
-
-        raise MergeCliError("nothing to evaluate on: no fine-tune has a dataset",
-                            "add models.N.dataset or evaluation.datasets")
     windows = _windows(ctx, datasets)
     candidates: list[tuple[str, str, ModelSource, dict | None]] = [("base", "base", ctx.base, None)]
     candidates += [(m.name, "finetune", resolve_model(m.model, recipe.root), None) for m in recipe.models]
