@@ -272,6 +272,26 @@ def comparison_table(rows: list[dict]) -> Any:
     return table("perplexity on held-out text (lower is better; ★ best merge by mean)", columns, body)
 
 
+@app.command()
+@command
+def demo(workdir: Path = typer.Option(Path("mergecli-demo"), "--workdir", help="where the demo's models and results go"),
+         overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """The whole pipeline on SmolLM2-135M-Instruct with three home-made fine-tunes; no model hub needed."""
+    from .demo import run_demo
+
+    recipe, results = run_demo(workdir, OPTIONS.reporter, OPTIONS.device, OPTIONS.wait, overrides)
+    rows = comparison(results)
+    (workdir / "compare.json").write_text(render(rows, "json"))
+    (workdir / "compare.md").write_text(render(rows, "markdown"))
+    plot(results, workdir / "compare.png")
+    if OPTIONS.json:
+        typer.echo(render(rows, "json"))
+    elif not OPTIONS.quiet:
+        OPTIONS.out.print(comparison_table(rows))
+        OPTIONS.err.print(f"results in {workdir}/compare.(json|md|png); rerun any stage with "
+                          f"`mergecli <stage> {workdir / 'recipe.yaml'}`")
+
+
 # -- workspace ------------------------------------------------------------------------------
 def _workspace(recipe: Optional[Path], overrides: Optional[list[str]]) -> Workspace:
     if OPTIONS.workspace:

@@ -1,6 +1,7 @@
 """Model references: a recipe string -> a local folder, its kind and a fingerprint for cache keys.
 
-A reference is a local folder or a hub id with an optional `@revision`. Hub ids go through
+A reference is a local folder, a `.gguf` file (dequantized once, see `gguf.py`) or a hub id with
+an optional `@revision`. Hub ids go through
 huggingface_hub's own `snapshot_download` (which honours HF_HUB_OFFLINE and the local cache); a
 failed look-up becomes one message naming the id. The fingerprint identifies the exact weights:
 the commit hash for hub models; for local folders the absolute path plus each weight/config
@@ -39,6 +40,11 @@ def resolve_model(ref: str, root: Path) -> ModelSource:
     """Find the model behind a reference (downloading hub ids where the hub is reachable)."""
     location = resolve_reference(ref, root)
     if isinstance(location, Path):
+        if location.is_file() and location.suffix == ".gguf":
+            from .gguf import gguf_folder
+
+            fingerprint = "gguf:" + _file_fingerprint(location)
+            return ModelSource(ref, gguf_folder(location, fingerprint), "full", fingerprint)
         if not location.is_dir():
             raise MergeCliError(f"model path is not a folder: {location}")
         return ModelSource(ref, location, _kind(location), _local_fingerprint(location))
@@ -62,6 +68,11 @@ def _local_fingerprint(folder: Path) -> str:
             stat = path.stat()
             digest.update(f"\0{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
     return "local:" + digest.hexdigest()[:32]
+
+
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:32]
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

@@ -127,7 +127,7 @@ def _check_match(model: str, base: Checkpoint, base_map: dict[str, str], ft: Che
 
 def _write_lora(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkpoint, path: Path) -> int:
     adapter = LoraAdapter(source.path)
-    _check_adapter_base(spec, adapter.base_model, ctx.recipe.base)
+    _check_adapter_base(spec, adapter.base_model, ctx.recipe.base, ctx.base.path)
     names = adapter.tensor_names(ctx.arch)
     missing = [n for n in names if n not in base]
     if missing:
@@ -139,13 +139,16 @@ def _write_lora(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkp
     return _write(ctx, spec, path, infos, lambda n: adapter.delta(n, base, ctx.arch))
 
 
-def _check_adapter_base(spec: ModelSpec, recorded: str | None, base_ref: str) -> None:
-    """peft records the base as given at training time: compare the last path component only."""
+def _check_adapter_base(spec: ModelSpec, recorded: str | None, base_ref: str, base_path: Path) -> None:
+    """peft records the base as given at training time (a hub id, or wherever the base then was):
+    accept it if its last path component matches the recipe's base reference or its folder."""
     if not recorded or not spec.check_base:
         return
-    def stem(ref: str) -> str:
-        return Path(ref.split("@")[0].rstrip("/")).name.lower()
-    if stem(recorded) != stem(base_ref):
+
+    def stem(ref: str | Path) -> str:
+        return Path(str(ref).split("@")[0].rstrip("/")).name.lower()
+
+    if stem(recorded) not in (stem(base_ref), stem(base_path)):
         raise ModelMismatchError(
             f"{spec.name}: adapter was trained on {recorded!r}, the recipe's base is {base_ref!r}",
             f"if they are the same model, set models.{spec.name}.check_base: false")
