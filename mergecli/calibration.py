@@ -67,6 +67,8 @@ def _load_all(spec: DatasetSpec, root: Path, tokenizer, split: str) -> list[str]
         if not local.exists():
             raise MergeCliError(f"dataset {describe_spec(spec)}: no such file or folder {local}")
         if local.is_file():
+            if local.stat().st_size == 0:
+                raise MergeCliError(f"dataset {describe_spec(spec)}: {local} is empty")
             if local.suffix not in LOADERS:
                 raise MergeCliError(f"dataset {local}: unknown file type {local.suffix!r}",
                                     f"use one of {', '.join(sorted(LOADERS))} or give path: <loader> with data_files")
@@ -88,7 +90,10 @@ def _load_all(spec: DatasetSpec, root: Path, tokenizer, split: str) -> list[str]
         if not getattr(tokenizer, "chat_template", None):
             raise MergeCliError(f"dataset {describe_spec(spec)}: chat messages need a tokenizer with a chat template")
         return [tokenizer.apply_chat_template(m, tokenize=False) for m in data[field]]
-    return [t for t in data[field] if isinstance(t, str) and t.strip()]
+    texts = [t for t in data[field] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise MergeCliError(f"dataset {describe_spec(spec)} has no non-empty text in column {field!r}")
+    return texts
 
 
 def make_windows(texts: list[str], tokenizer, samples: int, seq_len: int, seed: int, pack: bool = True,

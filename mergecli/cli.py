@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .display import RichReporter, table
@@ -98,9 +99,11 @@ def command(fn: Callable[..., None]) -> Callable[..., None]:
         try:
             fn(*args, **kwargs)
         except MergeCliError as exc:
-            OPTIONS.err.print(f"[bold red]Error:[/] {exc.message}", highlight=False, soft_wrap=True)
+            if OPTIONS.debug:
+                raise
+            OPTIONS.err.print(f"[bold red]Error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
             if exc.hint:
-                OPTIONS.err.print(f"[dim]hint: {exc.hint}[/]", highlight=False, soft_wrap=True)
+                OPTIONS.err.print(f"[dim]hint: {escape(exc.hint)}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -110,7 +113,8 @@ def command(fn: Callable[..., None]) -> Callable[..., None]:
         except Exception as exc:  # noqa: BLE001
             if OPTIONS.debug:
                 raise
-            OPTIONS.err.print(f"[bold red]Internal error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+            OPTIONS.err.print(f"[bold red]Internal error:[/] {type(exc).__name__}: {escape(str(exc))}",
+                              highlight=False, soft_wrap=True)
             OPTIONS.err.print("[dim]hint: rerun with --debug for the traceback, and report it[/]")
             raise typer.Exit(1) from None
     return wrapper

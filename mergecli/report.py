@@ -28,7 +28,7 @@ def comparison(results: Sequence[Evaluated]) -> list[dict[str, Any]]:
             "vs_own_finetune": round(sum(changes) / len(changes), 4) if changes else None,
             "kept_density": round(r.merge["kept_density"], 4) if r.merge else None,
             "merge_seconds": r.merge["seconds"] if r.merge else None,
-            "method": (r.merge["method"] + (f"/{r.merge['score']}" if r.merge.get("score") else "")) if r.merge else None,
+            "method": _method(r.merge) if r.merge else None,
             "best": r.model == best,
         })
     return rows
@@ -74,3 +74,8 @@ def plot(results: Sequence[Evaluated], path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return fig
+
+
+def _method(merge: dict) -> str:
+    """method/score, the score only where it selected something (density < 1)."""
+    return merge["method"] + (f"/{merge['score']}" if merge.get("score") and merge["density"] < 1 else "")

@@ -1,0 +1,64 @@
+"""SIGKILL at random points of a real run, then the same command again: the result must be
+bit-identical to a run that was never interrupted, and nothing half-written may be trusted."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import write_recipe
+from mergecli.workspace import Workspace
+
+TEXT = [f"def f{i}(x):\n    return x * {i} + {i + 1}\n" for i in range(80)]
+
+
+def run(recipe: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mergecli", "-q", "merge", str(recipe), *overrides],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+
+
+def weights(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, models):
+    root = tmp_path_factory.mktemp("recovery")
+    (root / "code.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXT))
+    recipe = write_recipe(root / "r.yaml", str(models / "base"), [
+        {"name": "a", "model": str(models / "ft_a"), "dataset": {"path": "./code.jsonl"}},
+        {"name": "b", "model": str(models / "ft_b"), "dataset": {"path": "./code.jsonl"}},
+        {"name": "c", "model": str(models / "lora_c"), "dataset": {"path": "./code.jsonl"}},
+    ], [{"name": "ties", "method": "ties"}, {"name": "dare", "method": "dare_ties", "seed": 3},
+        {"name": "sg", "method": "ties", "score": "sparsegpt", "compensate": True},
+        {"name": "regmean", "method": "regmean"}],
+        calibration={"samples": 4, "seq_len": 16}, shard_size="40KB")
+    start = time.perf_counter()
+    proc = run(recipe, "workspace=ws_clean", "output_dir=out_clean")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return recipe, weights(root / "out_clean"), time.perf_counter() - start
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_then_rerun_is_identical_to_an_uninterrupted_run(clean, seed):
+    recipe, expected, duration = clean
+    root = recipe.parent
+    ws, out = f"ws_{seed}", f"out_{seed}"
+    proc = run(recipe, f"workspace={ws}", f"output_dir={out}")
+    time.sleep(random.Random(seed).uniform(0.5, duration))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # whatever the kill left, every manifest entry that exists is complete and valid
+    workspace = Workspace(root / ws)
+    for artifact in workspace.artifacts():
+        assert Workspace._verify(artifact) is None
+    assert run(recipe, f"workspace={ws}", f"output_dir={out}").wait(timeout=300) == 0
+    assert weights(root / out) == expected
+    assert not list((root / out).glob(".*.tmp"))
