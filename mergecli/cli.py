@@ -296,6 +296,19 @@ def demo(workdir: Path = typer.Option(Path("mergecli-demo"), "--workdir", help="
                           f"`mergecli <stage> {workdir / 'recipe.yaml'}`")
 
 
+@app.command()
+@command
+def archs(fmt: str = typer.Option("table", "--format", help="table | markdown | json")) -> None:
+    """The architectures tested end to end, and what mergecli reads off each."""
+    from .models.support import describe_supported
+
+    rows = describe_supported()
+    if fmt == "markdown" or fmt == "json":
+        typer.echo(render(rows, fmt), nl=False)
+    else:
+        OPTIONS.emit(rows, "supported architectures", list(rows[0]), [list(r.values()) for r in rows])
+
+
 # -- workspace ------------------------------------------------------------------------------
 def _workspace(recipe: Optional[Path], overrides: Optional[list[str]]) -> Workspace:
     if OPTIONS.workspace:

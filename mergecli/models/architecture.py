@@ -43,6 +43,13 @@ def describe(config_folder: Path) -> Architecture:
     except Exception as exc:  # noqa: BLE001
         raise MergeCliError(f"{config_folder}: model_type {config.model_type!r} is not a causal LM "
                             f"transformers can build ({str(exc).splitlines()[0]})") from None
+    return describe_model(model)
+
+
+def describe_model(model: torch.nn.Module) -> Architecture:
+    """Tied pairs and linear layers of an instantiated (possibly meta) model."""
+    from transformers.pytorch_utils import Conv1D
+
     first_name: dict[int, str] = {}
     tied: dict[str, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -55,4 +62,4 @@ def describe(config_folder: Path) -> Architecture:
             linear.add(f"{name}.weight")
             if isinstance(module, Conv1D):
                 transposed.add(f"{name}.weight")
-    return Architecture(config.model_type, tied, frozenset(linear), frozenset(transposed))
+    return Architecture(model.config.model_type, tied, frozenset(linear), frozenset(transposed))

@@ -10,6 +10,7 @@ import torch
 from ..errors import MergeCliError, ModelMismatchError
 from ..models.architecture import Architecture, describe
 from ..models.reference import ModelSource, resolve_model
+from ..models.support import TINY_CONFIGS
 from ..progress import Reporter
 from ..recipe import Recipe
 from ..workspace import Workspace
@@ -29,7 +30,12 @@ def open_context(recipe: Recipe, reporter: Reporter, wait: bool = True) -> Conte
     if base.kind != "full":
         raise ModelMismatchError(f"base: {base.path} is a LoRA adapter; the base must be a full model")
     workspace = Workspace(recipe.workspace_path, wait=wait, log=reporter.log)
-    return Context(recipe, workspace, reporter, base, describe(base.path))
+    arch = describe(base.path)
+    if arch.model_type not in TINY_CONFIGS:
+        reporter.log(f"[yellow]warning:[/] model_type {arch.model_type!r} is not among the tested architectures "
+                     f"({', '.join(TINY_CONFIGS)}); inferred from the model class: {len(arch.linear)} linear weights, "
+                     f"{len(arch.transposed)} stored in x out, tied: {arch.tied or 'none'}")
+    return Context(recipe, workspace, reporter, base, arch)
 
 
 def check_device(device: str) -> torch.device:
