@@ -192,9 +192,10 @@ def taskvec(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES) -
 @command
 def merge(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES,
           only: Optional[list[str]] = typer.Option(None, "--only", help="merge only this variant (repeatable)"),
-          overwrite: bool = typer.Option(False, "--overwrite", help="replace output folders not written by mergecli")) -> None:
+          overwrite: bool = typer.Option(False, "--overwrite", help="replace output folders not written by mergecli"),
+          dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype of every variant: float32, float16, bfloat16")) -> None:
     """Build every merge variant of the recipe as a Hugging Face model folder."""
-    resolved = OPTIONS.recipe(recipe, overrides)
+    resolved = OPTIONS.recipe(recipe, list(overrides or []) + ([f"dtype={dtype}"] if dtype else []))
     results = run_merge(resolved, only, overwrite, OPTIONS.device, OPTIONS.reporter, OPTIONS.wait)
     rows = [[r.name, r.method, r.score or "-", r.density, f"{r.kept_density:.4f}", f"{r.seconds:.1f}",
              "reused" if r.reused else "built", r.path] for r in results]

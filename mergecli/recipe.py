@@ -161,6 +161,8 @@ class Recipe(_Strict):
     workspace: str = "workspace"
     output_dir: str = "merged"
     shard_size: str = "2GB"
+    extra_tokens: Literal["error", "base", "union"] = Field(
+        "error", description="fine-tunes with added tokens: error, keep the base vocabulary, or add their rows")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     root: Path = Field(default=Path("."), exclude=True)

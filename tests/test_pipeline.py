@@ -191,7 +191,7 @@ def test_shape_mismatch_names_tensor_and_shapes(tmp_path, models):
                           [{"name": "m", "method": "ties"}])
     result = cli("merge", recipe, code=1)
     assert "o does not match the base" in result.stderr
-    assert "model.embed_tokens.weight: shape [100, 32] in the fine-tune, [96, 32] in the base" in result.stderr
+    assert "model.embed_tokens.weight: shape [100, 32] in the fine-tune, [96, 32] in the base (added tokens? set extra_tokens" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
@@ -255,3 +255,69 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
         peaks.append(int(out.stdout.split()[-1]))
     assert peaks[1] < 1.3 * peaks[0], peaks
+
+
+@pytest.mark.parametrize("rule", ["base", "union"])
+def test_fine_tune_with_added_tokens_follows_the_extra_tokens_rule(tmp_path, models, rule):
+    """A fine-tune that resized its embeddings (4 added tokens): shared rows are merged; the extra
+    rows are dropped (base) or taken from that fine-tune with its tokenizer (union)."""
+    grown = AutoModelForCausalLM.from_pretrained(models / "ft_a")
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    tok.add_tokens(["<t1>", "<t2>", "<t3>", "<t4>"])
+    grown.resize_token_embeddings(len(tok))
+    with torch.no_grad():
+        grown.model.embed_tokens.weight[-4:] = torch.arange(4 * 32, dtype=torch.float32).reshape(4, 32)
+    grown.save_pretrained(tmp_path / "grown")
+    tok.save_pretrained(tmp_path / "grown")
+    recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"),
+                          [{"name": "g", "model": str(tmp_path / "grown")}, {"name": "b", "model": str(models / "ft_b")}],
+                          [{"name": "ta", "method": "task_arithmetic"}], extra_tokens=rule)
+    cli("merge", recipe)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "ta")
+    base, b = state(models / "base"), state(models / "ft_b")
+    emb = merged.model.embed_tokens.weight.detach()
+    name = "model.embed_tokens.weight"
+    shared = base[name] + (grown.state_dict()[name][:96] - base[name]) + (b[name] - base[name])
+    assert torch.allclose(emb[:96], shared, atol=1e-6)
+    if rule == "base":
+        assert emb.shape[0] == 96 and len(AutoTokenizer.from_pretrained(tmp_path / "out" / "ta")) == 96
+    else:
+        assert emb.shape[0] == 100 and merged.config.vocab_size == 100
+        assert torch.equal(emb[96:], torch.arange(4 * 32, dtype=torch.float32).reshape(4, 32))
+        assert len(AutoTokenizer.from_pretrained(tmp_path / "out" / "ta")) == 100
+        assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+
+
+def test_half_precision_inputs_keep_their_dtype_unless_overridden(tmp_path, models):
+    for name in ("base", "ft_a"):
+        AutoModelForCausalLM.from_pretrained(models / name, dtype=torch.bfloat16).save_pretrained(tmp_path / name)
+    AutoTokenizer.from_pretrained(models / "base").save_pretrained(tmp_path / "base")
+    recipe = write_recipe(tmp_path / "r.yaml", "./base", [{"model": "./ft_a"}], [{"name": "ta", "method": "task_arithmetic"}])
+    cli("merge", recipe)
+    merged = load_file(tmp_path / "out" / "ta" / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+    cli("merge", recipe, "--dtype", "float16")
+    assert all(t.dtype == torch.float16 for t in load_file(tmp_path / "out" / "ta" / "model.safetensors").values())
+    assert json.loads((tmp_path / "out" / "ta" / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_hub_ids_resolve_through_the_local_hub_cache_offline(tmp_path, models, monkeypatch):
+    """The real huggingface_hub path: a cached snapshot is used offline, pinned by @revision."""
+    hub = tmp_path / "hf" / "hub" / "models--someorg--tiny-base"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = hub / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in (models / "base").iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    recipe = write_recipe(tmp_path / "r.yaml", "someorg/tiny-base@main", [{"name": "a", "model": str(models / "ft_a")}],
+                          [{"name": "ta", "method": "task_arithmetic"}])
+    result = cli("--json", "taskvec", recipe)
+    assert json.loads(result.stdout)[0]["tensors"] > 0
+    missing = cli("taskvec", recipe, "base=someorg/tiny-base@v9", code=1)
+    assert "cannot get someorg/tiny-base@v9 from the Hugging Face hub" in missing.stderr

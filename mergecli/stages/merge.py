@@ -22,13 +22,14 @@ import torch
 from .. import __version__
 from ..errors import MergeCliError
 from ..methods import METHODS, TrimParams, merge_tensor
+from ..models.reference import resolve_model
 from ..models.safetensors_io import Checkpoint, ShardedWriter, TensorInfo
 from ..progress import SILENT, Reporter
 from ..recipe import MergeSpec, Recipe
 from ..workspace import artifact_key, fsync_tree
 from .common import Context, check_device, open_context, output_folder_is_ours
 from .hessian import HessianReader, HessianSet, hessian_set
-from .taskvec import TaskVector, task_vector
+from .taskvec import EXTRA_ROWS, TaskVector, task_vector
 
 STAMP = "mergecli.json"
 WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -122,7 +123,9 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
     kept = offered = 0
     with Checkpoint.open(ctx.base.path) as base:
         taus = [Checkpoint.open(v.artifact.path) for v in vectors]
-        infos = [TensorInfo(n, i.shape, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype)
+        extra = _extra_rows(taus) if ctx.recipe.extra_tokens == "union" else {}
+        infos = [TensorInfo(n, _grown(i.shape, extra.get(arch.canonical(n))),
+                            out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype)
                  for n, i in ((n, base.info(n)) for n in base.names())]
         writer = ShardedWriter(folder, infos, ctx.recipe.shard_bytes)
         memo: dict[str, torch.Tensor] = {}
@@ -143,6 +146,9 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
                                            stats)
                 kept, offered = kept + k, offered + n
                 theta = (theta.to(device, torch.float32) + merge.lambda_ * delta).cpu()
+            if canonical in extra:
+                source, rows = extra[canonical]
+                theta = torch.cat([theta.to(dtype), taus[source].get(f"{canonical}{EXTRA_ROWS}").to(dtype)])
             result = theta.to(dtype)
             if canonical in tied_targets and any(a in base for a, c in arch.tied.items() if c == canonical):
                 memo[canonical] = result  # the other half of a tied pair is written from this one
@@ -165,9 +171,44 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
                          f"(embeddings, norms, biases, lm_head) and used "
                          + ("a weighted mean" if method.needs_stats else "magnitude scores"))
     _copy_side_files(ctx.base.path, folder, merge.dtype)
+    if extra:
+        _adopt_vocabulary(folder, extra, [resolve_model(m.model, ctx.recipe.root).path for m in ctx.recipe.models
+                                          if m.name in {v.model for v in vectors}], infos, arch)
     return MergeResult(merge.name, merge.method, merge.score, merge.density or 1.0, folder, False,
                        round(time.perf_counter() - start, 3), kept / offered if offered else 0.0,
                        len(infos), [v.model for v in vectors])
+
+
+def _extra_rows(taus: list[Checkpoint]) -> dict[str, tuple[int, int]]:
+    """canonical tensor -> (task vector index, rows) of the fine-tune that added the most tokens."""
+    found: dict[str, tuple[int, int]] = {}
+    for index, tau in enumerate(taus):
+        for name in tau.names():
+            if name.endswith(EXTRA_ROWS):
+                canonical, rows = name.removesuffix(EXTRA_ROWS), tau.info(name).shape[0]
+                if rows > found.get(canonical, (0, 0))[1]:
+                    found[canonical] = (index, rows)
+    return found
+
+
+def _grown(shape: tuple[int, ...], extra: tuple[int, int] | None) -> tuple[int, ...]:
+    return shape if extra is None else (shape[0] + extra[1], *shape[1:])
+
+
+def _adopt_vocabulary(folder: Path, extra: dict[str, tuple[int, int]], sources: list[Path],
+                      infos: list[TensorInfo], arch) -> None:
+    """With `extra_tokens: union` the output vocabulary is the largest fine-tune's: its size goes
+    into config.json and its tokenizer files replace the base's."""
+    index = max(extra.values(), key=lambda e: e[1])[0]
+    source = sources[index]
+    vocab = next(i.shape[0] for i in infos if arch.canonical(i.name) in extra)
+    for path in source.iterdir():
+        if path.is_file() and ("token" in path.name or path.name in ("vocab.json", "merges.txt", "chat_template.jinja")):
+            shutil.copy2(path, folder / path.name)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["vocab_size"] = vocab
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def _copy_side_files(base: Path, folder: Path, dtype: str | None) -> None:

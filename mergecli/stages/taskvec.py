@@ -25,6 +25,7 @@ from ..workspace import Artifact
 from .common import Context, open_context
 
 FILENAME = "task_vector.safetensors"
+EXTRA_ROWS = ".extra_rows"  # rows a fine-tune added beyond the base vocabulary (values, not deltas)
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,20 @@ def _write_full(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkp
         raise ModelMismatchError(f"{spec.name}: architecture {ft_type!r} does not match the base's {arch.model_type!r}")
     with Checkpoint.open(source.path) as ft:
         base_map, ft_map = _by_canonical(base, arch.canonical), _by_canonical(ft, arch.canonical)
-        _check_match(spec.name, base, base_map, ft, ft_map)
+        grown = _check_match(spec.name, base, base_map, ft, ft_map, ctx.recipe.extra_tokens)
         names = [base_map[c] for c in base_map if base.info(base_map[c]).dtype.is_floating_point]
         infos = [TensorInfo(arch.canonical(n), base.info(n).shape, torch.float32) for n in names]
-        return _write(ctx, spec, path, infos,
-                      lambda c: ft.get(ft_map[c]).float() - base.get(base_map[c]).float())
+        infos += [TensorInfo(f"{c}{EXTRA_ROWS}", (ft.info(ft_map[c]).shape[0] - base.info(base_map[c]).shape[0],
+                                                  *base.info(base_map[c]).shape[1:]), torch.float32) for c in grown]
+
+        def delta(name: str) -> torch.Tensor:
+            if name.endswith(EXTRA_ROWS):
+                canonical = name.removesuffix(EXTRA_ROWS)
+                return ft.get(ft_map[canonical])[base.info(base_map[canonical]).shape[0]:].float()
+            theta = base.get(base_map[name]).float()
+            return ft.get(ft_map[name])[: theta.shape[0]].float() - theta
+
+        return _write(ctx, spec, path, infos, delta)
 
 
 def _by_canonical(ckpt: Checkpoint, canonical: Callable[[str], str]) -> dict[str, str]:
@@ -112,17 +122,29 @@ def _by_canonical(ckpt: Checkpoint, canonical: Callable[[str], str]) -> dict[str
 
 
 def _check_match(model: str, base: Checkpoint, base_map: dict[str, str], ft: Checkpoint,
-                 ft_map: dict[str, str]) -> None:
-    """Names and shapes must agree; the error lists the first few disagreements."""
+                 ft_map: dict[str, str], extra_tokens: str) -> list[str]:
+    """Names and shapes must agree; the error lists the first few disagreements.
+
+    The one allowed difference is a fine-tune with added tokens (more rows in vocab-indexed
+    tensors) when the recipe says what to do with them (`extra_tokens: base | union`); the
+    returned names are those tensors.
+    """
     problems = [f"missing in the fine-tune: {n}" for n in base_map if n not in ft_map]
     problems += [f"not in the base: {n}" for n in ft_map if n not in base_map]
-    for name in base_map.keys() & ft_map.keys():
+    grown = []
+    for name in sorted(base_map.keys() & ft_map.keys()):
         b, f = base.info(base_map[name]).shape, ft.info(ft_map[name]).shape
-        if b != f:
-            problems.append(f"{name}: shape {list(f)} in the fine-tune, {list(b)} in the base")
+        if b == f:
+            continue
+        if len(b) == 2 and f[1:] == b[1:] and f[0] > b[0] and extra_tokens != "error":
+            grown.append(name)
+        else:
+            hint = " (added tokens? set extra_tokens: base or union)" if len(b) == 2 and f[1:] == b[1:] else ""
+            problems.append(f"{name}: shape {list(f)} in the fine-tune, {list(b)} in the base{hint}")
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ModelMismatchError(f"{model} does not match the base: " + "; ".join(problems[:5]) + more)
+    return grown
 
 
 def _write_lora(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkpoint, path: Path) -> int:
