@@ -135,3 +135,20 @@ def test_missing_task_vector_is_left_out_of_the_vote():
 @pytest.mark.parametrize("name", ["ties", "dare_ties", "dare_linear", "task_arithmetic"])
 def test_every_method_is_registered_with_its_doc(name):
     assert METHODS[name].doc
+
+
+@pytest.mark.parametrize("n,density", [(10, 0.3), (5_000_000, 0.2), (5_000_000, 0.9), (4_200_000, 0.001)])
+def test_kth_largest_is_exact_on_large_tensors(n, density):
+    from mergecli.methods.sparsify import kth_largest
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    k = keep_count(n, density)
+    assert kth_largest(x, k) == x.kthvalue(n - k + 1).values
+    mask = topk_mask(x, density)
+    assert int(mask.sum()) == k and x[mask].min() >= x[~mask].max()
+
+
+def test_topk_mask_with_many_ties_keeps_exactly_k():
+    x = torch.cat([torch.zeros(5_000_000), torch.ones(10)])
+    mask = topk_mask(x, 0.5)
+    assert int(mask.sum()) == round(0.5 * x.numel()) and mask[-10:].all()

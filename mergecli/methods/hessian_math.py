@@ -87,7 +87,7 @@ def obs_trim(tau: torch.Tensor, gram: torch.Tensor, density: float, damp: float 
     return w.to(tau.dtype)
 
 
-def regmean_delta(taus: torch.Tensor, grams: list[torch.Tensor], weights: torch.Tensor,
+def regmean_delta(taus: list[torch.Tensor], grams: list[torch.Tensor], weights: torch.Tensor,
                   alpha: float = 0.9) -> torch.Tensor:
     """RegMean on task vectors: (sum_i w_i tau_i G~_i)(sum_i w_i G~_i)^-1, G~ = alpha G + (1-alpha) diag G.
 
@@ -108,4 +108,4 @@ def regmean_delta(taus: torch.Tensor, grams: list[torch.Tensor], weights: torch.
     if int(info) != 0:
         factor, _ = damped_cholesky(total)
         solution = torch.cholesky_solve(rhs.T, factor)
-    return solution.T.to(taus.dtype)
+    return solution.T.to(taus[0].dtype)

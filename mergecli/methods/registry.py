@@ -13,7 +13,7 @@ divided by their keep-probability.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 
@@ -87,7 +87,7 @@ def dare_ties(trimmed, weights, stats, params):
 def regmean(trimmed, weights, stats, params):
     """Linear layers: (sum w_i W_i G~_i)(sum w_i G~_i)^-1 (Jin et al. 2023); other tensors: weighted mean."""
     if all(s is not None for s in stats):
-        return regmean_delta(trimmed, [s.gram for s in stats], weights, params.alpha)
+        return regmean_delta(list(trimmed), [s.gram for s in stats], weights, params.alpha)
     return weighted_sum(trimmed, weights) / weights.sum()
 
 
@@ -119,34 +119,39 @@ def trim(tau: torch.Tensor, params: TrimParams, rescale: bool, tensor_name: str,
         keep_p = rank_probabilities(score.fn(tau, stats), params.density, params.per_row).to(tau.device)
         mask = torch.rand(tau.shape, generator=generator, dtype=torch.float64).to(tau.device) < keep_p
     else:
-        return tau * topk_mask(score.fn(tau, stats), params.density, per_row=params.per_row)
+        keep = topk_mask(score.fn(tau, stats), params.density, per_row=params.per_row)
+        return tau.masked_fill(~keep, 0.0)
     if not rescale:
         return tau * mask
     return torch.where(mask, tau / keep_p, torch.zeros_like(tau)).to(tau.dtype)
 
 
-def merge_tensor(method: Method, taus: list[torch.Tensor | None], weights: list[float], params: TrimParams,
+def merge_tensor(method: Method, taus: Iterable[torch.Tensor | None], weights: list[float], params: TrimParams,
                  tensor_name: str, transposed: bool = False,
                  stats: list[LayerStats | None] | None = None) -> tuple[torch.Tensor, int, int]:
     """Merged delta for one tensor, plus (entries kept, entries offered) for the density report.
 
-    A model without this tensor (e.g. a LoRA that did not target it) contributes nothing: it is
-    left out of the stack, so it neither votes in TIES nor counts in a mean. `transposed` marks
-    weights stored in x out (GPT-2's Conv1D); all math sees them out x in.
+    `taus` may be a lazy iterable: each task vector is trimmed as soon as it arrives, so only one
+    untrimmed copy is alive at a time. A model without this tensor (e.g. a LoRA that did not
+    target it) contributes nothing: it neither votes in TIES nor counts in a mean. `transposed`
+    marks weights stored in x out (GPT-2's Conv1D); all math sees them out x in.
     """
-    stats = stats or [None] * len(taus)
-    present = [(i, t, stats[i]) for i, t in enumerate(taus) if t is not None]
-    if not present:
+    trimmed, used_weights, used_stats = [], [], []
+    for i, tau in enumerate(taus):
+        if tau is None:
+            continue
+        s = stats[i] if stats else None
+        tau = (tau.T if transposed else tau).float()
+        if method.sparsify:
+            try:
+                tau = trim(tau, params, method.rescale, tensor_name, i, s)
+            except DegenerateStatistics:
+                tau = trim(tau, params, method.rescale, tensor_name, i, None)
+        trimmed.append(tau)
+        used_weights.append(weights[i])
+        used_stats.append(s)
+    if not trimmed:
         raise ValueError(f"{tensor_name}: no task vector has this tensor")
-    oriented = [(i, (t.T if transposed else t).float(), s) for i, t, s in present]
-    trimmed = []
-    for i, tau, s in oriented:
-        try:
-            trimmed.append(trim(tau, params, method.rescale, tensor_name, i, s) if method.sparsify else tau)
-        except DegenerateStatistics:
-            trimmed.append(trim(tau, params, method.rescale, tensor_name, i, None))
-    stacked = torch.stack(trimmed)
-    kept = int(torch.count_nonzero(stacked))
-    w = torch.tensor([weights[i] for i, _, _ in present], dtype=torch.float32, device=stacked.device)
-    delta = method.combine(stacked, w, [s for _, _, s in present], params)
-    return (delta.T if transposed else delta).contiguous(), kept, stacked.numel()
+    kept = sum(int(torch.count_nonzero(t)) for t in trimmed)
+    delta = method.combine(trimmed, torch.tensor(used_weights, dtype=torch.float32), used_stats, params)
+    return (delta.T if transposed else delta).contiguous(), kept, sum(t.numel() for t in trimmed)

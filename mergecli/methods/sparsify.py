@@ -31,9 +31,38 @@ def topk_mask(scores: torch.Tensor, density: float, per_row: bool = False) -> to
         mask.scatter_(1, flat.topk(k, dim=1, sorted=False).indices, True)
         return mask.reshape(scores.shape)
     flat = scores.reshape(-1)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[flat.topk(keep_count(flat.numel(), density), sorted=False).indices] = True
+    k = keep_count(flat.numel(), density)
+    if k == flat.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = kth_largest(flat, k)
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:  # ties at the threshold: the first ones in flat order make up the count
+        mask[(flat == threshold).nonzero().squeeze(1)[:missing]] = True
     return mask.reshape(scores.shape)
+
+
+def kth_largest(flat: torch.Tensor, k: int, sample: int = 1 << 20) -> torch.Tensor:
+    """The exact k-th largest value, in O(n) without a full sort or a top-k of size k.
+
+    Large tensors: a fixed-seed sample brackets the answer, one counting pass checks the bracket,
+    and the exact selection runs on the few candidates inside it (falls back to kthvalue on the
+    whole tensor if the bracket misses, which only costs time). `torch.quantile` cannot do this:
+    it refuses inputs above 2^24 elements.
+    """
+    n = flat.numel()
+    if n <= 4 * sample:
+        return flat.kthvalue(n - k + 1).values
+    picks = flat[torch.randint(n, (sample,), generator=torch.Generator().manual_seed(0)).to(flat.device)]
+    q = (n - k) / n  # fraction of entries strictly below the answer
+    margin = 8 / sample ** 0.5 + 1 / sample
+    lo = picks.kthvalue(max(1, int((q - margin) * sample))).values
+    hi = picks.kthvalue(min(sample, int((q + margin) * sample) + 1)).values
+    above = int((flat > hi).sum())
+    inside = flat[(flat >= lo) & (flat <= hi)]
+    if above >= k or above + inside.numel() < k:
+        return flat.kthvalue(n - k + 1).values
+    return inside.kthvalue(inside.numel() - (k - above) + 1).values
 
 
 def tensor_generator(seed: int, tensor_name: str, model_index: int) -> torch.Generator:

@@ -8,6 +8,9 @@ which orientation (GPT-2's Conv1D stores in x out; per-row selection needs out x
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +33,33 @@ class Architecture:
 
 @lru_cache(maxsize=16)
 def describe(config_folder: Path) -> Architecture:
+    """The architecture of the model whose config.json is in `config_folder`.
+
+    Building the model class costs seconds (importing its transformers module), so the answer is
+    cached on disk, keyed by the exact bytes of config.json and the transformers version.
+    """
+    import transformers
+
+    from .gguf import cache_root
+
+    raw = (Path(config_folder) / "config.json").read_bytes() if (Path(config_folder) / "config.json").is_file() else b""
+    key = hashlib.sha256(raw + transformers.__version__.encode()).hexdigest()[:24]
+    cached = cache_root() / "arch" / f"{key}.json"
+    try:
+        data = json.loads(cached.read_text())
+        return Architecture(data["model_type"], data["tied"], frozenset(data["linear"]), frozenset(data["transposed"]))
+    except (OSError, ValueError, KeyError):
+        pass
+    arch = _describe_from_config(config_folder)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"model_type": arch.model_type, "tied": arch.tied, "linear": sorted(arch.linear),
+                               "transposed": sorted(arch.transposed)}))
+    os.replace(tmp, cached)
+    return arch
+
+
+def _describe_from_config(config_folder: Path) -> Architecture:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 

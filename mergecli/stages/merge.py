@@ -137,12 +137,11 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
             if canonical in memo:
                 return memo.pop(canonical)
             theta = base.get(name)
-            deltas = [t.get(canonical) if canonical in t else None for t in taus]
-            if theta.dtype.is_floating_point and any(d is not None for d in deltas):
+            if theta.dtype.is_floating_point and any(canonical in t for t in taus):
                 stats = [r.stats(canonical) for r in readers] if readers else None
                 without_stats += bool(readers) and any(s is None for s in stats)
-                delta, k, n = merge_tensor(method, [d.to(device) if d is not None else None for d in deltas],
-                                           weights, params, canonical, canonical in arch.transposed,
+                lazy = (t.get(canonical).to(device) if canonical in t else None for t in taus)
+                delta, k, n = merge_tensor(method, lazy, weights, params, canonical, canonical in arch.transposed,
                                            stats)
                 kept, offered = kept + k, offered + n
                 theta = (theta.to(device, torch.float32) + merge.lambda_ * delta).cpu()
