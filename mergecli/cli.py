@@ -25,10 +25,10 @@ from .errors import MergeCliError
 from .recipe import Recipe, load_recipe
 from .stages.hessian import run_hessian
 from .report import comparison, plot, render
-from .stages.evaluate import run_eval
+from .stages.evaluate import run_eval, used_artifacts
 from .stages.merge import run_merge
 from .stages.taskvec import run_taskvec
-from .workspace import Workspace, artifact_key
+from .workspace import Workspace
 
 app = typer.Typer(help="Merge fine-tuned language models: task vectors, Hessians, merges, evaluation.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -338,26 +338,15 @@ def ws_gc(recipes: list[Path] = typer.Argument(..., help="recipes whose artifact
     """Remove cached artifacts that none of the given recipes uses (and leftovers of killed runs)."""
     loaded = [load_recipe(r) for r in recipes]
     ws = _workspace(recipes[0], None)
-    keep = set()
+    keep: set[str] = set()
     for r in loaded:
-        keep |= _taskvec_keys(r)
+        keep |= used_artifacts(r)
     if dry_run:
         garbage = ws.garbage(keep)
         OPTIONS.emit([str(p) for p in garbage], "would remove", ["path"], [[p] for p in garbage])
         return
     count, freed = ws.collect(keep)
     OPTIONS.emit({"removed": count, "bytes": freed}, "workspace gc", ["removed", "freed"], [[count, _size(freed)]])
-
-
-def _taskvec_keys(recipe: Recipe) -> set[str]:
-    from .models.reference import resolve_model
-
-    base = resolve_model(recipe.base, recipe.root)
-    keys = set()
-    for spec in recipe.models:
-        source = resolve_model(spec.model, recipe.root)
-        keys.add(artifact_key("taskvec", {"base": base.fingerprint, "model": source.fingerprint, "kind": source.kind}))
-    return keys
 
 
 def _size(n: int) -> str:

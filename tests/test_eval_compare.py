@@ -87,3 +87,13 @@ def test_eval_json_and_the_chart_has_one_bar_per_model_and_dataset(tmp_path, rec
     ax = fig.axes[0]
     assert len(ax.patches) == 5 * 2 and ax.get_yscale() == "log"
     assert ax.get_ylabel() and ax.get_xlabel() and len(ax.get_legend().get_texts()) == 5
+
+
+def test_gc_keeps_everything_the_recipe_uses(tmp_path, recipe):
+    assert runner.invoke(app, ["compare", str(recipe)]).exit_code == 0
+    before = json.loads((tmp_path / "ws" / "manifest.json").read_text())["entries"]
+    result = json.loads(runner.invoke(app, ["--json", "ws", "gc", str(recipe)]).stdout)
+    assert result["removed"] == 0
+    assert json.loads((tmp_path / "ws" / "manifest.json").read_text())["entries"].keys() == before.keys()
+    again = runner.invoke(app, ["--json", "compare", str(recipe)])
+    assert again.exit_code == 0 and "computed" not in again.stderr and "collected" not in again.stderr

@@ -74,6 +74,37 @@ def run_eval(recipe: Recipe, reporter: Reporter = SILENT, wait: bool = True, dev
     return results
 
 
+def window_inputs(recipe: Recipe, spec, base: ModelSource) -> dict:
+    ev = recipe.evaluation
+    return {"dataset": spec.model_dump(), "samples": ev.samples, "seq_len": ev.seq_len, "seed": ev.seed,
+            "tokenizer": base.fingerprint}
+
+
+def eval_inputs(source: ModelSource, base: ModelSource, windows: dict) -> dict:
+    """What one perplexity result's cache key depends on."""
+    return {"model": source.fingerprint, "base": base.fingerprint, **windows}
+
+
+def used_artifacts(recipe: Recipe) -> set[str]:
+    """Keys of every workspace artifact this recipe's stages would reuse (for `ws gc`)."""
+    from ..workspace import artifact_key
+    from .hessian import hessian_inputs
+    from .taskvec import taskvec_inputs
+
+    base = resolve_model(recipe.base, recipe.root)
+    sources = {m.name: resolve_model(m.model, recipe.root) for m in recipe.models}
+    keys = {artifact_key("taskvec", taskvec_inputs(base, s)) for s in sources.values()}
+    keys |= {artifact_key("hessian", hessian_inputs(recipe, m, base, sources[m.name]))
+             for m in recipe.models if m.dataset is not None}
+    evaluated = [base, *sources.values()]
+    evaluated += [resolve_model(str(recipe.output_path / m.name), recipe.root) for m in recipe.merges
+                  if (recipe.output_path / m.name / "config.json").is_file()]
+    for spec in recipe.eval_datasets().values():
+        windows = window_inputs(recipe, spec, base)
+        keys |= {artifact_key("eval", eval_inputs(source, base, windows)) for source in evaluated}
+    return keys
+
+
 def _windows(ctx: Context, datasets) -> dict[str, tuple[dict, Windows]]:
     from transformers import AutoTokenizer
 
@@ -84,9 +115,7 @@ def _windows(ctx: Context, datasets) -> dict[str, tuple[dict, Windows]]:
         texts = load_texts(spec, ctx.recipe.root, tokenizer, part="eval")
         windows = make_windows(texts, tokenizer, ev.samples, ev.seq_len, ev.seed, pack=True,
                                what=f"held-out part of dataset {describe_spec(spec)} ({name})")
-        key = {"dataset": spec.model_dump(), "samples": ev.samples, "seq_len": ev.seq_len, "seed": ev.seed,
-               "tokenizer": ctx.base.fingerprint}
-        out[name] = (key, windows)
+        out[name] = (window_inputs(ctx.recipe, spec, ctx.base), windows)
     return out
 
 
@@ -96,7 +125,7 @@ def _perplexities(ctx: Context, name: str, source: ModelSource, windows: dict[st
     model = None
     result = {}
     for dataset, (key, win) in windows.items():
-        inputs = {"model": source.fingerprint, "base": ctx.base.fingerprint, **key}
+        inputs = eval_inputs(source, ctx.base, key)
 
         def produce(folder: Path) -> None:
             nonlocal model

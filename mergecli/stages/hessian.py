@@ -57,12 +57,8 @@ def run_hessian(recipe: Recipe, reporter: Reporter = SILENT, wait: bool = True, 
 def hessian_set(ctx: Context, spec: ModelSpec, device: torch.device) -> HessianSet:
     if spec.dataset is None:
         raise MergeCliError(f"models.{spec.name}.dataset is needed for calibration statistics")
-    cal = ctx.recipe.calibration
     source = resolve_model(spec.model, ctx.recipe.root)
-    ran = {"base": ctx.base.fingerprint} if cal.source == "base" else \
-        {"base": ctx.base.fingerprint, "model": source.fingerprint}
-    inputs = {**ran, "dataset": spec.dataset.model_dump(), "samples": cal.samples, "seq_len": cal.seq_len,
-              "seed": cal.seed, "pack": cal.pack, "source": cal.source}
+    inputs = hessian_inputs(ctx.recipe, spec, ctx.base, source)
 
     def produce(folder: Path) -> None:
         _produce(ctx, spec, source, folder, device)
@@ -70,6 +66,14 @@ def hessian_set(ctx: Context, spec: ModelSpec, device: torch.device) -> HessianS
     artifact, reused = ctx.workspace.get_or_build("hessian", inputs, f"hessian {spec.name}", produce)
     ctx.reporter.log(f"hessians [bold]{spec.name}[/]: " + ("reused from the workspace cache" if reused else "collected"))
     return HessianSet(spec.name, artifact, reused)
+
+
+def hessian_inputs(recipe: Recipe, spec: ModelSpec, base: ModelSource, source: ModelSource) -> dict:
+    """What a Hessian set's cache key depends on (not batch size or runner: they do not change H)."""
+    cal = recipe.calibration
+    ran = {"base": base.fingerprint} if cal.source == "base" else {"base": base.fingerprint, "model": source.fingerprint}
+    return {**ran, "dataset": spec.dataset.model_dump() if spec.dataset else None, "samples": cal.samples,
+            "seq_len": cal.seq_len, "seed": cal.seed, "pack": cal.pack, "source": cal.source}
 
 
 def load_model(ctx: Context, source: ModelSource, use_base: bool):

@@ -53,7 +53,7 @@ def run_taskvec(recipe: Recipe, reporter: Reporter = SILENT, wait: bool = True,
 
 def task_vector(ctx: Context, spec: ModelSpec) -> TaskVector:
     source = resolve_model(spec.model, ctx.recipe.root)
-    inputs = {"base": ctx.base.fingerprint, "model": source.fingerprint, "kind": source.kind}
+    inputs = taskvec_inputs(ctx.base, source)
 
     def produce(folder: Path) -> None:
         with Checkpoint.open(ctx.base.path) as base:
@@ -68,6 +68,11 @@ def task_vector(ctx: Context, spec: ModelSpec) -> TaskVector:
     ctx.reporter.log(f"task vector [bold]{spec.name}[/] ({source.kind}): "
                      + ("reused from the workspace cache" if reused else "computed"))
     return TaskVector(spec.name, source.kind, artifact, reused)
+
+
+def taskvec_inputs(base: ModelSource, source: ModelSource) -> dict:
+    """What a task vector's cache key depends on."""
+    return {"base": base.fingerprint, "model": source.fingerprint, "kind": source.kind}
 
 
 def _write(ctx: Context, spec: ModelSpec, path: Path, infos: list[TensorInfo], delta_of) -> int:
