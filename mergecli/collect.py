@@ -1,6 +1,7 @@
 """Collect H = sum over non-pad tokens of x x^T for every linear layer's input, with forward hooks.
 
-Activations are never stored: each hook multiplies its input once and adds to an fp64 sum.
+Activations are never stored: each hook adds x^T x of its input to an fp32 sum in place (one
+`addmm_` per batch and group, no d x d temporary).
 Layers that read the same input tensor (q/k/v, gate/up, BLOOM's fused qkv trivially) form one
 group and share one H; groups are detected by tensor identity on a probe forward, not by name
 lists, so any architecture works. The output embedding (lm_head) is not collected: it is tied to
@@ -33,7 +34,7 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 @dataclass
 class Statistics:
-    """Per group: the summed H (fp64) and its token count; members maps weight name -> group."""
+    """Per group: the summed H (fp32) and its token count; members maps weight name -> group."""
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
@@ -82,11 +83,9 @@ def collect(model: nn.Module, windows: Windows, groups: dict[str, list[str]], ba
     def accumulate(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].reshape(-1, args[0].shape[-1])[current["mask"].reshape(-1).bool()].float()
-            h = (x.T @ x).to(torch.float64)
-            if name in stats.sums:
-                stats.sums[name] += h
-            else:
-                stats.sums[name] = h
+            if name not in stats.sums:
+                stats.sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            stats.sums[name].addmm_(x.T, x)  # in place: no d x d temporary per batch
             stats.counts[name] = stats.counts.get(name, 0) + x.shape[0]
         return hook
 

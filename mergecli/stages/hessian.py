@@ -1,7 +1,7 @@
 """hessian stage: per fine-tune, H = X^T X of every linear layer's inputs on its own calibration data.
 
 Artifacts (one per fine-tune, keyed by the model that ran, the dataset spec and the calibration
-settings) hold `hessian.safetensors` (one fp32 H sum per input group, accumulated in fp64) and
+settings) hold `hessian.safetensors` (one fp32 H sum per input group) and
 `hessian.json` (weight name -> group, token count per group). Sums are stored with their token
 count so they add up exactly; consumers use G = H / n.
 """
