@@ -97,3 +97,12 @@ def test_gc_keeps_everything_the_recipe_uses(tmp_path, recipe):
     assert json.loads((tmp_path / "ws" / "manifest.json").read_text())["entries"].keys() == before.keys()
     again = runner.invoke(app, ["--json", "compare", str(recipe)])
     assert again.exit_code == 0 and "computed" not in again.stderr and "collected" not in again.stderr
+
+
+def test_python_api_compare_returns_the_table_keyed_by_model(recipe):
+    from mergecli import compare, load_recipe
+
+    results = compare(load_recipe(recipe))
+    assert list(results) == ["base", "code", "verse", "ta", "ties-sg"]
+    best = [name for name, row in results.items() if row["best"]]
+    assert len(best) == 1 and results[best[0]]["role"] == "merge"
