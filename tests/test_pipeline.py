@@ -321,3 +321,31 @@ def test_hub_ids_resolve_through_the_local_hub_cache_offline(tmp_path, models, m
     assert json.loads(result.stdout)[0]["tensors"] > 0
     missing = cli("taskvec", recipe, "base=someorg/tiny-base@v9", code=1)
     assert "cannot get someorg/tiny-base@v9 from the Hugging Face hub" in missing.stderr
+
+
+def test_lora_modules_to_save_and_embedding_lora_match_peft(tmp_path):
+    """Untied model: lm_head saved whole (modules_to_save) gives saved - base; embedding LoRA too."""
+    from helpers import make_tokenizer
+    from mergecli.models.support import tiny_config
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("mistral")).eval().save_pretrained(tmp_path / "m")
+    make_tokenizer(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"],
+                                                  modules_to_save=["lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    recipe = write_recipe(tmp_path / "r.yaml", str(tmp_path / "m"), [{"name": "l", "model": str(tmp_path / "adapter")}], [])
+    cli("taskvec", recipe)
+    tv = load_file(taskvec_file(tmp_path, "l"))
+    base = state(tmp_path / "m")
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "m"),
+                                       tmp_path / "adapter").merge_and_unload().state_dict()
+    assert {"lm_head.weight", "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"} <= set(tv)
+    assert torch.allclose(tv["lm_head.weight"], torch.full_like(tv["lm_head.weight"], 0.5), atol=1e-6)
+    for name, delta in tv.items():
+        assert torch.allclose(delta, merged[name] - base[name], atol=1e-5), name

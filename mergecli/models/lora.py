@@ -5,7 +5,9 @@ targeted module is then what `merge_and_unload` would add to the base:
 
 - Linear / Conv1D: `scaling * B @ A`, transposed when `fan_in_fan_out` (GPT-2 Conv1D);
 - Embedding: `scaling * (B @ A)^T` (peft stores embedding factors the other way round);
-- full tensors saved beside the adapter (`modules_to_save`, saved embedding layers): saved - base.
+- full tensors saved beside the adapter (`modules_to_save`, saved embedding layers): saved - base,
+  added to the low-rank delta when the same module has both (peft saves a LoRA-targeted
+  embedding's base layer too).
 
 scaling = alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA; per-module `alpha_pattern`
 entries override alpha, and r is read off the factor's shape (so `rank_pattern` needs no lookup).
@@ -60,11 +62,13 @@ class LoraAdapter:
                 if name.endswith(suffix):
                     module = name[: -len(suffix)]
                     target = self._targets.setdefault(f"{module}.weight", _Target(kind, module, {}))
+                    target.kind = kind
                     target.keys[factor] = key
                     break
-            else:
+            else:  # a tensor saved whole: modules_to_save, or a (possibly resized) embedding's base layer
                 full = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-                self._targets[full] = _Target("full", full, {"W": key})
+                target = self._targets.setdefault(full, _Target("full", full.removesuffix(".weight"), {}))
+                target.keys["W"] = key
 
     @property
     def base_model(self) -> str | None:
@@ -83,22 +87,25 @@ class LoraAdapter:
         alias = next((a for a, c in arch.tied.items() if c == name and a in self._targets), None)
         target = self._targets[alias or name]
         shape = base.info(name).shape
-        if target.kind == "full":
+        delta = torch.zeros(shape)
+        if "W" in target.keys:
             saved = self.state[target.keys["W"]].float()
             if tuple(saved.shape) != shape:
                 raise ModelMismatchError(f"{self.folder}: {target.module} has shape {tuple(saved.shape)}, "
                                          f"base has {shape}")
-            return saved - base.get(name).float()
-        if set(target.keys) != {"A", "B"}:
+            delta = saved - base.get(name).float()
+        if target.kind == "full":
+            return delta
+        if set(target.keys) - {"W"} != {"A", "B"}:
             raise MergeCliError(f"{self.folder}: {target.module} lacks lora_{'AB'[('A' in target.keys)]}")
         a, b = self.state[target.keys["A"]].float(), self.state[target.keys["B"]].float()
-        delta = b @ a * self._scaling(target.module, rank=a.shape[0])
+        low_rank = b @ a * self._scaling(target.module, rank=a.shape[0])
         if target.kind == "embedding" or self.config.fan_in_fan_out:
-            delta = delta.T
-        if tuple(delta.shape) != shape:
-            raise ModelMismatchError(f"{self.folder}: LoRA delta of {target.module} has shape {tuple(delta.shape)}, "
+            low_rank = low_rank.T
+        if tuple(low_rank.shape) != shape:
+            raise ModelMismatchError(f"{self.folder}: LoRA delta of {target.module} has shape {tuple(low_rank.shape)}, "
                                      f"base tensor {name} has {shape} (adapter for another base?)")
-        return delta.contiguous()
+        return (delta + low_rank).contiguous()
 
     def _scaling(self, module: str, rank: int) -> float:
         from peft.utils.other import get_pattern_key
