@@ -265,12 +265,14 @@ def compare(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES,
 
 def comparison_table(rows: list[dict]) -> Any:
     datasets = [k for k in rows[0] if k.startswith("ppl_") and k != "ppl_mean"]
-    columns = ["model", "role", *(d[4:] for d in datasets), "mean", "vs own FT", "kept", "merge s"]
+    harness = [k for k in rows[0] if ":" in k]
+    columns = ["model", "role", *(d[4:] for d in datasets), "mean", *harness, "vs own FT", "kept", "merge s"]
     body = []
     for row in rows:
         change = row["vs_own_finetune"]
         body.append([("★ " if row["best"] else "") + row["model"], row["method"] or row["role"],
                      *(f"{row[d]:.3f}" for d in datasets), f"{row['ppl_mean']:.3f}",
+                     *(f"{row[k]:.4f}" for k in harness),
                      "" if change is None else f"{100 * change:+.1f}%",
                      "" if row["kept_density"] is None else f"{row['kept_density']:.3f}",
                      "" if row["merge_seconds"] is None else f"{row['merge_seconds']:.1f}"])

@@ -57,6 +57,16 @@ class DatasetSpec(_Strict):
     holdout: float = Field(0.1, gt=0.0, lt=1.0, description="fraction of `split` kept for evaluation only")
 
 
+class LmEvalSpec(_Strict):
+    """lm-evaluation-harness tasks run on every model (optional extra `mergecli[lmeval]`)."""
+
+    tasks: list[str] = Field(min_length=1)
+    include_path: str | None = Field(None, description="folder of custom task YAMLs (relative to the recipe)")
+    num_fewshot: int | None = None
+    limit: int | None = Field(None, ge=1, description="examples per task (for quick checks)")
+    batch_size: int = Field(4, ge=1)
+
+
 class EvaluationSpec(_Strict):
     """Perplexity windows: the same seeded set for every model."""
 
@@ -65,6 +75,7 @@ class EvaluationSpec(_Strict):
     batch_size: int = Field(4, ge=1)
     seed: int = 0
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="extra eval datasets by name")
+    lm_eval: LmEvalSpec | None = None
 
 
 class CalibrationSpec(_Strict):
@@ -297,7 +308,7 @@ def _first_problem(exc: ValidationError) -> str:
     if error["type"] == "extra_forbidden":
         field = str(error["loc"][-1])
         model = {"models": ModelSpec, "merges": MergeSpec, "dataset": DatasetSpec,
-                 "calibration": CalibrationSpec, "evaluation": EvaluationSpec}.get(
+                 "calibration": CalibrationSpec, "evaluation": EvaluationSpec, "lm_eval": LmEvalSpec}.get(
             next((str(p) for p in reversed(error["loc"][:-1]) if isinstance(p, str)), ""), Recipe)
         names = [f.alias or n for n, f in model.model_fields.items() if n != "root"]
         return f"{loc}: unknown field{_did_you_mean(field, names)}"

@@ -24,7 +24,7 @@ def comparison(results: Sequence[Evaluated]) -> list[dict[str, Any]]:
         changes = [r.perplexity[d] / ref - 1 for d, ref in own.items() if d in r.perplexity]
         rows.append({
             "model": r.model, "role": r.role, **{f"ppl_{d}": round(v, 4) for d, v in r.perplexity.items()},
-            "ppl_mean": round(r.mean, 4),
+            "ppl_mean": round(r.mean, 4), **{k: round(v, 4) for k, v in r.scores.items()},
             "vs_own_finetune": round(sum(changes) / len(changes), 4) if changes else None,
             "kept_density": round(r.merge["kept_density"], 4) if r.merge else None,
             "merge_seconds": r.merge["seconds"] if r.merge else None,

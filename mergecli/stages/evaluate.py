@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ class Evaluated:
     role: str  # base | finetune | merge
     perplexity: dict[str, float]
     merge: dict | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # lm-evaluation-harness "task:metric"
 
     @property
     def mean(self) -> float:
@@ -70,8 +71,33 @@ def run_eval(recipe: Recipe, reporter: Reporter = SILENT, wait: bool = True, dev
     candidates += [(r.name, "merge", resolve_model(str(r.path), recipe.root), r.as_dict()) for r in merges]
     results = []
     for name, role, source, merge in candidates:
-        results.append(Evaluated(name, role, _perplexities(ctx, name, source, windows, dev), merge))
+        scores = _harness(ctx, name, source, device) if recipe.evaluation.lm_eval else {}
+        results.append(Evaluated(name, role, _perplexities(ctx, name, source, windows, dev), merge, scores))
     return results
+
+
+def _harness(ctx: Context, name: str, source: ModelSource, device: str) -> dict[str, float]:
+    """lm-evaluation-harness scores of one model, cached like perplexities."""
+    from ..lmeval import run_tasks
+
+    spec = ctx.recipe.evaluation.lm_eval
+    include = (ctx.recipe.root / spec.include_path) if spec.include_path else None
+    tasks_state = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in include.rglob("*")
+                         if p.is_file()) if include and include.is_dir() else None
+    inputs = {"model": source.fingerprint, "base": ctx.base.fingerprint, "spec": spec.model_dump(),
+              "task_files": tasks_state}
+
+    def produce(folder: Path) -> None:
+        with ctx.reporter.track(f"lm-eval {name}", 1) as advance:
+            has_tokenizer = (source.path / "tokenizer_config.json").is_file()
+            scores = run_tasks(source.path, spec, ctx.recipe.root, device,
+                               tokenizer=source.path if has_tokenizer else ctx.base.path,
+                               base=ctx.base.path if source.kind == "lora" else None)
+            advance(1)
+        (folder / "scores.json").write_text(json.dumps(scores))
+
+    artifact, _ = ctx.workspace.get_or_build("lmeval", inputs, f"lm-eval {name}", produce)
+    return json.loads((artifact.path / "scores.json").read_text())
 
 
 def window_inputs(recipe: Recipe, spec, base: ModelSource) -> dict:
