@@ -56,16 +56,21 @@ def test_taskvec_is_finetune_minus_base_and_cached(tmp_path, models, recipe):
     assert all(row["reused"] for row in json.loads(second.stdout))
 
 
-def test_lora_task_vector_equals_peft_merge_and_unload(tmp_path, models):
-    recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"), [{"name": "c", "model": str(models / "lora_c")}], [])
+def lora_vector_and_reference(tmp_path: Path, base_dir: Path, adapter_dir: Path):
+    """Our task vector of an adapter, and the reference: peft's merge_and_unload() minus the base."""
+    recipe = write_recipe(tmp_path / "r.yaml", str(base_dir), [{"name": "l", "model": str(adapter_dir)}], [])
     cli("taskvec", recipe)
-    tv = load_file(taskvec_file(tmp_path, "c"))
-    base = state(models / "base")
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models / "base"),
-                                       models / "lora_c").merge_and_unload().state_dict()
-    assert sorted(tv) == sorted(k for k in base if k.endswith(("q_proj.weight", "v_proj.weight")))
+    base = state(base_dir)
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
+                                       adapter_dir).merge_and_unload().state_dict()
+    return load_file(taskvec_file(tmp_path, "l")), {k: merged[k] - base[k] for k in base}
+
+
+def test_lora_task_vector_equals_peft_merge_and_unload(tmp_path, models):
+    tv, reference = lora_vector_and_reference(tmp_path, models / "base", models / "lora_c")
+    assert sorted(tv) == sorted(k for k in reference if k.endswith(("q_proj.weight", "v_proj.weight")))
     for name, delta in tv.items():
-        assert torch.allclose(delta, merged[name] - base[name], atol=1e-6), name
+        assert torch.allclose(delta, reference[name], atol=1e-6), name
 
 
 def test_lora_fan_in_fan_out_rslora_and_alpha_pattern_on_gpt2(tmp_path):
@@ -77,16 +82,11 @@ def test_lora_fan_in_fan_out_rslora_and_alpha_pattern_on_gpt2(tmp_path):
                                bos_token_id=0, eos_token_id=0)).eval().save_pretrained(tmp_path / "g")
     make_lora(tmp_path / "g", tmp_path / "gl", seed=1, targets=("c_attn", "c_fc"), fan_in_fan_out=True,
               use_rslora=True, alpha_pattern={"c_fc": 16})
-    recipe = write_recipe(tmp_path / "r.yaml", str(tmp_path / "g"), [{"name": "l", "model": str(tmp_path / "gl")}], [])
-    cli("taskvec", recipe)
-    tv = load_file(taskvec_file(tmp_path, "l"))
-    base = state(tmp_path / "g")
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "g"),
-                                       tmp_path / "gl").merge_and_unload().state_dict()
+    tv, reference = lora_vector_and_reference(tmp_path, tmp_path / "g", tmp_path / "gl")
     assert len(tv) == 4
     for name, delta in tv.items():
-        assert delta.shape == base[name].shape
-        assert torch.allclose(delta, merged[name] - base[name], atol=1e-6), name
+        assert delta.shape == reference[name].shape
+        assert torch.allclose(delta, reference[name], atol=1e-6), name
 
 
 def test_merge_outputs_load_generate_and_equal_independent_math(tmp_path, models, recipe):
@@ -339,13 +339,8 @@ def test_lora_modules_to_save_and_embedding_lora_match_peft(tmp_path):
     with torch.no_grad():
         peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
     peft_model.save_pretrained(tmp_path / "adapter")
-    recipe = write_recipe(tmp_path / "r.yaml", str(tmp_path / "m"), [{"name": "l", "model": str(tmp_path / "adapter")}], [])
-    cli("taskvec", recipe)
-    tv = load_file(taskvec_file(tmp_path, "l"))
-    base = state(tmp_path / "m")
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "m"),
-                                       tmp_path / "adapter").merge_and_unload().state_dict()
+    tv, reference = lora_vector_and_reference(tmp_path, tmp_path / "m", tmp_path / "adapter")
     assert {"lm_head.weight", "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"} <= set(tv)
     assert torch.allclose(tv["lm_head.weight"], torch.full_like(tv["lm_head.weight"], 0.5), atol=1e-6)
     for name, delta in tv.items():
-        assert torch.allclose(delta, merged[name] - base[name], atol=1e-5), name
+        assert torch.allclose(delta, reference[name], atol=1e-5), name
