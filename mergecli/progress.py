@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Callable, Iterator, Protocol
 
 
@@ -10,7 +10,7 @@ class Reporter(Protocol):
     def log(self, message: str) -> None:
         """A line for the user (Rich markup allowed)."""
 
-    def track(self, description: str, total: int) -> "contextmanager[Callable[[int], None]]":
+    def track(self, description: str, total: int) -> AbstractContextManager[Callable[[int], None]]:
         """A progress task; the yielded callable advances it by n."""
 
 

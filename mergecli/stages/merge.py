@@ -22,6 +22,7 @@ import torch
 from .. import __version__
 from ..errors import MergeCliError
 from ..methods import METHODS, TrimParams, merge_tensor
+from ..models.architecture import Architecture
 from ..models.reference import resolve_model
 from ..models.safetensors_io import Checkpoint, ShardedWriter, TensorInfo
 from ..progress import SILENT, Reporter
@@ -195,7 +196,7 @@ def _grown(shape: tuple[int, ...], extra: tuple[int, int] | None) -> tuple[int, 
 
 
 def _adopt_vocabulary(folder: Path, extra: dict[str, tuple[int, int]], sources: list[Path],
-                      infos: list[TensorInfo], arch) -> None:
+                      infos: list[TensorInfo], arch: Architecture) -> None:
     """With `extra_tokens: union` the output vocabulary is the largest fine-tune's: its size goes
     into config.json and its tokenizer files replace the base's."""
     index = max(extra.values(), key=lambda e: e[1])[0]
