@@ -207,21 +207,20 @@ class Workspace:
             shutil.rmtree(self.root / entry["kind"] / key, ignore_errors=True)
 
     def garbage(self, keep: set[str]) -> list[Path]:
-        """Folders not referenced by `keep`: unused artifacts, leftovers of interrupted runs."""
+        """Folders not referenced by `keep`: unused artifacts, leftovers of interrupted runs (not
+        the temp folder of a build that is still running)."""
+        if not self.root.is_dir():
+            return []
         known = set(self._read_manifest()["entries"])
-        found = []
-        for kind_dir in (p for p in self.root.iterdir() if p.is_dir() and p.name != "locks") if self.root.is_dir() else []:
-            for folder in kind_dir.iterdir():
-                if folder.name not in keep or folder.name not in known:
-                    found.append(folder)
-        return found
+        kinds = [p for p in self.root.iterdir() if p.is_dir() and p.name != "locks"]
+        return [folder for kind in kinds for folder in kind.iterdir()
+                if (folder.name not in keep or folder.name not in known)
+                and not (folder.name.endswith(".tmp") and _is_being_built(self, folder))]
 
     def collect(self, keep: set[str]) -> tuple[int, int]:
         """Remove garbage; returns (folders removed, bytes freed)."""
         freed = count = 0
         for folder in self.garbage(keep):
-            if folder.name.endswith(".tmp") and _is_being_built(self, folder):
-                continue
             freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
             count += 1
             self.remove(folder.name)
