@@ -35,7 +35,7 @@ def disjoint_mean(trimmed: Sequence[torch.Tensor], weights: torch.Tensor) -> tor
     numerator = torch.zeros_like(gamma)
     denominator = torch.zeros_like(gamma)
     for t, w in zip(trimmed, weights.tolist()):
-        agree = (torch.sign(t) == gamma) & (t != 0)
+        agree = (t * gamma) > 0  # same sign as gamma, and neither is zero
         numerator.add_(torch.where(agree, t, 0.0), alpha=w)
         denominator.add_(agree.to(gamma.dtype), alpha=w)
-    return torch.where(denominator != 0, numerator / torch.where(denominator != 0, denominator, 1), 0.0)
+    return numerator.div_(torch.where(denominator == 0, 1.0, denominator))

@@ -35,10 +35,10 @@ def topk_mask(scores: torch.Tensor, density: float, per_row: bool = False) -> to
     if k == flat.numel():
         return torch.ones_like(scores, dtype=torch.bool)
     threshold = kth_largest(flat, k)
-    mask = flat > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:  # ties at the threshold: the first ones in flat order make up the count
-        mask[(flat == threshold).nonzero().squeeze(1)[:missing]] = True
+    mask = flat >= threshold
+    extra = int(mask.sum()) - k
+    if extra > 0:  # ties at the threshold: keep the first ones in flat order, drop the last `extra`
+        mask[(flat == threshold).nonzero().squeeze(1)[-extra:]] = False
     return mask.reshape(scores.shape)
 
 
