@@ -9,7 +9,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from helpers import make_llama, make_lora, write_recipe
+from helpers import make_llama, make_lora
 from mergecli.cli import app
 
 runner = CliRunner()

@@ -61,7 +61,6 @@ def describe(config_folder: Path) -> Architecture:
 
 def _describe_from_config(config_folder: Path) -> Architecture:
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
 
     try:
         config = AutoConfig.from_pretrained(config_folder)

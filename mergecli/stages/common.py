@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,13 @@ class Context:
     reporter: Reporter
     base: ModelSource
     arch: Architecture
+    _sources: dict[str, ModelSource] = field(default_factory=dict)
+
+    def source(self, ref: str) -> ModelSource:
+        """A fine-tune's resolved source, looked up once per run (a hub id costs a request)."""
+        if ref not in self._sources:
+            self._sources[ref] = resolve_model(ref, self.recipe.root)
+        return self._sources[ref]
 
 
 def open_context(recipe: Recipe, reporter: Reporter, wait: bool = True) -> Context:

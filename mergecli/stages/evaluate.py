@@ -64,10 +64,10 @@ def run_eval(recipe: Recipe, reporter: Reporter = SILENT, wait: bool = True, dev
                             "add models.N.dataset or evaluation.datasets")
     dev = check_device(device)
     ctx = ctx or open_context(recipe, reporter, wait)
-    merges = run_merge(recipe, device=device, reporter=reporter, wait=wait) if recipe.merges else []
+    merges = run_merge(recipe, device=device, reporter=reporter, wait=wait, ctx=ctx) if recipe.merges else []
     windows = _windows(ctx, datasets)
     candidates: list[tuple[str, str, ModelSource, dict | None]] = [("base", "base", ctx.base, None)]
-    candidates += [(m.name, "finetune", resolve_model(m.model, recipe.root), None) for m in recipe.models]
+    candidates += [(m.name, "finetune", ctx.source(m.model), None) for m in recipe.models]
     candidates += [(r.name, "merge", resolve_model(str(r.path), recipe.root), r.as_dict()) for r in merges]
     results = []
     for name, role, source, merge in candidates:

@@ -20,7 +20,7 @@ from ..calibration import describe_spec, load_texts, make_windows
 from ..collect import collect, decoder_layers, find_groups, linear_modules
 from ..errors import MergeCliError
 from ..methods.stats import LayerStats
-from ..models.reference import ModelSource, resolve_model
+from ..models.reference import ModelSource
 from ..models.safetensors_io import Checkpoint, StreamingWriter, TensorInfo
 from ..progress import SILENT, Reporter
 from ..recipe import ModelSpec, Recipe
@@ -57,7 +57,7 @@ def run_hessian(recipe: Recipe, reporter: Reporter = SILENT, wait: bool = True, 
 def hessian_set(ctx: Context, spec: ModelSpec, device: torch.device) -> HessianSet:
     if spec.dataset is None:
         raise MergeCliError(f"models.{spec.name}.dataset is needed for calibration statistics")
-    source = resolve_model(spec.model, ctx.recipe.root)
+    source = ctx.source(spec.model)
     inputs = hessian_inputs(ctx.recipe, spec, ctx.base, source)
 
     def produce(folder: Path) -> None:

@@ -23,7 +23,6 @@ from .. import __version__
 from ..errors import MergeCliError
 from ..methods import METHODS, TrimParams, merge_tensor
 from ..models.architecture import Architecture
-from ..models.reference import resolve_model
 from ..models.safetensors_io import Checkpoint, ShardedWriter, TensorInfo
 from ..progress import SILENT, Reporter
 from ..recipe import MergeSpec, Recipe
@@ -55,13 +54,13 @@ class MergeResult:
 
 
 def run_merge(recipe: Recipe, only: list[str] | None = None, overwrite: bool = False, device: str = "cpu",
-              reporter: Reporter = SILENT, wait: bool = True) -> list[MergeResult]:
+              reporter: Reporter = SILENT, wait: bool = True, ctx: Context | None = None) -> list[MergeResult]:
     """Build every merge variant of the recipe (or those named in `only`); cached ones are reused."""
     if not recipe.merges:
         raise MergeCliError("the recipe has no merges", "add a 'merges:' list (see `mergecli recipes ls`)")
     variants = [recipe.merge(name) for name in only] if only else recipe.merges
     dev = check_device(device)
-    ctx = open_context(recipe, reporter, wait)
+    ctx = ctx or open_context(recipe, reporter, wait)
     vectors = {spec.name: task_vector(ctx, spec) for spec in recipe.models}
     hessians: dict[str, HessianSet] = {}
     results = []
@@ -172,7 +171,7 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
                          + ("a weighted mean" if method.needs_stats else "magnitude scores"))
     _copy_side_files(ctx.base.path, folder, merge.dtype)
     if extra:
-        _adopt_vocabulary(folder, extra, [resolve_model(m.model, ctx.recipe.root).path for m in ctx.recipe.models
+        _adopt_vocabulary(folder, extra, [ctx.source(m.model).path for m in ctx.recipe.models
                                           if m.name in {v.model for v in vectors}], infos, arch)
     return MergeResult(merge.name, merge.method, merge.score, merge.density or 1.0, folder, False,
                        round(time.perf_counter() - start, 3), kept / offered if offered else 0.0,

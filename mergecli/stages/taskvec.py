@@ -17,7 +17,7 @@ import torch
 
 from ..errors import MergeCliError, ModelMismatchError
 from ..models.lora import LoraAdapter
-from ..models.reference import ModelSource, resolve_model
+from ..models.reference import ModelSource
 from ..models.safetensors_io import Checkpoint, StreamingWriter, TensorInfo
 from ..progress import SILENT, Reporter
 from ..recipe import ModelSpec, Recipe
@@ -52,7 +52,7 @@ def run_taskvec(recipe: Recipe, reporter: Reporter = SILENT, wait: bool = True,
 
 
 def task_vector(ctx: Context, spec: ModelSpec) -> TaskVector:
-    source = resolve_model(spec.model, ctx.recipe.root)
+    source = ctx.source(spec.model)
     inputs = taskvec_inputs(ctx.base, source)
 
     def produce(folder: Path) -> None:
