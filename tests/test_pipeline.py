@@ -344,3 +344,25 @@ def test_lora_modules_to_save_and_embedding_lora_match_peft(tmp_path):
     assert torch.allclose(tv["lm_head.weight"], torch.full_like(tv["lm_head.weight"], 0.5), atol=1e-6)
     for name, delta in tv.items():
         assert torch.allclose(delta, reference[name], atol=1e-5), name
+
+
+def test_a_gguf_file_is_a_base_model(tmp_path, models, monkeypatch):
+    """A .gguf reference is dequantized once (cached), equals transformers' own GGUF loading, and
+    merges like any folder."""
+    from helpers import make_gguf
+
+    monkeypatch.setenv("MERGECLI_CACHE", str(tmp_path / "cache"))
+    gguf = make_gguf(models / "base", tmp_path / "tiny.gguf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").state_dict()
+    ft = AutoModelForCausalLM.from_pretrained(models / "base")  # same architecture, no gguf quantization tag
+    ft.load_state_dict({k: v + 0.01 for k, v in loaded.items()}, strict=False)
+    ft.save_pretrained(tmp_path / "ft")
+    recipe = write_recipe(tmp_path / "r.yaml", "./tiny.gguf", [{"name": "f", "model": "./ft"}],
+                          [{"name": "ta", "method": "task_arithmetic", "lambda": 0.5}])
+    cli("merge", recipe)
+    converted = next((tmp_path / "cache" / "gguf").iterdir())
+    assert all(torch.equal(state(converted)[k], loaded[k]) for k in loaded)
+    merged = state(tmp_path / "out" / "ta")
+    assert all(torch.allclose(merged[k], loaded[k] + 0.005, atol=1e-6) for k in loaded)
+    again = cli("merge", recipe)
+    assert "reused" in again.stderr and len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
