@@ -62,3 +62,13 @@ def test_sigkill_then_rerun_is_identical_to_an_uninterrupted_run(clean, seed):
     assert run(recipe, f"workspace={ws}", f"output_dir={out}").wait(timeout=300) == 0
     assert weights(root / out) == expected
     assert not list((root / out).glob(".*.tmp"))
+
+
+def test_temp_folders_of_a_killed_merge_are_cleared_by_the_next_run(clean):
+    recipe, expected, _ = clean
+    root = recipe.parent
+    out = root / "out_stale"
+    (out / ".ties.deadbeef.tmp").mkdir(parents=True)
+    (out / ".ties.deadbeef.tmp" / "model.safetensors").write_bytes(b"half")
+    assert run(recipe, "workspace=ws_clean", "output_dir=out_stale").wait(timeout=300) == 0
+    assert not list(out.glob(".*.tmp")) and weights(out) == expected

@@ -85,7 +85,10 @@ def _merge_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
                                  "hessians": [h.artifact.key for h in hessians or []],
                                  "weights": weights, "params": params, "shard_bytes": recipe.shard_bytes})
     out = recipe.output_path / merge.name
-    with ctx.workspace.lock(key):
+    # one run at a time per output folder; under that lock, temp folders of killed runs are stale
+    with ctx.workspace.lock(artifact_key("output", {"path": str(out)})):
+        for stale in [*out.parent.glob(f".{merge.name}.*.tmp"), *out.parent.glob(f".{merge.name}.*.old")]:
+            shutil.rmtree(stale, ignore_errors=True)
         stamp = _read_stamp(out)
         if stamp and stamp.get("key") == key and all((out / f).is_file() for f in stamp.get("files", [])):
             ctx.reporter.log(f"merge [bold]{merge.name}[/]: reused {out}")
