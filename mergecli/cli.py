@@ -76,8 +76,9 @@ class Options:
 OPTIONS = Options()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def main_options(
+    ctx: typer.Context,
     workspace: Optional[Path] = typer.Option(None, "--workspace", "-w", help="workspace folder (overrides the recipe's)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or logs"),
     json_output: bool = typer.Option(False, "--json", help="machine-readable result on stdout"),
@@ -88,6 +89,9 @@ def main_options(
 ) -> None:
     if version:
         typer.echo(f"mergecli {__version__}")
+        raise typer.Exit()
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
         raise typer.Exit()
     OPTIONS.__init__(workspace, quiet, json_output, device, debug, wait)
 

@@ -110,3 +110,9 @@ def test_builtin_recipes_list_copy_and_validate_schema(tmp_path):
 def test_eval_without_any_dataset_says_what_to_add(tmp_path, good):
     result = runner.invoke(app, ["eval", str(write(tmp_path, good))])
     assert result.exit_code == 1 and "nothing to evaluate on" in result.stderr
+
+
+def test_version_and_bare_invocation():
+    assert runner.invoke(app, ["--version"]).stdout.startswith("mergecli ")
+    bare = runner.invoke(app, [])  # help, with Click's exit code for "no arguments"
+    assert bare.exit_code == 2 and "Usage" in bare.stdout and "compare" in bare.stdout
