@@ -182,3 +182,17 @@ def test_debug_shows_the_traceback(lab):
     assert plain.exit_code == 1 and plain.exception is None or isinstance(plain.exception, SystemExit)
     debug = runner.invoke(app, ["--debug", "merge", str(tmp / "r.yaml")])
     assert isinstance(debug.exception, MergeCliError)
+
+
+def test_disk_too_small_for_the_hessians_is_refused_before_writing(lab, monkeypatch):
+    from collections import namedtuple
+
+    import mergecli.stages.hessian as hessian_stage
+
+    tmp, recipe, _ = lab
+    (tmp / "r.yaml").write_text(yaml.safe_dump(recipe))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(hessian_stage.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    result = runner.invoke(app, ["hessian", str(tmp / "r.yaml")])
+    assert result.exit_code == 1 and "the workspace disk has" in result.stderr
+    assert not untrusted_files(tmp / "ws") and not list((tmp / "ws").glob("hessian/*"))
