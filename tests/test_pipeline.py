@@ -352,7 +352,7 @@ def test_a_gguf_file_is_a_base_model(tmp_path, models, monkeypatch):
     from helpers import make_gguf
 
     monkeypatch.setenv("MERGECLI_CACHE", str(tmp_path / "cache"))
-    gguf = make_gguf(models / "base", tmp_path / "tiny.gguf")
+    make_gguf(models / "base", tmp_path / "tiny.gguf")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").state_dict()
     ft = AutoModelForCausalLM.from_pretrained(models / "base")  # same architecture, no gguf quantization tag
     ft.load_state_dict({k: v + 0.01 for k, v in loaded.items()}, strict=False)
