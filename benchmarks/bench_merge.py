@@ -170,6 +170,7 @@ def main() -> None:
             shutil.rmtree(args.work / "out-mergecli", ignore_errors=True)
             warm.append(timed(["mergecli", "-q", "merge", str(recipe)]))
         entry["mergecli_cold"], entry["mergecli_warm"] = median(cold), median(warm)
+        entry["output_loads"] = loads(args.work / "out-mergecli" / method)
         if mergekit:
             name, params = spec["mergekit"]
             config = args.work / f"mergekit-{method}.yaml"
@@ -193,6 +194,16 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
+
+
+def loads(folder: Path) -> bool:
+    """The merged folder loads with transformers and gives finite logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    return bool(torch.isfinite(logits).all())
 
 
 def ensure_mergekit(work: Path) -> Path:
