@@ -152,3 +152,11 @@ def test_topk_mask_with_many_ties_keeps_exactly_k():
     x = torch.cat([torch.zeros(5_000_000), torch.ones(10)])
     mask = topk_mask(x, 0.5)
     assert int(mask.sum()) == round(0.5 * x.numel()) and mask[-10:].all()
+
+
+def test_blockwise_disjoint_mean_equals_the_whole_tensor_computation():
+    gen = torch.Generator().manual_seed(9)
+    taus = [torch.randn(37, 11, generator=gen) * (torch.rand(37, 11, generator=gen) < 0.5) for _ in range(3)]
+    w = torch.tensor([1.0, 0.5, 2.0])
+    assert torch.equal(disjoint_mean(taus, w, block=50), disjoint_mean(taus, w, block=10**9))
+    assert torch.equal(disjoint_mean([t.T for t in taus], w, block=30), disjoint_mean(taus, w).T)

@@ -25,12 +25,24 @@ def elect_sign(trimmed: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.
     return weighted_sum(trimmed, weights).sign_()
 
 
-def disjoint_mean(trimmed: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+def disjoint_mean(trimmed: Sequence[torch.Tensor], weights: torch.Tensor, block: int = 1 << 22) -> torch.Tensor:
     """TIES merge: weighted mean over the models whose non-zero entry agrees with the elected sign.
 
     delta = sum_i w_i t_i [sign t_i = gamma] / sum_i w_i [sign t_i = gamma, t_i != 0]; 0 where no
-    model agrees (including gamma = 0, since sign(t_i) of a kept entry is never 0).
+    model agrees (including gamma = 0, since sign(t_i) of a kept entry is never 0). Every entry is
+    independent, so large tensors are done in blocks of rows: the temporaries stay at about
+    `block` entries instead of several copies of the tensor.
     """
+    if trimmed[0].dim() < 2 or trimmed[0].numel() <= block:
+        return _disjoint_mean_block(trimmed, weights)
+    rows = max(1, block // (trimmed[0].numel() // trimmed[0].shape[0]))
+    out = torch.empty_like(trimmed[0])
+    for start in range(0, out.shape[0], rows):
+        out[start:start + rows] = _disjoint_mean_block([t[start:start + rows] for t in trimmed], weights)
+    return out
+
+
+def _disjoint_mean_block(trimmed: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     gamma = elect_sign(trimmed, weights)
     numerator = torch.zeros_like(gamma)
     denominator = torch.zeros_like(gamma)
