@@ -22,7 +22,7 @@ from rich.markup import escape
 from . import __version__
 from .display import RichReporter, table
 from .errors import MergeCliError
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipe, recipes_dir
 from .stages.hessian import run_hessian
 from .report import comparison, plot, render
 from .stages.evaluate import run_eval, used_artifacts
@@ -142,10 +142,8 @@ def validate(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES) 
 
 
 def builtin_recipes() -> dict[str, Path]:
-    """Recipes shipped in the wheel (mergecli/_recipes) or, from a checkout, in recipes/."""
-    here = Path(__file__).resolve().parent
-    folder = next((p for p in (here / "_recipes", here.parent / "recipes") if p.is_dir()), None)
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder else {}
+    """The built-in recipes by name."""
+    return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml"))}
 
 
 @recipes_app.command("ls")

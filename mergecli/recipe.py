@@ -269,6 +269,12 @@ def resolve_reference(ref: str, root: Path) -> Path | str:
     return ref
 
 
+def recipes_dir() -> Path:
+    """Built-in recipes: shipped in the wheel as mergecli/_recipes, or recipes/ in a checkout."""
+    here = Path(__file__).resolve().parent
+    return next((p for p in (here / "_recipes", here.parent / "recipes") if p.is_dir()), here / "_recipes")
+
+
 # -- loading ---------------------------------------------------------------------------------
 def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
     """Read, override and validate a recipe file; every problem becomes one RecipeError."""

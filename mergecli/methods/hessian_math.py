@@ -13,6 +13,8 @@ the data gives no evidence they matter. If every input is dead the statistics ar
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
@@ -87,7 +89,7 @@ def obs_trim(tau: torch.Tensor, gram: torch.Tensor, density: float, damp: float 
     return w.to(tau.dtype)
 
 
-def regmean_delta(taus: list[torch.Tensor], grams: list[torch.Tensor], weights: torch.Tensor,
+def regmean_delta(taus: Sequence[torch.Tensor], grams: list[torch.Tensor], weights: torch.Tensor,
                   alpha: float = 0.9) -> torch.Tensor:
     """RegMean on task vectors: (sum_i w_i tau_i G~_i)(sum_i w_i G~_i)^-1, G~ = alpha G + (1-alpha) diag G.
 

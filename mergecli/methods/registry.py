@@ -13,7 +13,7 @@ divided by their keep-probability.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
@@ -25,7 +25,7 @@ from .stats import LayerStats
 
 
 class CombineFn(Protocol):
-    def __call__(self, trimmed: torch.Tensor, weights: torch.Tensor, stats: list[LayerStats | None],
+    def __call__(self, trimmed: Sequence[torch.Tensor], weights: torch.Tensor, stats: list[LayerStats | None],
                  params: "TrimParams") -> torch.Tensor: ...
 
 
@@ -87,7 +87,7 @@ def dare_ties(trimmed, weights, stats, params):
 def regmean(trimmed, weights, stats, params):
     """Linear layers: (sum w_i W_i G~_i)(sum w_i G~_i)^-1 (Jin et al. 2023); other tensors: weighted mean."""
     if all(s is not None for s in stats):
-        return regmean_delta(list(trimmed), [s.gram for s in stats], weights, params.alpha)
+        return regmean_delta(trimmed, [s.gram for s in stats], weights, params.alpha)
     return weighted_sum(trimmed, weights) / weights.sum()
 
 

@@ -53,6 +53,14 @@ def resolve_model(ref: str, root: Path) -> ModelSource:
     return ModelSource(ref, folder, _kind(folder), f"hub:{repo_id}@{folder.name}")
 
 
+def tokenizer_folder(*candidates: Path) -> Path:
+    """The first folder that holds a tokenizer (a fine-tune often ships none: then the base's)."""
+    for folder in candidates:
+        if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+            return folder
+    raise MergeCliError(f"no tokenizer found in {', '.join(map(str, candidates))}")
+
+
 def _kind(folder: Path) -> Literal["full", "lora"]:
     if (folder / "adapter_config.json").is_file():
         return "lora"

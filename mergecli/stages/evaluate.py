@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cache
+from typing import Callable
 from pathlib import Path
 
 import torch
 
 from ..calibration import Windows, describe_spec, load_texts, make_windows
 from ..errors import MergeCliError
-from ..models.reference import ModelSource, resolve_model
+from ..models.reference import ModelSource, resolve_model, tokenizer_folder
 from ..progress import SILENT, Reporter
 from ..recipe import Recipe
 from .common import Context, check_device, open_context
@@ -89,9 +91,8 @@ def _harness(ctx: Context, name: str, source: ModelSource, device: str) -> dict[
 
     def produce(folder: Path) -> None:
         with ctx.reporter.track(f"lm-eval {name}", 1) as advance:
-            has_tokenizer = (source.path / "tokenizer_config.json").is_file()
             scores = run_tasks(source.path, spec, ctx.recipe.root, device,
-                               tokenizer=source.path if has_tokenizer else ctx.base.path,
+                               tokenizer=tokenizer_folder(source.path, ctx.base.path),
                                base=ctx.base.path if source.kind == "lora" else None)
             advance(1)
         (folder / "scores.json").write_text(json.dumps(scores))
@@ -131,21 +132,30 @@ def used_artifacts(recipe: Recipe) -> set[str]:
     return keys
 
 
-def _windows(ctx: Context, datasets) -> dict[str, tuple[dict, Windows]]:
+def _windows(ctx: Context, datasets) -> dict[str, tuple[dict, Callable[[], Windows]]]:
+    """Per dataset: the cache-key part and a loader of its windows, tokenized only when a result
+    is actually missing (a fully cached eval reads no text)."""
     from transformers import AutoTokenizer
 
     ev = ctx.recipe.evaluation
-    tokenizer = AutoTokenizer.from_pretrained(ctx.base.path)
-    out = {}
-    for name, spec in datasets.items():
-        texts = load_texts(spec, ctx.recipe.root, tokenizer, part="eval")
-        windows = make_windows(texts, tokenizer, ev.samples, ev.seq_len, ev.seed, pack=True,
-                               what=f"held-out part of dataset {describe_spec(spec)} ({name})")
-        out[name] = (window_inputs(ctx.recipe, spec, ctx.base), windows)
-    return out
+
+    @cache
+    def tokenizer():
+        return AutoTokenizer.from_pretrained(ctx.base.path)
+
+    def loader(name: str, spec) -> Callable[[], Windows]:
+        @cache
+        def load() -> Windows:
+            texts = load_texts(spec, ctx.recipe.root, tokenizer(), part="eval")
+            return make_windows(texts, tokenizer(), ev.samples, ev.seq_len, ev.seed, pack=True,
+                                what=f"held-out part of dataset {describe_spec(spec)} ({name})")
+        return load
+
+    return {name: (window_inputs(ctx.recipe, spec, ctx.base), loader(name, spec)) for name, spec in datasets.items()}
 
 
-def _perplexities(ctx: Context, name: str, source: ModelSource, windows: dict[str, tuple[dict, Windows]],
+def _perplexities(ctx: Context, name: str, source: ModelSource,
+                  windows: dict[str, tuple[dict, Callable[[], Windows]]],
                   device: torch.device) -> dict[str, float]:
     ev = ctx.recipe.evaluation
     model = None
@@ -158,7 +168,7 @@ def _perplexities(ctx: Context, name: str, source: ModelSource, windows: dict[st
             if model is None:
                 model = load_model(ctx, source, use_base=source.fingerprint == ctx.base.fingerprint)[0].to(device)
             with ctx.reporter.track(f"perplexity {name} on {dataset}", 1) as advance:
-                total, count = nll_sum(model, win, ev.batch_size, device)
+                total, count = nll_sum(model, win(), ev.batch_size, device)
                 advance(1)
             (folder / "eval.json").write_text(json.dumps({"nll_sum": total, "tokens": count}))
 

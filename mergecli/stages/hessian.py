@@ -20,7 +20,7 @@ from ..calibration import describe_spec, load_texts, make_windows
 from ..collect import collect, decoder_layers, find_groups, linear_modules
 from ..errors import MergeCliError
 from ..methods.stats import LayerStats
-from ..models.reference import ModelSource
+from ..models.reference import ModelSource, tokenizer_folder
 from ..models.safetensors_io import Checkpoint, StreamingWriter, TensorInfo
 from ..progress import SILENT, Reporter
 from ..recipe import ModelSpec, Recipe
@@ -83,21 +83,15 @@ def load_model(ctx: Context, source: ModelSource, use_base: bool):
 
     hf_logging.disable_progress_bar()
 
-    def tokenizer_from(*folders: Path):
-        for folder in folders:
-            if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
-                return AutoTokenizer.from_pretrained(folder)
-        raise MergeCliError(f"no tokenizer found in {', '.join(map(str, folders))}")
-
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(source.path, ctx.base.path))
     if use_base or source.kind == "lora":
         model = AutoModelForCausalLM.from_pretrained(ctx.base.path, dtype=torch.float32)
         if not use_base:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, source.path).merge_and_unload()
-        return model.eval(), tokenizer_from(source.path, ctx.base.path)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
-    return model, tokenizer_from(source.path, ctx.base.path)
+        return model.eval(), tokenizer
+    return AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval(), tokenizer
 
 
 def _produce(ctx: Context, spec: ModelSpec, source: ModelSource, folder: Path, device: torch.device) -> None:
