@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from .errors import MergeCliError, WorkspaceBusyError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_DIGEST_BYTES = 1 << 20
 
 

@@ -6,7 +6,7 @@ from peft.utils import merge_utils
 
 from mergecli.methods import METHODS, TrimParams, merge_tensor, trim
 from mergecli.methods.combine import disjoint_mean, elect_sign, weighted_sum
-from mergecli.methods.sparsify import bernoulli_mask, keep_count, tensor_generator, topk_mask
+from mergecli.methods.sparsify import bernoulli_mask, keep_count, random_stream, topk_mask
 
 T1 = torch.tensor([[1.0, -2.0, 0.5, 0.0], [3.0, -0.1, -4.0, 2.0], [0.2, 0.3, -0.4, 1.5]])
 T2 = torch.tensor([[-1.5, 1.0, 0.5, 0.2], [2.0, 0.4, 4.0, -3.0], [0.1, -0.6, 0.0, 1.0]])
@@ -93,19 +93,19 @@ def test_dare_linear_given_the_same_mask_matches_peft_formula():
     d = 0.3
     params = TrimParams("random", d, seed=7)
     ours, _, _ = merge_tensor(METHODS["dare_linear"], taus, [1.0, 1.0], params, "layer.w")
-    masks = [bernoulli_mask(t.shape, d, tensor_generator(7, "layer.w", i)) for i, t in enumerate(taus)]
+    masks = [bernoulli_mask(t.shape, d, random_stream(7, "layer.w", i)) for i, t in enumerate(taus)]
     expected = sum(t * m / d for t, m in zip(taus, masks))
     assert torch.allclose(ours, expected, atol=1e-6)
 
 
 def test_dare_mask_depends_only_on_seed_name_and_model_index():
-    a = bernoulli_mask(torch.Size([64, 64]), 0.2, tensor_generator(0, "x", 1))
+    a = bernoulli_mask(torch.Size([64, 64]), 0.2, random_stream(0, "x", 1))
     torch.rand(1000)  # global RNG use in between must not matter
-    b = bernoulli_mask(torch.Size([64, 64]), 0.2, tensor_generator(0, "x", 1))
+    b = bernoulli_mask(torch.Size([64, 64]), 0.2, random_stream(0, "x", 1))
     assert torch.equal(a, b)
-    assert not torch.equal(a, bernoulli_mask(torch.Size([64, 64]), 0.2, tensor_generator(0, "x", 2)))
-    assert not torch.equal(a, bernoulli_mask(torch.Size([64, 64]), 0.2, tensor_generator(0, "y", 1)))
-    assert not torch.equal(a, bernoulli_mask(torch.Size([64, 64]), 0.2, tensor_generator(1, "x", 1)))
+    assert not torch.equal(a, bernoulli_mask(torch.Size([64, 64]), 0.2, random_stream(0, "x", 2)))
+    assert not torch.equal(a, bernoulli_mask(torch.Size([64, 64]), 0.2, random_stream(0, "y", 1)))
+    assert not torch.equal(a, bernoulli_mask(torch.Size([64, 64]), 0.2, random_stream(1, "x", 1)))
     assert abs(a.float().mean().item() - 0.2) < 0.03
 
 
@@ -137,13 +137,15 @@ def test_every_method_is_registered_with_its_doc(name):
     assert METHODS[name].doc
 
 
-@pytest.mark.parametrize("n,density", [(10, 0.3), (5_000_000, 0.2), (5_000_000, 0.9), (4_200_000, 0.001)])
+@pytest.mark.parametrize("n,density", [(10, 0.3), (70_000, 0.5), (1_048_576, 0.2), (5_000_000, 0.2),
+                                       (5_000_000, 0.9), (4_200_000, 0.001), (300_000, 0.99999)])
 def test_kth_largest_is_exact_on_large_tensors(n, density):
     from mergecli.methods.sparsify import kth_largest
 
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
     k = keep_count(n, density)
-    assert kth_largest(x, k) == x.kthvalue(n - k + 1).values
+    value, above = kth_largest(x, k)
+    assert value == x.kthvalue(n - k + 1).values and above == int((x > value).sum())
     mask = topk_mask(x, density)
     assert int(mask.sum()) == k and x[mask].min() >= x[~mask].max()
 

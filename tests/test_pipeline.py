@@ -45,13 +45,19 @@ def taskvec_file(tmp_path: Path, model: str) -> Path:
 
 
 def test_taskvec_is_finetune_minus_base_and_cached(tmp_path, models, recipe):
+    from mergecli import load_recipe, run_taskvec
+
     first = cli("taskvec", recipe)
-    assert "computed" in first.stderr
+    assert "computed" in first.stderr and "read from the fine-tune at merge time" in first.stderr
     base, ft = state(models / "base"), state(models / "ft_a")
-    tv = load_file(taskvec_file(tmp_path, "a"))
-    assert "lm_head.weight" not in tv  # tied: stored once under the embedding's name
-    for name, tensor in tv.items():
-        assert torch.equal(tensor, ft[name] - base[name]), name
+    vector = run_taskvec(load_recipe(recipe))[0]
+    assert vector.reused and vector.by_reference
+    assert "lm_head.weight" not in vector.names()  # tied: one task vector under the embedding's name
+    assert sorted(vector.names()) == sorted(k for k in base if k != "lm_head.weight")
+    for name in vector.names():
+        assert torch.equal(vector.get(name, base[name]), ft[name] - base[name]), name
+    # by reference: the workspace holds the tensor map, not a copy of the weights
+    assert vector.artifact.size < 64 * 1024
     second = cli("--json", "taskvec", recipe)
     assert all(row["reused"] for row in json.loads(second.stdout))
 

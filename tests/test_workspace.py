@@ -31,7 +31,7 @@ def entries(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "flip_header", "delete"])
 def test_damaged_cache_file_is_detected_and_rebuilt(tmp_path, recipe, damage):
     assert runner.invoke(app, ["taskvec", str(recipe)]).exit_code == 0
-    key = next(k for k, e in entries(tmp_path).items() if e["label"] == "taskvec a")
+    key = next(k for k, e in entries(tmp_path).items() if e["label"] == "taskvec c")  # a LoRA: materialized
     path = tmp_path / "ws" / "taskvec" / key / "task_vector.safetensors"
     good = {k: v.clone() for k, v in load_file(path).items()}
     if damage == "truncate":

@@ -43,11 +43,17 @@ def disjoint_mean(trimmed: Sequence[torch.Tensor], weights: torch.Tensor, block:
 
 
 def _disjoint_mean_block(trimmed: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    # An agreeing entry is t = gamma |t|, so sum_i w_i t_i [agree] = gamma sum_i w_i max(t_i gamma, 0)
+    # and [agree] = sign(max(t_i gamma, 0)): one temporary per model instead of three.
     gamma = elect_sign(trimmed, weights)
     numerator = torch.zeros_like(gamma)
     denominator = torch.zeros_like(gamma)
     for t, w in zip(trimmed, weights.tolist()):
-        agree = (t * gamma) > 0  # same sign as gamma, and neither is zero
-        numerator.add_(torch.where(agree, t, 0.0), alpha=w)
-        denominator.add_(agree.to(gamma.dtype), alpha=w)
-    return numerator.div_(torch.where(denominator == 0, 1.0, denominator))
+        agreeing = torch.mul(t, gamma).clamp_(min=0.0)
+        numerator.add_(agreeing, alpha=w)
+        denominator.add_(agreeing.sign_(), alpha=w)
+    if bool((weights > 0).all()):  # then a non-zero denominator is >= min(w): clamping only touches zeros
+        denominator.clamp_(min=float(weights.min()))
+    else:
+        denominator.masked_fill_(denominator == 0, 1.0)
+    return numerator.mul_(gamma).div_(denominator)

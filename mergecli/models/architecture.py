@@ -36,14 +36,15 @@ def describe(config_folder: Path) -> Architecture:
     """The architecture of the model whose config.json is in `config_folder`.
 
     Building the model class costs seconds (importing its transformers module), so the answer is
-    cached on disk, keyed by the exact bytes of config.json and the transformers version.
+    cached on disk, keyed by the exact bytes of config.json and the transformers version (read
+    from the package metadata: importing transformers alone costs most of a second).
     """
-    import transformers
+    from importlib.metadata import version
 
     from .gguf import cache_root
 
     raw = (Path(config_folder) / "config.json").read_bytes() if (Path(config_folder) / "config.json").is_file() else b""
-    key = hashlib.sha256(raw + transformers.__version__.encode()).hexdigest()[:24]
+    key = hashlib.sha256(raw + version("transformers").encode()).hexdigest()[:24]
     cached = cache_root() / "arch" / f"{key}.json"
     try:
         data = json.loads(cached.read_text())

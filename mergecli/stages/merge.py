@@ -1,8 +1,9 @@
 """merge stage: every variant of the recipe, streamed tensor by tensor into a Hugging Face folder.
 
-For each output tensor: read the base tensor and each fine-tune's task vector (memory-mapped),
-apply the variant's method (pure math in `mergecli.methods`), append the result to the shard being
-written. Peak memory is the largest tensor times (models + a few), independent of depth. The
+For each output tensor: read the base tensor and each fine-tune's tensor as stored (or a LoRA's
+task vector), apply the variant's method (pure math in `mergecli.methods`, a chunk of rows at a
+time), append the result to the shard being written. Peak memory is the largest tensor times
+(models + 2) in its stored dtype, plus one fp32 score buffer for top-k, independent of depth. The
 folder is built under a temporary name and renamed into place, so it appears complete or not at
 all; a `mergecli.json` stamp records the cache key, and an identical rerun reuses it.
 """
@@ -21,7 +22,7 @@ import torch
 
 from .. import __version__
 from ..errors import MergeCliError
-from ..methods import METHODS, TrimParams, merge_tensor
+from ..methods import METHODS, NonFiniteTaskVector, TaskTensor, TrimParams, merge_tensor
 from ..models.architecture import Architecture
 from ..models.safetensors_io import Checkpoint, ShardedWriter, TensorInfo
 from ..progress import SILENT, Reporter
@@ -29,7 +30,7 @@ from ..recipe import MergeSpec, Recipe
 from ..workspace import artifact_key, fsync_tree
 from .common import Context, check_device, open_context, output_folder_is_ours
 from .hessian import HessianReader, HessianSet, hessian_set
-from .taskvec import EXTRA_ROWS, TaskVector, task_vector
+from .taskvec import TaskVector, task_vector
 
 STAMP = "mergecli.json"
 WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -125,8 +126,7 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
     arch = ctx.arch
     kept = offered = 0
     with Checkpoint.open(ctx.base.path) as base:
-        taus = [Checkpoint.open(v.artifact.path) for v in vectors]
-        extra = _extra_rows(taus) if ctx.recipe.extra_tokens == "union" else {}
+        extra = _extra_rows(vectors) if ctx.recipe.extra_tokens == "union" else {}
         infos = [TensorInfo(n, _grown(i.shape, extra.get(arch.canonical(n))),
                             out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype)
                  for n, i in ((n, base.info(n)) for n in base.names())]
@@ -140,17 +140,23 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
             if canonical in memo:
                 return memo.pop(canonical)
             theta = base.get(name)
-            if theta.dtype.is_floating_point and any(canonical in t for t in taus):
+            if theta.dtype.is_floating_point and any(canonical in v for v in vectors):
+                theta = theta.to(device)
                 stats = [r.stats(canonical) for r in readers] if readers else None
                 without_stats += bool(readers) and any(s is None for s in stats)
-                lazy = (t.get(canonical).to(device) if canonical in t else None for t in taus)
-                delta, k, n = merge_tensor(method, lazy, weights, params, canonical, canonical in arch.transposed,
-                                           stats)
+                sources = [_on(v.tensor(canonical, theta), device) for v in vectors]
+                try:
+                    theta, k, n = merge_tensor(method, sources, weights, params, canonical,
+                                               canonical in arch.transposed, stats, base=theta, lam=merge.lambda_,
+                                               dtype=dtype)
+                except NonFiniteTaskVector as exc:
+                    raise MergeCliError(f"{vectors[exc.index].model}: tensor {canonical} has NaN/Inf entries in its "
+                                        "task vector", "the checkpoint (or the base) is corrupt") from None
                 kept, offered = kept + k, offered + n
-                theta = (theta.to(device, torch.float32) + merge.lambda_ * delta).cpu()
+                theta = theta.cpu()
             if canonical in extra:
-                source, rows = extra[canonical]
-                theta = torch.cat([theta.to(dtype), taus[source].get(f"{canonical}{EXTRA_ROWS}").to(dtype)])
+                index, rows = extra[canonical]
+                theta = torch.cat([theta.to(dtype), vectors[index].extra(canonical).to(dtype)])
             result = theta.to(dtype)
             if canonical in tied_targets and any(a in base for a, c in arch.tied.items() if c == canonical):
                 memo[canonical] = result  # the other half of a tied pair is written from this one
@@ -165,9 +171,6 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
         except BaseException:
             writer.abort()
             raise
-        finally:
-            for t in taus:
-                t.close()
     if without_stats:
         ctx.reporter.log(f"merge [bold]{merge.name}[/]: {without_stats} tensors have no calibration statistics "
                          f"(embeddings, norms, biases, lm_head) and used "
@@ -181,16 +184,20 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
                        len(infos), [v.model for v in vectors])
 
 
-def _extra_rows(taus: list[Checkpoint]) -> dict[str, tuple[int, int]]:
+def _extra_rows(vectors: list[TaskVector]) -> dict[str, tuple[int, int]]:
     """canonical tensor -> (task vector index, rows) of the fine-tune that added the most tokens."""
     found: dict[str, tuple[int, int]] = {}
-    for index, tau in enumerate(taus):
-        for name in tau.names():
-            if name.endswith(EXTRA_ROWS):
-                canonical, rows = name.removesuffix(EXTRA_ROWS), tau.info(name).shape[0]
-                if rows > found.get(canonical, (0, 0))[1]:
-                    found[canonical] = (index, rows)
+    for index, vector in enumerate(vectors):
+        for canonical, rows in vector.extra_rows().items():
+            if rows > found.get(canonical, (0, 0))[1]:
+                found[canonical] = (index, rows)
     return found
+
+
+def _on(source: TaskTensor | None, device: torch.device) -> TaskTensor | None:
+    if source is None or device.type == "cpu":
+        return source
+    return TaskTensor(source.weights.to(device), None if source.reference is None else source.reference.to(device))
 
 
 def _grown(shape: tuple[int, ...], extra: tuple[int, int] | None) -> tuple[int, ...]:

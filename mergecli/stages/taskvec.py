@@ -1,21 +1,27 @@
-"""taskvec stage: tau = theta_ft - theta_base for every fine-tune, streamed into the workspace.
+"""taskvec stage: tau = theta_ft - theta_base for every fine-tune, checked and cached in the workspace.
 
-One tensor at a time is read (memory-mapped), subtracted in fp32 and appended to the artifact, so
-memory stays at a few tensors whatever the model size. Tied aliases (lm_head tied to the
-embeddings) are stored once under the canonical name. Non-float tensors (buffers) get no task
-vector; the merge copies them from the base.
+A full fine-tune's task vector is kept by reference: the artifact records which tensor of the
+fine-tune pairs with which of the base (names and shapes checked, tied aliases resolved, rows of
+added tokens copied out), and the merge takes the difference a chunk at a time while it reads both
+models. Writing an fp32 difference would cost twice the bytes of a bf16 fine-tune, to be written
+once and read back by every merge, for nothing the two checkpoints do not already hold; the cache
+key includes the fine-tune's fingerprint, so an edited fine-tune is re-checked. A LoRA adapter's
+task vector (`scale * B @ A`, computed without loading a model) is materialized in fp32, one
+tensor at a time.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..errors import MergeCliError, ModelMismatchError
+from ..methods import TaskTensor
 from ..models.lora import LoraAdapter
 from ..models.reference import ModelSource
 from ..models.safetensors_io import Checkpoint, StreamingWriter, TensorInfo
@@ -25,23 +31,77 @@ from ..workspace import Artifact
 from .common import Context, open_context
 
 FILENAME = "task_vector.safetensors"
+MANIFEST = "taskvec.json"
 EXTRA_ROWS = ".extra_rows"  # rows a fine-tune added beyond the base vocabulary (values, not deltas)
 
 
 @dataclass(frozen=True)
 class TaskVector:
+    """One fine-tune's task vector: tensors by canonical name, read lazily."""
+
     model: str
     kind: str
     artifact: Artifact
     reused: bool
+    source: Path = field(compare=False)
 
     @property
     def path(self) -> Path:
-        return self.artifact.path / FILENAME
+        return self.artifact.path
+
+    @cached_property
+    def _manifest(self) -> dict:
+        return json.loads((self.artifact.path / MANIFEST).read_text())
+
+    @cached_property
+    def _stored(self) -> Checkpoint | None:
+        return Checkpoint.open(self.artifact.path) if (self.artifact.path / FILENAME).is_file() else None
+
+    @cached_property
+    def _finetune(self) -> Checkpoint:
+        return Checkpoint.open(self.source)
+
+    @property
+    def by_reference(self) -> bool:
+        return self._manifest.get("storage") == "reference"
+
+    def names(self) -> list[str]:
+        """Canonical names of the tensors this task vector has."""
+        return list(self._manifest["tensors"])
 
     @property
     def tensors(self) -> int:
-        return json.loads((self.artifact.path / "taskvec.json").read_text())["tensors"]
+        return len(self._manifest["tensors"])
+
+    def __contains__(self, canonical: str) -> bool:
+        return canonical in self._manifest["tensors"]
+
+    def tensor(self, canonical: str, base: torch.Tensor) -> TaskTensor | None:
+        """This model's task vector for one tensor, given the base's tensor; None if it has none."""
+        stored = self._manifest["tensors"].get(canonical)
+        if stored is None:
+            return None
+        if self.by_reference:
+            return TaskTensor(self._finetune.get(stored)[: base.shape[0]] if base.dim() else self._finetune.get(stored),
+                              base)
+        assert self._stored is not None
+        return TaskTensor(self._stored.get(canonical))
+
+    def get(self, canonical: str, base: torch.Tensor) -> torch.Tensor:
+        """The fp32 task vector of one tensor, materialized (for inspection; merges stream it)."""
+        source = self.tensor(canonical, base)
+        if source is None:
+            raise KeyError(canonical)
+        whole = source.oriented(False)
+        return whole.rows(0, whole.weights.shape[0]).reshape(base.shape)
+
+    def extra_rows(self) -> dict[str, int]:
+        """canonical tensor -> rows this fine-tune added beyond the base vocabulary."""
+        return dict(self._manifest.get("extra_rows", {}))
+
+    def extra(self, canonical: str) -> torch.Tensor:
+        assert self._stored is not None
+        return self._stored.get(f"{canonical}{EXTRA_ROWS}")
 
 
 def run_taskvec(recipe: Recipe, reporter: Reporter = SILENT, wait: bool = True,
@@ -58,16 +118,18 @@ def task_vector(ctx: Context, spec: ModelSpec) -> TaskVector:
     def produce(folder: Path) -> None:
         with Checkpoint.open(ctx.base.path) as base:
             if source.kind == "lora":
-                count = _write_lora(ctx, spec, source, base, folder / FILENAME)
+                manifest = _write_lora(ctx, spec, source, base, folder / FILENAME)
             else:
-                count = _write_full(ctx, spec, source, base, folder / FILENAME)
-        (folder / "taskvec.json").write_text(json.dumps(
-            {"model": spec.name, "ref": spec.model, "kind": source.kind, "tensors": count}, indent=1))
+                manifest = _reference_full(ctx, spec, source, base, folder / FILENAME)
+        (folder / MANIFEST).write_text(json.dumps(
+            {"model": spec.name, "ref": spec.model, "kind": source.kind, **manifest}, indent=1))
 
     artifact, reused = ctx.workspace.get_or_build("taskvec", inputs, f"taskvec {spec.name}", produce)
-    ctx.reporter.log(f"task vector [bold]{spec.name}[/] ({source.kind}): "
+    vector = TaskVector(spec.name, source.kind, artifact, reused, source.path)
+    how = "read from the fine-tune at merge time" if vector.by_reference else "materialized"
+    ctx.reporter.log(f"task vector [bold]{spec.name}[/] ({source.kind}, {how}): "
                      + ("reused from the workspace cache" if reused else "computed"))
-    return TaskVector(spec.name, source.kind, artifact, reused)
+    return vector
 
 
 def taskvec_inputs(base: ModelSource, source: ModelSource) -> dict:
@@ -75,25 +137,26 @@ def taskvec_inputs(base: ModelSource, source: ModelSource) -> dict:
     return {"base": base.fingerprint, "model": source.fingerprint, "kind": source.kind}
 
 
-def _write(ctx: Context, spec: ModelSpec, path: Path, infos: list[TensorInfo], delta_of) -> int:
+def _write(ctx: Context, spec: ModelSpec, path: Path, infos: list[TensorInfo],
+           tensor_of: Callable[[str], torch.Tensor]) -> None:
     writer = StreamingWriter(path, infos, {"model": spec.name})
     try:
         with ctx.reporter.track(f"task vector {spec.name}", len(infos)) as advance:
             for info in infos:
-                delta = delta_of(info.name)
-                if not torch.isfinite(delta).all():
+                tensor = tensor_of(info.name)
+                if not torch.isfinite(tensor).all():
                     raise MergeCliError(f"{spec.name}: tensor {info.name} has NaN/Inf entries in its task vector",
                                         "the checkpoint (or the base) is corrupt")
-                writer.write(info.name, delta)
+                writer.write(info.name, tensor)
                 advance(1)
         writer.close()
     except BaseException:
         writer.abort()
         raise
-    return len(infos)
 
 
-def _write_full(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkpoint, path: Path) -> int:
+def _reference_full(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkpoint, path: Path) -> dict:
+    """Check a full fine-tune against the base and map its tensors; only added-token rows are copied."""
     arch = ctx.arch
     ft_type = source.config().get("model_type")
     if ft_type != arch.model_type:
@@ -101,19 +164,14 @@ def _write_full(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkp
     with Checkpoint.open(source.path) as ft:
         base_map, ft_map = _by_canonical(base, arch.canonical), _by_canonical(ft, arch.canonical)
         grown = _check_match(spec.name, base, base_map, ft, ft_map, ctx.recipe.extra_tokens)
-        names = [base_map[c] for c in base_map if base.info(base_map[c]).dtype.is_floating_point]
-        infos = [TensorInfo(arch.canonical(n), base.info(n).shape, torch.float32) for n in names]
-        infos += [TensorInfo(f"{c}{EXTRA_ROWS}", (ft.info(ft_map[c]).shape[0] - base.info(base_map[c]).shape[0],
-                                                  *base.info(base_map[c]).shape[1:]), torch.float32) for c in grown]
-
-        def delta(name: str) -> torch.Tensor:
-            if name.endswith(EXTRA_ROWS):
-                canonical = name.removesuffix(EXTRA_ROWS)
-                return ft.get(ft_map[canonical])[base.info(base_map[canonical]).shape[0]:].float()
-            theta = base.get(base_map[name]).float()
-            return ft.get(ft_map[name])[: theta.shape[0]].float() - theta
-
-        return _write(ctx, spec, path, infos, delta)
+        tensors = {c: ft_map[c] for c in base_map if base.info(base_map[c]).dtype.is_floating_point}
+        extra = {c: ft.info(ft_map[c]).shape[0] - base.info(base_map[c]).shape[0] for c in grown}
+        if extra:
+            infos = [TensorInfo(f"{c}{EXTRA_ROWS}", (rows, *base.info(base_map[c]).shape[1:]), ft.info(ft_map[c]).dtype)
+                     for c, rows in extra.items()]
+            _write(ctx, spec, path, infos,
+                   lambda name: ft.get(ft_map[name.removesuffix(EXTRA_ROWS)])[-extra[name.removesuffix(EXTRA_ROWS)]:])
+    return {"storage": "reference", "tensors": tensors, "extra_rows": extra}
 
 
 def _by_canonical(ckpt: Checkpoint, canonical: Callable[[str], str]) -> dict[str, str]:
@@ -152,7 +210,7 @@ def _check_match(model: str, base: Checkpoint, base_map: dict[str, str], ft: Che
     return grown
 
 
-def _write_lora(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkpoint, path: Path) -> int:
+def _write_lora(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkpoint, path: Path) -> dict:
     adapter = LoraAdapter(source.path)
     _check_adapter_base(spec, adapter.base_model, ctx.recipe.base, ctx.base.path)
     names = adapter.tensor_names(ctx.arch)
@@ -163,7 +221,8 @@ def _write_lora(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkp
     order = {n: i for i, n in enumerate(base.names())}
     names.sort(key=order.__getitem__)
     infos = [TensorInfo(n, base.info(n).shape, torch.float32) for n in names]
-    return _write(ctx, spec, path, infos, lambda n: adapter.delta(n, base, ctx.arch))
+    _write(ctx, spec, path, infos, lambda n: adapter.delta(n, base, ctx.arch))
+    return {"storage": "materialized", "tensors": {n: n for n in names}}
 
 
 def _check_adapter_base(spec: ModelSpec, recorded: str | None, base_ref: str, base_path: Path) -> None:
