@@ -122,3 +122,18 @@ def test_dare_with_sparsegpt_is_unbiased():
     runs = [merge_tensor(METHODS["dare_linear"], [tau], [1.0], TrimParams("sparsegpt", 0.5, seed=s), "w",
                          stats=stats)[0] for s in range(3000)]
     assert torch.allclose(torch.stack(runs).mean(0), tau, atol=0.12)
+
+
+@pytest.mark.parametrize("d", [5, 128, 300, 1100])
+def test_upper_gram_accumulation_then_symmetrize_is_x_transpose_x(d):
+    """H is accumulated on and right of the diagonal blocks only, then mirrored: equal to X^T X."""
+    from mergecli.collect import add_upper_gram, symmetrize
+
+    gen = torch.Generator().manual_seed(d)
+    h = torch.zeros(d, d)
+    batches = [torch.randn(64, d, generator=gen) for _ in range(3)]
+    for x in batches:
+        add_upper_gram(h, x)
+    x = torch.cat(batches)
+    assert torch.allclose(symmetrize(h), x.T @ x, rtol=1e-5, atol=1e-3)
+    assert torch.equal(h, h.T)
