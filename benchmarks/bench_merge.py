@@ -45,11 +45,13 @@ SIZES = {  # hidden, intermediate, layers, vocab
 }
 
 
-def build_models(work: Path, size: str) -> list[Path]:
+def build_models(work: Path, size: str, layers: int | None = None) -> list[Path]:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, inter, layers, vocab = SIZES[size]
+    hidden, inter, default_layers, vocab = SIZES[size]
+    tag = size if layers is None else f"{size}-{layers}L"
+    layers = layers or default_layers
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
                          tie_word_embeddings=False, dtype="bfloat16", architectures=["LlamaForCausalLM"])
@@ -57,7 +59,7 @@ def build_models(work: Path, size: str) -> list[Path]:
         shapes = {n: p.shape for n, p in LlamaForCausalLM(config).named_parameters()}
     folders = []
     for index, name in enumerate(["base", "ft1", "ft2", "ft3"]):
-        folder = work / f"{size}-{name}"
+        folder = work / f"{tag}-{name}"
         folders.append(folder)
         if (folder / "model.safetensors.index.json").is_file():
             continue
@@ -140,12 +142,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--layers", type=int, help="override the depth (same widths): peak RSS must not grow with it")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    folders = build_models(args.work, args.params)
+    folders = build_models(args.work, args.params, args.layers)
     print(f"models ready in {time.time() - start:.0f} s: {', '.join(map(str, folders))}", flush=True)
-    results: dict = {"params": args.params, "runs": args.runs, "machine": {"cores": os.cpu_count()},
+    results: dict = {"params": args.params, "layers": args.layers or SIZES[args.params][2], "runs": args.runs, "machine": {"cores": os.cpu_count()},
                      "torch_threads": torch.get_num_threads(), "floor": None, "methods": {}}
     floor_runs = []
     for _ in range(args.runs):
