@@ -195,10 +195,11 @@ def taskvec(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES) -
 def merge(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES,
           only: Optional[list[str]] = typer.Option(None, "--only", help="merge only this variant (repeatable)"),
           overwrite: bool = typer.Option(False, "--overwrite", help="replace output folders not written by mergecli"),
-          dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype of every variant: float32, float16, bfloat16")) -> None:
+          dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype of every variant: float32, float16, bfloat16"),
+          workers: int = typer.Option(2, "--workers", min=1, help="tensors computed at once (threads); same result for any value")) -> None:
     """Build every merge variant of the recipe as a Hugging Face model folder."""
     resolved = OPTIONS.recipe(recipe, list(overrides or []) + ([f"dtype={dtype}"] if dtype else []))
-    results = run_merge(resolved, only, overwrite, OPTIONS.device, OPTIONS.reporter, OPTIONS.wait)
+    results = run_merge(resolved, only, overwrite, OPTIONS.device, OPTIONS.reporter, OPTIONS.wait, workers=workers)
     rows = [[r.name, r.method, r.score or "-", r.density, f"{r.kept_density:.4f}", f"{r.seconds:.1f}",
              "reused" if r.reused else "built", r.path] for r in results]
     OPTIONS.emit([r.as_dict() for r in results], "merges",

@@ -372,3 +372,12 @@ def test_a_gguf_file_is_a_base_model(tmp_path, models, monkeypatch):
     assert all(torch.allclose(merged[k], loaded[k] + 0.005, atol=1e-6) for k in loaded)
     again = cli("merge", recipe)
     assert "reused" in again.stderr and len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
+
+
+def test_the_number_of_workers_does_not_change_a_single_byte(tmp_path, models, recipe):
+    cli("merge", recipe, "--workers", "1")
+    one = {m: (tmp_path / "out" / m / "model.safetensors").read_bytes() for m in ("ta", "ties", "dare")}
+    cli("merge", recipe, "--workers", "3", "--overwrite", "output_dir=out3")
+    for m, data in one.items():
+        assert (tmp_path / "out3" / m / "model.safetensors").read_bytes() == data, m
+    assert "greater than or equal to 1" in cli("merge", recipe, "--workers", "0", code=2).stderr

@@ -9,6 +9,7 @@ count so they add up exactly; consumers use G = H / n.
 from __future__ import annotations
 
 import json
+import threading
 import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -144,15 +145,17 @@ class HessianReader:
         self._device = device
         self._keep = keep
         self._cache: OrderedDict[str, LayerStats] = OrderedDict()
+        self._lock = threading.Lock()  # the merge asks from several worker threads
 
     def stats(self, weight_name: str) -> LayerStats | None:
         group = self._members.get(weight_name)
         if group is None:
             return None
-        if group not in self._cache:
-            gram = self._ckpt.get(f"{group}.H").to(self._device, torch.float64) / max(self._counts[group], 1)
-            self._cache[group] = LayerStats(gram, self._damp)
-            if len(self._cache) > self._keep:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(group)
-        return self._cache[group]
+        with self._lock:
+            if group not in self._cache:
+                gram = self._ckpt.get(f"{group}.H").to(self._device, torch.float64) / max(self._counts[group], 1)
+                self._cache[group] = LayerStats(gram, self._damp)
+                if len(self._cache) > self._keep:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(group)
+            return self._cache[group]

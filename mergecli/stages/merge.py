@@ -15,6 +15,8 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +57,14 @@ class MergeResult:
 
 
 def run_merge(recipe: Recipe, only: list[str] | None = None, overwrite: bool = False, device: str = "cpu",
-              reporter: Reporter = SILENT, wait: bool = True, ctx: Context | None = None) -> list[MergeResult]:
-    """Build every merge variant of the recipe (or those named in `only`); cached ones are reused."""
+              reporter: Reporter = SILENT, wait: bool = True, ctx: Context | None = None,
+              workers: int = 2) -> list[MergeResult]:
+    """Build every merge variant of the recipe (or those named in `only`); cached ones are reused.
+
+    `workers` tensors are computed at once (threads, each with its share of torch's threads);
+    the result does not depend on it."""
+    if workers < 1:
+        raise MergeCliError(f"workers must be at least 1, got {workers}")
     if not recipe.merges:
         raise MergeCliError("the recipe has no merges", "add a 'merges:' list (see `mergecli recipes ls`)")
     variants = [recipe.merge(name) for name in only] if only else recipe.merges
@@ -73,12 +81,12 @@ def run_merge(recipe: Recipe, only: list[str] | None = None, overwrite: bool = F
                     hessians[spec.name] = hessian_set(ctx, spec, dev)
         results.append(_merge_variant(ctx, merge, [vectors[m.name] for m in models],
                                       [hessians[m.name] for m in models] if merge.needs_stats else None,
-                                      overwrite, dev))
+                                      overwrite, dev, workers))
     return results
 
 
 def _merge_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], hessians: list[HessianSet] | None,
-                   overwrite: bool, device: torch.device) -> MergeResult:
+                   overwrite: bool, device: torch.device, workers: int) -> MergeResult:
     recipe = ctx.recipe
     weights = [next(m.weight for m in recipe.models if m.name == v.model) for v in vectors]
     params = merge.model_dump(by_alias=True, exclude={"name", "models"})
@@ -101,7 +109,7 @@ def _merge_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
         tmp = out.parent / f".{merge.name}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.mkdir()
         try:
-            result = _write_variant(ctx, merge, vectors, hessians, weights, tmp, device)
+            result = _write_variant(ctx, merge, vectors, hessians, weights, tmp, device, workers)
             result.path = out
             files = sorted(p.name for p in tmp.iterdir())
             (tmp / STAMP).write_text(json.dumps({"key": key, "files": files, "result": result.as_dict()}, indent=1))
@@ -115,7 +123,7 @@ def _merge_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
 
 
 def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], hessians: list[HessianSet] | None,
-                   weights: list[float], folder: Path, device: torch.device) -> MergeResult:
+                   weights: list[float], folder: Path, device: torch.device, workers: int) -> MergeResult:
     start = time.perf_counter()
     method = METHODS[merge.method]
     params = TrimParams(merge.score, merge.density or 1.0, merge.topk == "row", merge.seed, merge.compensate,
@@ -131,19 +139,17 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
                             out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype)
                  for n, i in ((n, base.info(n)) for n in base.names())]
         writer = ShardedWriter(folder, infos, ctx.recipe.shard_bytes)
-        memo: dict[str, torch.Tensor] = {}
-        tied_targets = set(arch.tied.values())
 
-        def merged(name: str, dtype: torch.dtype) -> torch.Tensor:
-            nonlocal kept, offered, without_stats
+        def merged(name: str, dtype: torch.dtype) -> tuple[torch.Tensor, int, int, bool]:
+            """One output tensor, entries kept and offered, and whether some statistics were missing."""
             canonical = arch.canonical(name)
-            if canonical in memo:
-                return memo.pop(canonical)
             theta = base.get(name)
+            k = n = 0
+            missing = False
             if theta.dtype.is_floating_point and any(canonical in v for v in vectors):
                 theta = theta.to(device)
                 stats = [r.stats(canonical) for r in readers] if readers else None
-                without_stats += bool(readers) and any(s is None for s in stats)
+                missing = bool(readers) and any(s is None for s in stats)
                 sources = [_on(v.tensor(canonical, theta), device) for v in vectors]
                 try:
                     theta, k, n = merge_tensor(method, sources, weights, params, canonical,
@@ -152,25 +158,47 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
                 except NonFiniteTaskVector as exc:
                     raise MergeCliError(f"{vectors[exc.index].model}: tensor {canonical} has NaN/Inf entries in its "
                                         "task vector", "the checkpoint (or the base) is corrupt") from None
-                kept, offered = kept + k, offered + n
                 theta = theta.cpu()
             if canonical in extra:
                 index, rows = extra[canonical]
                 theta = torch.cat([theta.to(dtype), vectors[index].extra(canonical).to(dtype)])
-            result = theta.to(dtype)
-            if canonical in tied_targets and any(a in base for a, c in arch.tied.items() if c == canonical):
-                memo[canonical] = result  # the other half of a tied pair is written from this one
-            return result
+            return theta.to(dtype), k, n, missing
 
+        # Tensors are computed `workers` at a time, ahead of the writer, which takes them in shard
+        # order: one tensor's single-threaded steps (reading, Python, kthvalue, random draws)
+        # overlap another's. A tied pair (lm_head = embeddings) is computed once, for both names.
+        order = list(writer.order)
+        uses = Counter(arch.canonical(i.name) for i in order)
+        futures: dict[str, Future] = {}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // workers))
         try:
-            with ctx.reporter.track(f"merge {merge.name}", len(infos)) as advance:
-                for info in writer.order:
-                    writer.write(info.name, merged(info.name, info.dtype))
+            with ctx.reporter.track(f"merge {merge.name}", len(infos)) as advance, \
+                    ThreadPoolExecutor(workers) as pool:
+                ahead = 0
+                for position, info in enumerate(order):
+                    while ahead < len(order) and (ahead <= position or len(futures) < workers + 1):
+                        nxt = order[ahead]
+                        futures.setdefault(arch.canonical(nxt.name), pool.submit(merged, nxt.name, nxt.dtype))
+                        ahead += 1
+                    canonical = arch.canonical(info.name)
+                    tensor, k, n, missing = futures[canonical].result()
+                    uses[canonical] -= 1
+                    if uses[canonical] == 0:
+                        del futures[canonical]
+                    else:
+                        k = n = 0  # counted once per pair
+                    kept, offered, without_stats = kept + k, offered + n, without_stats + missing
+                    writer.write(info.name, tensor)
                     advance(1)
             writer.close()
         except BaseException:
+            for future in futures.values():
+                future.cancel()
             writer.abort()
             raise
+        finally:
+            torch.set_num_threads(threads)
     if without_stats:
         ctx.reporter.log(f"merge [bold]{merge.name}[/]: {without_stats} tensors have no calibration statistics "
                          f"(embeddings, norms, biases, lm_head) and used "
