@@ -15,10 +15,12 @@ import os
 import shutil
 import time
 import uuid
+import math
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -35,6 +37,7 @@ from .hessian import HessianReader, HessianSet, hessian_set
 from .taskvec import TaskVector, task_vector
 
 STAMP = "mergecli.json"
+T = TypeVar("T")
 WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 NOT_COPIED = {"README.md", ".gitattributes", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 
@@ -140,8 +143,9 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
                  for n, i in ((n, base.info(n)) for n in base.names())]
         writer = ShardedWriter(folder, infos, ctx.recipe.shard_bytes)
 
-        def merged(name: str, dtype: torch.dtype) -> tuple[torch.Tensor, int, int, bool]:
+        def merged(info: TensorInfo) -> tuple[torch.Tensor, int, int, bool]:
             """One output tensor, entries kept and offered, and whether some statistics were missing."""
+            name, dtype = info.name, info.dtype
             canonical = arch.canonical(name)
             theta = base.get(name)
             k = n = 0
@@ -164,37 +168,18 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
                 theta = torch.cat([theta.to(dtype), vectors[index].extra(canonical).to(dtype)])
             return theta.to(dtype), k, n, missing
 
-        # Tensors are computed `workers` at a time, ahead of the writer, which takes them in shard
-        # order: one tensor's single-threaded steps (reading, Python, kthvalue, random draws)
-        # overlap another's. A tied pair (lm_head = embeddings) is computed once, for both names.
-        order = list(writer.order)
-        uses = Counter(arch.canonical(i.name) for i in order)
-        futures: dict[str, Future] = {}
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // workers))
         try:
-            with ctx.reporter.track(f"merge {merge.name}", len(infos)) as advance, \
-                    ThreadPoolExecutor(workers) as pool:
-                ahead = 0
-                for position, info in enumerate(order):
-                    while ahead < len(order) and (ahead <= position or len(futures) < workers + 1):
-                        nxt = order[ahead]
-                        futures.setdefault(arch.canonical(nxt.name), pool.submit(merged, nxt.name, nxt.dtype))
-                        ahead += 1
-                    canonical = arch.canonical(info.name)
-                    tensor, k, n, missing = futures[canonical].result()
-                    uses[canonical] -= 1
-                    if uses[canonical] == 0:
-                        del futures[canonical]
-                    else:
-                        k = n = 0  # counted once per pair
-                    kept, offered, without_stats = kept + k, offered + n, without_stats + missing
+            with ctx.reporter.track(f"merge {merge.name}", len(infos)) as advance:
+                for info, (tensor, k, n, missing), first in _in_order(list(writer.order), arch.canonical, merged,
+                                                                        workers):
+                    if first:  # a tied pair is merged once: count it once
+                        kept, offered, without_stats = kept + k, offered + n, without_stats + missing
                     writer.write(info.name, tensor)
                     advance(1)
             writer.close()
         except BaseException:
-            for future in futures.values():
-                future.cancel()
             writer.abort()
             raise
         finally:
@@ -210,6 +195,46 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
     return MergeResult(merge.name, merge.method, merge.score, merge.density or 1.0, folder, False,
                        round(time.perf_counter() - start, 3), kept / offered if offered else 0.0,
                        len(infos), [v.model for v in vectors])
+
+
+def _in_order(items: list[TensorInfo], key: Callable[[str], str], compute: Callable[[TensorInfo], T],
+              workers: int) -> Iterator[tuple[TensorInfo, T, bool]]:
+    """Yield (item, its result, first time for its key) in order, computing up to `workers` items
+    ahead in threads: one tensor's single-threaded steps (reading, Python, kthvalue, random draws)
+    overlap another's. Items sharing a key (a tied pair) are computed once. An item is started
+    ahead only while the entries being computed stay within the largest tensor's, so peak memory
+    is one largest-tensor working set whatever the order of the tensors (the embedding and the
+    output layer are often neighbours)."""
+    def size(item: TensorInfo) -> int:
+        return math.prod(item.shape)
+
+    budget = max((size(i) for i in items), default=0)
+    futures: dict[str, Future] = {}
+    sizes: dict[str, int] = {}
+    left = Counter(key(i.name) for i in items)
+    ahead = 0
+    with ThreadPoolExecutor(workers) as pool:
+        try:
+            for position, item in enumerate(items):
+                while ahead < len(items):
+                    nxt, nxt_key = items[ahead], key(items[ahead].name)
+                    if nxt_key not in futures:
+                        running = sum(sizes[k] for k, f in futures.items() if not f.done())
+                        if ahead > position and (len(futures) > workers or running + size(nxt) > budget):
+                            break
+                        futures[nxt_key], sizes[nxt_key] = pool.submit(compute, nxt), size(nxt)
+                    ahead += 1
+                item_key = key(item.name)
+                result = futures[item_key].result()
+                left[item_key] -= 1
+                first = item_key in sizes
+                sizes.pop(item_key, None)
+                if left[item_key] == 0:
+                    del futures[item_key]
+                yield item, result, first
+        finally:
+            for future in futures.values():
+                future.cancel()
 
 
 def _extra_rows(vectors: list[TaskVector]) -> dict[str, tuple[int, int]]:
