@@ -134,11 +134,15 @@ class TaskTensor:
         return tau if self.reference is None else tau.sub_(self.reference[start:stop])
 
     def oriented(self, transposed: bool) -> "TaskTensor":
-        if self.weights.dim() == 0:
-            return TaskTensor(self.weights.reshape(1), None if self.reference is None else self.reference.reshape(1))
-        if not transposed:
-            return self
-        return TaskTensor(self.weights.T, None if self.reference is None else self.reference.T)
+        return TaskTensor(orient(self.weights, transposed),
+                          None if self.reference is None else orient(self.reference, transposed))
+
+
+def orient(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A view with rows = output features (a scalar becomes one row)."""
+    if tensor.dim() == 0:
+        return tensor.reshape(1)
+    return tensor.T if transposed else tensor
 
 
 class NonFiniteTaskVector(ValueError):
@@ -264,8 +268,8 @@ def merge_tensor(method: Method, taus: Iterable[TaskTensor | torch.Tensor | None
              for (i, _), src, s in zip(present, sources, used_stats)]
     w = torch.tensor([weights[i] for i, _ in present], dtype=torch.float32)
     out = torch.empty(shape, dtype=dtype or torch.float32, device=sources[0].weights.device)
-    target = TaskTensor(out).oriented(transposed).weights
-    reference = None if base is None else TaskTensor(base).oriented(transposed).weights
+    target = orient(out, transposed)
+    reference = None if base is None else orient(base, transposed)
     kept = 0
     for start, stop in chunks:
         trimmed = []
