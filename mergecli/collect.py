@@ -2,8 +2,9 @@
 
 Activations are never stored: each hook adds x^T x of its input to an fp32 sum in place (`addmm_`,
 no d x d temporary). H is symmetric, so only row blocks from the diagonal rightwards are
-computed (about 56% of the products for 8 blocks) and the lower triangle is filled once at the
-end: the product costs about as many multiply-adds as the layer's own forward for MLP inputs.
+computed (up to 8 blocks of at least 128 columns: 56% of the products for wide inputs) and the
+lower triangle is filled once at the end. Without that, X^T X would cost about as many
+multiply-adds as the layers' own forward.
 Layers that read the same input tensor (q/k/v, gate/up, BLOOM's fused qkv trivially) form one
 group and share one H; groups are detected by tensor identity on a probe forward, not by name
 lists, so any architecture works. The output embedding (lm_head) is not collected: it is tied to
