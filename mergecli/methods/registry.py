@@ -19,8 +19,8 @@ divided by their keep-probability.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
@@ -133,6 +133,9 @@ class TaskTensor:
         tau = self.weights[start:stop].to(torch.float32, copy=True, memory_format=torch.contiguous_format)
         return tau if self.reference is None else tau.sub_(self.reference[start:stop])
 
+    def to(self, device: torch.device) -> "TaskTensor":
+        return TaskTensor(self.weights.to(device), None if self.reference is None else self.reference.to(device))
+
     def oriented(self, transposed: bool) -> "TaskTensor":
         return TaskTensor(orient(self.weights, transposed),
                           None if self.reference is None else orient(self.reference, transposed))
@@ -163,8 +166,10 @@ def count(mask: torch.Tensor) -> int:
 
 
 def plan_trim(tau: TaskTensor, params: TrimParams, rescale: bool, tensor_name: str, model_index: int,
-              stats: LayerStats | None, chunks: list[tuple[int, int]]) -> Trim:
-    """How one model's chunks of one tensor are trimmed; a per-tensor top-k finds its threshold here.
+              stats: LayerStats | None, chunks: list[tuple[int, int]],
+              buffers: dict[torch.dtype, torch.Tensor] | None = None) -> Trim:
+    """How one model's chunks of one tensor are trimmed; a per-tensor top-k finds its threshold here
+    (in a score buffer taken from, or left in, `buffers`: the models of one tensor share it).
 
     The returned function may modify its chunk in place (chunks are fresh copies).
     """
@@ -200,7 +205,7 @@ def plan_trim(tau: TaskTensor, params: TrimParams, rescale: bool, tensor_name: s
         def selection(scores: torch.Tensor) -> torch.Tensor:
             return topk_mask(scores, d, per_row=True)
     else:
-        selection = _threshold(tau, lambda t: score.fn(t, stats), d, chunks).mask
+        selection = _threshold(tau, lambda t: score.fn(t, stats), d, chunks, {} if buffers is None else buffers).mask
 
     def top(t: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
         keep = selection(score.fn(t, stats))
@@ -209,7 +214,7 @@ def plan_trim(tau: TaskTensor, params: TrimParams, rescale: bool, tensor_name: s
 
 
 def _threshold(tau: TaskTensor, score: Callable[[torch.Tensor], torch.Tensor], density: float,
-               chunks: list[tuple[int, int]]) -> TopK:
+               chunks: list[tuple[int, int]], buffers: dict[torch.dtype, torch.Tensor]) -> TopK:
     """Per-tensor top-k: scores of every chunk gathered into one flat buffer, threshold found once."""
     first = score(tau.rows(*chunks[0])).reshape(-1)
     if len(chunks) == 1:
@@ -217,7 +222,9 @@ def _threshold(tau: TaskTensor, score: Callable[[torch.Tensor], torch.Tensor], d
     else:  # the buffer has the score's dtype (float64 for data-aware scores): phase 2 compares exactly
         numel = tau.weights.numel()
         cols = numel // max(tau.weights.shape[0], 1)
-        flat = torch.empty(numel, dtype=first.dtype, device=first.device)
+        flat = buffers.get(first.dtype)
+        if flat is None:
+            flat = buffers[first.dtype] = torch.empty(numel, dtype=first.dtype, device=first.device)
         flat[: first.numel()] = first
         for start, stop in chunks[1:]:
             flat[start * cols: stop * cols] = score(tau.rows(start, stop)).reshape(-1)
@@ -264,8 +271,10 @@ def merge_tensor(method: Method, taus: Iterable[TaskTensor | torch.Tensor | None
         or (method.rescale and SCORES[params.score].selection == "rank")))
     chunks = _chunks(rows, cols, whole)
     no_trim = TrimParams(None, 1.0)
-    trims = [plan_trim(src, params if method.sparsify else no_trim, method.rescale, tensor_name, i, s, chunks)
-             for (i, _), src, s in zip(present, sources, used_stats)]
+    buffers: dict[torch.dtype, torch.Tensor] = {}
+    trims = [plan_trim(src, params if method.sparsify else no_trim, method.rescale, tensor_name, i, s, chunks,
+                       buffers) for (i, _), src, s in zip(present, sources, used_stats)]
+    del buffers  # thresholds are found; the score buffer is not needed while merging
     w = torch.tensor([weights[i] for i, _ in present], dtype=torch.float32)
     out = torch.empty(shape, dtype=dtype or torch.float32, device=sources[0].weights.device)
     target = orient(out, transposed)

@@ -9,8 +9,8 @@ count so they add up exactly; consumers use G = H / n.
 from __future__ import annotations
 
 import json
-import threading
 import shutil
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path

@@ -3,19 +3,20 @@
 For each output tensor: read the base tensor and each fine-tune's tensor as stored (or a LoRA's
 task vector), apply the variant's method (pure math in `mergecli.methods`, a chunk of rows at a
 time), append the result to the shard being written. Peak memory is the largest tensor times
-(models + 2) in its stored dtype, plus one fp32 score buffer for top-k, independent of depth. The
-folder is built under a temporary name and renamed into place, so it appears complete or not at
-all; a `mergecli.json` stamp records the cache key, and an identical rerun reuses it.
+(models + 2) in its stored dtype, plus one score buffer for top-k (fp32; fp64 for data-aware
+scores), independent of depth. The folder is built under a temporary name and renamed into
+place, so it appears complete or not at all; a `mergecli.json` stamp records the cache key, and
+an identical rerun reuses it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 import uuid
-import math
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 
 from .. import __version__
 from ..errors import MergeCliError
-from ..methods import METHODS, NonFiniteTaskVector, TaskTensor, TrimParams, merge_tensor
+from ..methods import METHODS, NonFiniteTaskVector, TrimParams, merge_tensor
 from ..models.architecture import Architecture
 from ..models.safetensors_io import Checkpoint, ShardedWriter, TensorInfo
 from ..progress import SILENT, Reporter
@@ -154,7 +155,8 @@ def _write_variant(ctx: Context, merge: MergeSpec, vectors: list[TaskVector], he
                 theta = theta.to(device)
                 stats = [r.stats(canonical) for r in readers] if readers else None
                 missing = bool(readers) and any(s is None for s in stats)
-                sources = [_on(v.tensor(canonical, theta), device) for v in vectors]
+                sources = [v.tensor(canonical, theta) for v in vectors]
+                sources = [None if t is None else t.to(device) for t in sources]
                 try:
                     theta, k, n = merge_tensor(method, sources, weights, params, canonical,
                                                canonical in arch.transposed, stats, base=theta, lam=merge.lambda_,
@@ -205,33 +207,30 @@ def _in_order(items: list[TensorInfo], key: Callable[[str], str], compute: Calla
     ahead only while the entries being computed stay within the largest tensor's, so peak memory
     is one largest-tensor working set whatever the order of the tensors (the embedding and the
     output layer are often neighbours)."""
-    def size(item: TensorInfo) -> int:
-        return math.prod(item.shape)
-
-    budget = max((size(i) for i in items), default=0)
-    futures: dict[str, Future] = {}
-    sizes: dict[str, int] = {}
+    size = {key(i.name): math.prod(i.shape) for i in items}
+    budget = max(size.values(), default=0)
     left = Counter(key(i.name) for i in items)
+    futures: dict[str, Future] = {}
+    yielded: set[str] = set()
     ahead = 0
     with ThreadPoolExecutor(workers) as pool:
         try:
             for position, item in enumerate(items):
                 while ahead < len(items):
-                    nxt, nxt_key = items[ahead], key(items[ahead].name)
+                    nxt_key = key(items[ahead].name)
                     if nxt_key not in futures:
-                        running = sum(sizes[k] for k, f in futures.items() if not f.done())
-                        if ahead > position and (len(futures) > workers or running + size(nxt) > budget):
+                        running = sum(size[k] for k, f in futures.items() if not f.done())
+                        if ahead > position and (len(futures) > workers or running + size[nxt_key] > budget):
                             break
-                        futures[nxt_key], sizes[nxt_key] = pool.submit(compute, nxt), size(nxt)
+                        futures[nxt_key] = pool.submit(compute, items[ahead])
                     ahead += 1
                 item_key = key(item.name)
                 result = futures[item_key].result()
                 left[item_key] -= 1
-                first = item_key in sizes
-                sizes.pop(item_key, None)
                 if left[item_key] == 0:
                     del futures[item_key]
-                yield item, result, first
+                yield item, result, item_key not in yielded
+                yielded.add(item_key)
         finally:
             for future in futures.values():
                 future.cancel()
@@ -245,12 +244,6 @@ def _extra_rows(vectors: list[TaskVector]) -> dict[str, tuple[int, int]]:
             if rows > found.get(canonical, (0, 0))[1]:
                 found[canonical] = (index, rows)
     return found
-
-
-def _on(source: TaskTensor | None, device: torch.device) -> TaskTensor | None:
-    if source is None or device.type == "cpu":
-        return source
-    return TaskTensor(source.weights.to(device), None if source.reference is None else source.reference.to(device))
 
 
 def _grown(shape: tuple[int, ...], extra: tuple[int, int] | None) -> tuple[int, ...]:

@@ -82,8 +82,8 @@ class TaskVector:
         if stored is None:
             return None
         if self.by_reference:
-            return TaskTensor(self._finetune.get(stored)[: base.shape[0]] if base.dim() else self._finetune.get(stored),
-                              base)
+            weights = self._finetune.get(stored)
+            return TaskTensor(weights[: base.shape[0]] if base.dim() else weights, base)
         assert self._stored is not None
         return TaskTensor(self._stored.get(canonical))
 
@@ -169,8 +169,12 @@ def _reference_full(ctx: Context, spec: ModelSpec, source: ModelSource, base: Ch
         if extra:
             infos = [TensorInfo(f"{c}{EXTRA_ROWS}", (rows, *base.info(base_map[c]).shape[1:]), ft.info(ft_map[c]).dtype)
                      for c, rows in extra.items()]
-            _write(ctx, spec, path, infos,
-                   lambda name: ft.get(ft_map[name.removesuffix(EXTRA_ROWS)])[-extra[name.removesuffix(EXTRA_ROWS)]:])
+
+            def added_rows(name: str) -> torch.Tensor:
+                canonical = name.removesuffix(EXTRA_ROWS)
+                return ft.get(ft_map[canonical])[-extra[canonical]:]
+
+            _write(ctx, spec, path, infos, added_rows)
     return {"storage": "reference", "tensors": tensors, "extra_rows": extra}
 
 
