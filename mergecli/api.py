@@ -1,21 +1,36 @@
-"""The public Python API: the same stages the CLI runs."""
+"""The public Python API: one `run_<stage>` function per stage, generated from the stage list, with
+one calling convention: `run_merge(recipe, *, reporter=SILENT, device="cpu", wait=True, **options)`.
+The CLI is a thin layer over the same stages."""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from .progress import SILENT, Reporter
 from .recipe import Recipe, load_recipe
-from .report import comparison
-from .stages.evaluate import Evaluated, run_eval
-from .stages.hessian import HessianSet, run_hessian
-from .stages.merge import MergeResult, run_merge
-from .stages.taskvec import TaskVector, run_taskvec
+from .stages import stages
+from .stages.base import Context, Stage
+
+
+def _runner(stage: Stage) -> Callable[..., Any]:
+    def run(recipe: Recipe, *, reporter: Reporter = SILENT, device: str = "cpu", wait: bool = True,
+            **options: Any) -> Any:
+        return stage.run(Context(recipe, reporter, device, wait), **options)
+
+    run.__name__ = run.__qualname__ = f"run_{stage.name}"
+    run.__doc__ = stage.summary
+    return run
+
+
+RUNNERS = {f"run_{stage.name}": _runner(stage) for stage in stages().values()}
+globals().update(RUNNERS)
 
 
 def compare(recipe: Recipe, reporter: Reporter = SILENT, device: str = "cpu") -> dict[str, dict]:
-    """Run every missing stage, then return the comparison keyed by model name (the seed's
-    `merge_all_methods()`): perplexity per dataset, mean, change vs the fine-tunes, best merge."""
-    return {row["model"]: row for row in comparison(run_eval(recipe, reporter, device=device))}
+    """Run every missing stage, then return the comparison keyed by model name: perplexity per
+    dataset, mean, gain retained, change vs the fine-tunes, best merge."""
+    _, rows = stages()["compare"].run(Context(recipe, reporter, device))
+    return {row["model"]: row for row in rows}
 
 
-__all__ = ["Evaluated", "HessianSet", "MergeResult", "Recipe", "TaskVector", "compare", "load_recipe",
-           "run_eval", "run_hessian", "run_merge", "run_taskvec"]
+__all__ = ["Context", "Recipe", "compare", "load_recipe", *RUNNERS]

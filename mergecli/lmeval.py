@@ -30,7 +30,7 @@ def run_tasks(folder: Path, spec: LmEvalSpec, root: Path, device: str, tokenizer
                             "check the names, or point include_path at your task YAMLs")
     try:
         model_args = {"pretrained": str(base), "peft": str(folder)} if base else {"pretrained": str(folder)}
-        model_args |= {"tokenizer": str(tokenizer), "dtype": "float32"}
+        model_args |= {"tokenizer": str(tokenizer), "dtype": "float32", "trust_remote_code": False}
         output = lm_eval.simple_evaluate(model="hf", model_args=model_args,
                                          tasks=list(spec.tasks), task_manager=manager, num_fewshot=spec.num_fewshot,
                                          limit=spec.limit, batch_size=spec.batch_size, device=device,

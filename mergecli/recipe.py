@@ -3,6 +3,12 @@
 The recipe is the single source of truth for a run (as in torchtune): every stage reads the same
 validated object, and validation runs before any model is opened, so a typo costs a second, not a
 half-finished merge. Relative paths are resolved against the recipe file, not the shell's cwd.
+
+A merge variant's method parameters are not fields of this schema: each method declares its own
+(`methods/table.py`), and a variant is checked against its method's declaration, so a new method
+with a new parameter needs no change here. Fields that only steer how a result is computed, not
+what it is (batch sizes, where the workspace lives), are marked `runtime`; every other field is
+part of the cache key of whatever it reaches (see `key_view`), so a new field cannot be forgotten.
 """
 
 from __future__ import annotations
@@ -10,18 +16,28 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import RecipeError
-from .methods import METHODS, SCORES
+from .methods.table import Method, catalog
+from .models.reference import resolve_reference
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+MAX_RECIPE_BYTES = 1 << 20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$"
+SafeName = Annotated[str, StringConstraints(pattern=SAFE_NAME)]
+NAME_RULE = "1-100 characters: letters, digits, '.', '_', '+', '-', starting with a letter or digit"
+
+
+def runtime(default: Any, description: str, **constraints: Any) -> Any:
+    """A field that changes how a result is computed, not the result: left out of cache keys."""
+    return Field(default, description=description, json_schema_extra={"runtime": True}, **constraints)
 
 
 def parse_size(text: str | int) -> int:
@@ -40,13 +56,14 @@ def default_model_name(ref: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class DatasetSpec(_Strict):
     """Where a fine-tune's own text lives (calibration and evaluation)."""
 
-    path: str = Field(description="hub dataset name, a loader name (json, csv, text, parquet) or a local file/folder")
+    path: str = Field(min_length=1, description="hub dataset name, a loader name (json, csv, text, parquet) "
+                                                "or a local file/folder")
     name: str | None = Field(None, description="dataset config name")
     data_files: str | list[str] | None = None
     split: str = "train"
@@ -61,127 +78,166 @@ class LmEvalSpec(_Strict):
 
     tasks: list[str] = Field(min_length=1)
     include_path: str | None = Field(None, description="folder of custom task YAMLs (relative to the recipe)")
-    num_fewshot: int | None = None
+    num_fewshot: int | None = Field(None, ge=0, le=1000)
     limit: int | None = Field(None, ge=1, description="examples per task (for quick checks)")
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, le=100_000)
 
 
 class EvaluationSpec(_Strict):
     """Perplexity windows: the same seeded set for every model."""
 
-    samples: int = Field(32, ge=1)
-    seq_len: int = Field(256, ge=2)
-    batch_size: int = Field(4, ge=1)
-    seed: int = 0
-    datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="extra eval datasets by name")
+    samples: int = Field(32, ge=1, le=1_000_000)
+    seq_len: int = Field(256, ge=2, le=1_000_000)
+    batch_size: int = runtime(4, "windows per forward pass", ge=1, le=100_000)
+    seed: int = Field(0, ge=0, lt=2**63)
+    datasets: dict[SafeName, DatasetSpec] = Field(default_factory=dict, description="extra eval datasets by name")
     lm_eval: LmEvalSpec | None = None
 
 
 class CalibrationSpec(_Strict):
     """How calibration windows are drawn for the hessian stage."""
 
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(512, ge=2)
-    batch_size: int = Field(4, ge=1)
-    seed: int = 0
+    samples: int = Field(128, ge=1, le=1_000_000)
+    seq_len: int = Field(512, ge=2, le=1_000_000)
+    batch_size: int = runtime(4, "windows per forward pass", ge=1, le=100_000)
+    seed: int = Field(0, ge=0, lt=2**63)
     source: Literal["finetune", "base"] = Field("finetune", description="model whose activations are collected")
     pack: bool = Field(True, description="pack documents into full windows (else one padded window per document)")
-    layer_by_layer: bool = Field(False, description="one decoder block on the device at a time")
+    layer_by_layer: bool = runtime(False, "one decoder block on the device at a time")
 
 
 class ModelSpec(_Strict):
     """A fine-tuned model: full checkpoint or LoRA adapter, local folder or hub id[@revision]."""
 
-    name: str = ""
-    model: str = Field(description="local folder, or hub id with optional @revision")
-    weight: float = 1.0
+    name: str = Field("", description="default: the last component of `model`")
+    model: str = Field(min_length=1, description="local folder, or hub id with optional @revision")
+    weight: float = Field(1.0, ge=-100, le=100)
     dataset: DatasetSpec | None = None
     check_base: bool = Field(True, description="LoRA only: require the adapter's recorded base to match")
 
     @model_validator(mode="after")
     def _default_name(self) -> "ModelSpec":
+        if "name" in self.model_fields_set and not self.name:
+            raise ValueError(f"name: must not be empty ({NAME_RULE})")
         self.name = self.name or default_model_name(self.model)
+        if not re.match(SAFE_NAME, self.name):
+            raise ValueError(f"name: {self.name!r} is not a usable name ({NAME_RULE})")
         return self
 
 
-class MergeSpec(_Strict):
-    """One merge variant: the method, how entries are scored and how many are kept."""
+class VariantModel(BaseModel):
+    """A fine-tune in one variant, with parameters of its own (mergekit's per-model `parameters`)."""
 
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str
+
+
+class MergeSpec(BaseModel):
+    """One merge variant: the method, its parameters (declared by the method), and its inputs."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
+    name: SafeName
     method: str
-    score: str | None = None
-    density: float | None = Field(None, description="fraction of each task vector kept, in (0, 1]")
-    lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
-    seed: int = 0
+    models: list[str | VariantModel] | None = Field(None, min_length=1,
+                                                    description="fine-tunes to merge (default: all)")
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    topk: Literal["tensor", "row"] = "tensor"
-    models: list[str] | None = Field(None, description="names of the fine-tunes to merge (default: all)")
-    compensate: bool = Field(False, description="sparsegpt only: OBS error compensation of the kept entries")
-    alpha: float = Field(0.9, ge=0.0, le=1.0, description="regmean: G~ = alpha G + (1 - alpha) diag G")
-    damp: float = Field(0.01, gt=0.0, description="Hessian damping, relative to mean(diag H)")
+    overflow: Literal["error", "clamp"] = Field(
+        "error", description="values beyond the output dtype's range: an error naming the tensor, or clamped")
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in METHODS:
-            raise ValueError(f"unknown method {value!r}{_did_you_mean(value, METHODS)}; known: {', '.join(METHODS)}")
-        return value
-
-    @field_validator("score")
-    @classmethod
-    def _known_score(cls, value: str | None) -> str | None:
-        if value is not None and value not in SCORES:
-            raise ValueError(f"unknown score {value!r}{_did_you_mean(value, SCORES)}; known: {', '.join(SCORES)}")
-        return value
-
-    @field_validator("density")
-    @classmethod
-    def _density_range(cls, value: float | None) -> float | None:
-        if value is not None and not 0.0 < value <= 1.0:
-            raise ValueError(f"must be in (0, 1], got {value}")
+        known = catalog()
+        if value not in known:
+            raise ValueError(f"unknown method {value!r}{_did_you_mean(value, known)}; known: {', '.join(known)}")
         return value
 
     @model_validator(mode="after")
-    def _method_defaults(self) -> "MergeSpec":
-        spec = METHODS[self.method]
-        if not spec.sparsify:
-            if self.density not in (None, 1.0) or self.score is not None:
-                raise ValueError(f"{self.method} merges whole task vectors: remove 'density'/'score' "
-                                 "or use ties / dare_linear / dare_ties")
-            self.density = 1.0
-        else:
-            self.score = self.score or spec.default_score
-            self.density = spec.default_density if self.density is None else self.density
-        if self.compensate and (self.score != "sparsegpt" or spec.rescale):
-            raise ValueError("compensate: true needs score: sparsegpt with method ties or linear")
+    def _method_params(self) -> "MergeSpec":
+        method = catalog()[self.method]
+        given = dict(self.__pydantic_extra__ or {})
+        self.__pydantic_extra__ = {p.name: _check_param(p.name, p, given.pop(p.name, p.default))
+                                   for p in method.params}
+        if given:
+            field = next(iter(given))
+            names = [p.name for p in method.params] + list(MergeSpec.model_fields)
+            raise ValueError(f"{field}: unknown field{_did_you_mean(field, names)} "
+                             f"({self.method} takes: {', '.join(p.name for p in method.params) or 'no parameters'})")
+        for i, entry in enumerate(self.models or []):
+            if isinstance(entry, VariantModel):
+                allowed = {"weight"} | {p.name for p in method.params if p.per_model}
+                for key, value in (entry.__pydantic_extra__ or {}).items():
+                    if key not in allowed:
+                        raise ValueError(f"models.{i}.{key}: not a per-model parameter of {self.method} "
+                                         f"(per model: {', '.join(sorted(allowed))})")
+                    param = method.param(key)
+                    entry.__pydantic_extra__[key] = _check_param(f"models.{i}.{key}", param, value) if param \
+                        else _check_weight(f"models.{i}.{key}", value)
         return self
 
     @property
+    def method_spec(self) -> Method:
+        return catalog()[self.method]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The method's parameters, every one of them (defaults filled in)."""
+        return dict(self.__pydantic_extra__ or {})
+
+    @property
+    def model_names(self) -> list[str] | None:
+        return None if self.models is None else [m if isinstance(m, str) else m.name for m in self.models]
+
+    def model_params(self, name: str) -> dict[str, Any]:
+        """Parameters this variant sets for one model (its weight, density, ...)."""
+        for entry in self.models or []:
+            if isinstance(entry, VariantModel) and entry.name == name:
+                return dict(entry.__pydantic_extra__ or {})
+        return {}
+
+    @property
     def needs_stats(self) -> bool:
-        return METHODS[self.method].needs_stats or (self.score is not None and SCORES[self.score].needs_stats)
+        from .methods.scores import SCORES
+
+        score = self.params.get("score")
+        return self.method_spec.needs_stats or (score is not None and SCORES[score].needs_stats)
+
+
+def _check_param(field: str, param, value: Any) -> Any:
+    try:
+        return param.check(value)
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc}") from None
+
+
+def _check_weight(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+        raise ValueError(f"{field}: must be a number in [-100, 100], got {value!r}")
+    return float(value)
 
 
 class Recipe(_Strict):
     """A validated recipe. `root` is the folder relative paths are resolved against."""
 
-    name: str = "merge"
-    base: str = Field(description="base model: local folder or hub id[@revision]")
+    name: str = Field("merge", max_length=200)
+    base: str = Field(min_length=1, description="base model: local folder or hub id[@revision]")
     models: list[ModelSpec] = Field(min_length=1)
     merges: list[MergeSpec] = Field(default_factory=list)
-    workspace: str = "workspace"
-    output_dir: str = "merged"
+    workspace: str = runtime("workspace", "cache folder", min_length=1)
+    output_dir: str = runtime("merged", "merged models go to output_dir/<merge name>", min_length=1)
     shard_size: str = "2GB"
     extra_tokens: Literal["error", "base", "union"] = Field(
         "error", description="fine-tunes with added tokens: error, keep the base vocabulary, or add their rows")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     root: Path = Field(default=Path("."), exclude=True)
+    path: Path | None = Field(default=None, exclude=True, description="the recipe file (an input: never written)")
 
     @field_validator("shard_size")
     @classmethod
     def _size(cls, value: str) -> str:
-        if parse_size(value) < 1024:
-            raise ValueError("must be at least 1KiB")
+        if not 1024 <= parse_size(value) <= 10**13:
+            raise ValueError("must be between 1KiB and 10TB")
         return value
 
     @model_validator(mode="after")
@@ -190,16 +246,22 @@ class Recipe(_Strict):
         _unique([m.name for m in self.merges], "merges", "merge name")
         known = {m.name for m in self.models}
         for i, merge in enumerate(self.merges):
-            for ref in merge.models or []:
+            names = merge.model_names or []
+            _unique(names, f"merges.{i}.models", "model", key="")
+            for j, ref in enumerate(names):
                 if ref not in known:
-                    raise ValueError(f"merges.{i}.models: {ref!r} is not a model of this recipe "
+                    raise ValueError(f"merges.{i}.models.{j}: {ref!r} is not a model of this recipe "
                                      f"({', '.join(sorted(known))})")
-        for merge in self.merges:
+            if merge.method_spec.check:
+                try:
+                    merge.method_spec.check(merge.params, self.weights_of(merge))
+                except ValueError as exc:
+                    raise ValueError(f"merges.{i}.{exc}") from None
             if merge.needs_stats:
-                for i, model in enumerate(self.models):
-                    if model.dataset is None and (merge.models is None or model.name in merge.models):
-                        raise ValueError(f"models.{i}.dataset: required by merge {merge.name!r} "
-                                         f"({merge.method}/{merge.score} uses calibration statistics)")
+                for j, model in enumerate(self.models):
+                    if model.dataset is None and (merge.models is None or model.name in names):
+                        raise ValueError(f"models.{j}.dataset: required by merge {merge.name!r} "
+                                         f"({merge.method}/{merge.params.get('score')} uses calibration statistics)")
         for i, model in enumerate(self.models):
             if model.model.rstrip("/") == self.base.rstrip("/"):
                 raise ValueError(f"models.{i}.model: is the base model itself; list only fine-tunes")
@@ -212,11 +274,11 @@ class Recipe(_Strict):
 
     @property
     def workspace_path(self) -> Path:
-        return (self.root / Path(self.workspace).expanduser()).resolve()
+        return _absolute(self.root / Path(self.workspace).expanduser())
 
     @property
     def output_path(self) -> Path:
-        return (self.root / Path(self.output_dir).expanduser()).resolve()
+        return _absolute(self.root / Path(self.output_dir).expanduser())
 
     @property
     def shard_bytes(self) -> int:
@@ -235,7 +297,12 @@ class Recipe(_Strict):
         return {**found, **self.evaluation.datasets}
 
     def models_of(self, merge: MergeSpec) -> list[ModelSpec]:
-        return [m for m in self.models if merge.models is None or m.name in merge.models]
+        names = merge.model_names
+        return [m for m in self.models if names is None or m.name in names]
+
+    def weights_of(self, merge: MergeSpec) -> list[float]:
+        """Each merged model's weight in this variant (the variant's own, else the model's)."""
+        return [merge.model_params(m.name).get("weight", m.weight) for m in self.models_of(merge)]
 
     def to_yaml(self) -> str:
         """The resolved recipe, as saved beside every output."""
@@ -243,30 +310,38 @@ class Recipe(_Strict):
         return yaml.safe_dump(data, sort_keys=False)
 
 
-def _unique(names: list[str], field: str, what: str) -> None:
+def key_view(model: BaseModel, exclude: set[str] = frozenset()) -> dict[str, Any]:
+    """What of a recipe part reaches a cache key: every field (extras included) except those
+    marked `runtime` and those named in `exclude` (they reach the key another way)."""
+    data = model.model_dump(mode="json", by_alias=True)
+    for name, info in type(model).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if name in exclude or (info.alias or name) in exclude or extra.get("runtime") or info.exclude:
+            data.pop(info.alias or name, None)
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            data[info.alias or name] = key_view(value)
+    return data
+
+
+def _absolute(path: Path) -> Path:
+    import os
+
+    return Path(os.path.abspath(path))
+
+
+def _unique(names: list[str], field: str, what: str, key: str = ".name") -> None:
     seen: set[str] = set()
     for i, name in enumerate(names):
         if name in seen:
-            raise ValueError(f"{field}.{i}.name: duplicate {what} {name!r}")
+            raise ValueError(f"{field}.{i}{key}: duplicate {what} {name!r}")
         seen.add(name)
 
 
 def _did_you_mean(value: str, choices: Any) -> str:
     close = difflib.get_close_matches(value, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def is_local_reference(ref: str, root: Path) -> bool:
-    """A reference is local unless it looks like a hub id and no such path exists."""
-    if ref.startswith((".", "/", "~")) or (root / Path(ref).expanduser()).exists():
-        return True
-    return not HUB_ID.match(ref)
-
-
-def resolve_reference(ref: str, root: Path) -> Path | str:
-    if is_local_reference(ref, root):
-        return (root / Path(ref).expanduser()).resolve()
-    return ref
 
 
 def recipes_dir() -> Path:
@@ -276,29 +351,64 @@ def recipes_dir() -> Path:
 
 
 # -- loading ---------------------------------------------------------------------------------
-def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
-    """Read, override and validate a recipe file; every problem becomes one RecipeError."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}", "list built-in recipes with `mergecli recipes ls`")
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {mark.line + 1})", mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> data, every problem one RecipeError naming the source (and line)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{path}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
+        raise RecipeError(f"{source}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: nested too deeply to be a recipe") from None
+
+
+def read_yaml_file(path: Path, what: str = "recipe") -> Any:
+    """A small YAML file's data: missing, oversized, unreadable or malformed files are RecipeErrors."""
+    try:
+        if not path.is_file():
+            raise RecipeError(f"{what} not found: {path}", "list built-in recipes with `mergecli recipes ls`")
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {size / 2**20:.1f} MiB is too large for a {what} "
+                              f"(limit {MAX_RECIPE_BYTES // 2**20} MiB)")
+        text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc}") from None
+        raise RecipeError(f"cannot read {what} {path}: {exc}") from None
+    return parse_yaml(text, str(path))
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
+    """Read, override and validate a recipe file; every problem becomes one RecipeError."""
+    path = Path(path)
+    data = read_yaml_file(path)
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (base, models, merges, ...)")
     for override in overrides or []:
         apply_override(data, override)
-    return validate_recipe(data, path.resolve().parent, check_paths=check_paths, source=str(path))
+    return validate_recipe(data, _absolute(path).parent, check_paths=check_paths, source=str(path),
+                           path=_absolute(path))
 
 
-def validate_recipe(data: dict[str, Any], root: Path, check_paths: bool = True, source: str = "recipe") -> Recipe:
+def validate_recipe(data: dict[str, Any], root: Path, check_paths: bool = True, source: str = "recipe",
+                    path: Path | None = None) -> Recipe:
     try:
-        recipe = Recipe.model_validate({**data, "root": root})
+        recipe = Recipe.model_validate({**data, "root": root, "path": path})
     except ValidationError as exc:
         raise RecipeError(f"{source}: {_first_problem(exc)}") from None
     if check_paths:
@@ -306,29 +416,38 @@ def validate_recipe(data: dict[str, Any], root: Path, check_paths: bool = True, 
     return recipe
 
 
+_MODELS = {"models": ModelSpec, "merges": MergeSpec, "dataset": DatasetSpec, "datasets": DatasetSpec,
+           "calibration": CalibrationSpec, "evaluation": EvaluationSpec, "lm_eval": LmEvalSpec}
+
+
 def _first_problem(exc: ValidationError) -> str:
     error = exc.errors()[0]
-    loc = ".".join(str(p) for p in error["loc"])
+    loc = [str(p) for p in error["loc"] if str(p) not in ("str", "VariantModel") and not str(p).startswith("function-")]
+    where = ".".join(loc)
     msg = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        field = str(error["loc"][-1])
-        model = {"models": ModelSpec, "merges": MergeSpec, "dataset": DatasetSpec,
-                 "calibration": CalibrationSpec, "evaluation": EvaluationSpec, "lm_eval": LmEvalSpec}.get(
-            next((str(p) for p in reversed(error["loc"][:-1]) if isinstance(p, str)), ""), Recipe)
+        field = loc[-1]
+        model = _MODELS.get(next((p for p in reversed(loc[:-1]) if not p.isdigit()), ""), Recipe)
         names = [f.alias or n for n, f in model.model_fields.items() if n != "root"]
-        return f"{loc}: unknown field{_did_you_mean(field, names)}"
+        return f"{where}: unknown field{_did_you_mean(field, names)}"
     if error["type"] == "missing":
-        return f"{loc}: required field is missing"
-    if re.match(r"^[\w.]+: ", msg):  # cross-field checks name their own field
-        return msg
+        return f"{where}: required field is missing"
+    if error["type"] == "string_pattern_mismatch":
+        return f"{where}: {error.get('input')!r} is not a usable name ({NAME_RULE})"
+    named = re.match(r"^([\w.]+): (.*)$", msg, re.DOTALL)
+    if named:  # a validator that names its own field, relative to where it ran
+        return f"{where + '.' if where else ''}{named.group(1)}: {named.group(2)}"
     extra = len(exc.errors()) - 1
-    return f"{loc}: {msg}" + (f" (and {extra} more problem{'s' * (extra > 1)})" if extra else "")
+    return f"{where}: {msg}" + (f" (and {extra} more problem{'s' * (extra > 1)})" if extra else "")
 
 
 def _check_paths(recipe: Recipe) -> None:
     refs = [("base", recipe.base)] + [(f"models.{i}.model", m.model) for i, m in enumerate(recipe.models)]
     for field, ref in refs:
-        resolved = resolve_reference(ref, recipe.root)
+        try:
+            resolved = resolve_reference(ref, recipe.root)
+        except ValueError as exc:
+            raise RecipeError(f"{field}: {exc}") from None
         if isinstance(resolved, Path) and not resolved.exists():
             raise RecipeError(f"{field}: path does not exist: {resolved}",
                               "paths are relative to the recipe file; a hub id looks like org/name[@revision]")
@@ -338,17 +457,21 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply `a.b.0.c=value` (YAML value) to the raw recipe.
 
     A list element can be named by index or by its `name` (`merges.ties.density=0.3`); a bare
-    field of a merge variant (`density=0.3`) applies to every variant.
+    parameter of a merge method (`density=0.3`) applies to every variant whose method takes it.
     """
     if "=" not in override:
         raise RecipeError(f"override {override!r} is not key=value", "e.g. merges.0.density=0.3")
     key, _, raw = override.partition("=")
-    value = yaml.safe_load(raw) if raw else None
+    value = parse_yaml(raw, f"override {key!r}") if raw else None
     parts = key.strip().split(".")
-    if len(parts) == 1 and parts[0] not in Recipe.model_fields and parts[0] in _merge_fields():
-        for merge in data.get("merges") or []:
-            merge[parts[0]] = value
-        return
+    if not all(parts):
+        raise RecipeError(f"override {override!r}: empty key component", "e.g. merges.0.density=0.3")
+    if len(parts) == 1 and parts[0] not in Recipe.model_fields:
+        takers = [m for m in data.get("merges") or [] if isinstance(m, dict) and _takes(m.get("method"), parts[0])]
+        if takers:
+            for merge in takers:
+                merge[parts[0]] = value
+            return
     node: Any = data
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -366,8 +489,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             raise RecipeError(f"override {key!r}: {'.'.join(parts[:i])} is not a mapping or list")
 
 
-def _merge_fields() -> set[str]:
-    return {f.alias or n for n, f in MergeSpec.model_fields.items()}
+def _takes(method: Any, param: str) -> bool:
+    spec = catalog().get(method) if isinstance(method, str) else None
+    return param in MergeSpec.model_fields or (spec is not None and spec.param(param) is not None)
 
 
 def _list_index(node: list[Any], part: str, key: str) -> int:

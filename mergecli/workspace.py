@@ -1,18 +1,21 @@
-"""The on-disk workspace: content-keyed artifacts, a manifest, atomic writes and locks.
+"""The on-disk workspace: spec-keyed artifacts, a manifest, atomic writes, locks, and garbage
+collection that only ever touches what mergecli made.
 
-Every artifact lives in `<root>/<kind>/<key>/`, where `key` hashes everything that determines
-its content (model fingerprints, parameters, format version). An artifact is built in a
-temporary folder, its files are fsynced, then the folder is renamed into place and only then is
-the manifest entry (with each file's size and a digest of its header) written. A reader trusts an
-artifact only if the manifest entry exists and its files still match it, so an interrupted or
+Every artifact lives in `<root>/<kind>/<key>/`, where `key` hashes its spec (`artifacts.py`). It
+is built in a marked temporary folder, its files are fsynced, the folder is renamed into place,
+and only then is the manifest entry (each file's size and head digest) written. A reader trusts
+an artifact only if the manifest entry exists and its files still match it, so an interrupted or
 corrupted artifact is detected and rebuilt, never loaded. Each key has its own lock file, so two
 runs never build the same artifact at once; the manifest itself is updated under a short lock.
+
+Ownership: the manifest is validated when read (known kinds only, keys of 20 hex digits, file
+names that stay inside their folder); entries that fail are ignored, never acted on. `gc` removes
+only manifest entries and marked folders under the known kind folders: a workspace placed in a
+folder full of other things leaves every one of them alone.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -20,38 +23,14 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
+from .artifacts import KEY, ArtifactSpec
 from .errors import MergeCliError, WorkspaceBusyError
+from .fsutil import OWNER_MARKER, building, file_record, is_owned, leftovers, locked, publish, record_problem
 
-FORMAT_VERSION = 2
-HEADER_DIGEST_BYTES = 1 << 20
-
-
-def artifact_key(kind: str, inputs: dict[str, Any]) -> str:
-    """Stable key of an artifact from the inputs that determine it."""
-    blob = json.dumps({"artifact": kind, "format": FORMAT_VERSION, "inputs": inputs}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    """Size plus a digest of the first MiB (the whole header of any safetensors file we write)."""
-    with open(path, "rb") as f:
-        head = hashlib.sha256(f.read(HEADER_DIGEST_BYTES)).hexdigest()
-    return {"size": path.stat().st_size, "head_sha256": head}
-
-
-def fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+MANIFEST_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -60,13 +39,13 @@ class Artifact:
     key: str
     path: Path
     label: str
-    inputs: dict[str, Any]
+    spec: dict[str, Any]
     files: dict[str, dict[str, Any]]
     created: float
 
     @property
     def size(self) -> int:
-        return sum(f["size"] for f in self.files.values())
+        return sum(int(f.get("size", 0)) for f in self.files.values())
 
 
 class Workspace:
@@ -74,6 +53,7 @@ class Workspace:
         self.root = Path(root)
         self.wait = wait
         self.log = log or (lambda message: None)
+        self._warned = False
 
     @property
     def manifest_path(self) -> Path:
@@ -81,22 +61,37 @@ class Workspace:
 
     # -- manifest ---------------------------------------------------------------------------
     def _read_manifest(self) -> dict[str, Any]:
+        empty: dict[str, Any] = {"format": MANIFEST_FORMAT, "entries": {}}
         if not self.manifest_path.is_file():
-            return {"format": FORMAT_VERSION, "entries": {}}
+            return empty
         try:
             manifest = json.loads(self.manifest_path.read_text())
-            if not isinstance(manifest.get("entries"), dict):
-                raise ValueError("no entries")
-            return manifest
-        except (ValueError, OSError) as exc:
-            self.log(f"[yellow]workspace manifest unreadable ({exc}); treating the cache as empty[/]")
-            return {"format": FORMAT_VERSION, "entries": {}}
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("entries"), dict):
+                raise ValueError("not a mapping with 'entries'")
+        except (ValueError, OSError, UnicodeDecodeError) as exc:
+            self._warn(f"workspace manifest {self.manifest_path} unreadable ({exc}); treating the cache as empty")
+            return empty
+        return manifest
+
+    def _valid_entries(self) -> dict[str, dict[str, Any]]:
+        entries = {}
+        for key, entry in self._read_manifest()["entries"].items():
+            problem = _entry_problem(key, entry)
+            if problem:
+                self._warn(f"manifest entry {key!r} ignored ({problem}); mergecli does not act on it")
+                continue
+            entries[key] = entry
+        return entries
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self.log(f"[yellow]{message}[/]")
+            self._warned = True
 
     @contextmanager
     def _manifest_lock(self) -> Iterator[dict[str, Any]]:
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".manifest.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locked(self.root / ".manifest.lock"):
             manifest = self._read_manifest()
             yield manifest
             tmp = self.manifest_path.with_name(f".manifest.{uuid.uuid4().hex}.tmp")
@@ -104,140 +99,141 @@ class Workspace:
             os.replace(tmp, self.manifest_path)
 
     def artifacts(self) -> list[Artifact]:
-        entries = self._read_manifest()["entries"]
-        return [self._artifact(key, e) for key, e in entries.items()]
+        return [self._artifact(key, e) for key, e in self._valid_entries().items()]
 
     def _artifact(self, key: str, entry: dict[str, Any]) -> Artifact:
-        return Artifact(entry["kind"], key, self.root / entry["kind"] / key, entry.get("label", ""),
-                        entry.get("inputs", {}), entry["files"], entry.get("created", 0.0))
+        return Artifact(entry["kind"], key, self.root / entry["kind"] / key, str(entry.get("label", "")),
+                        entry.get("spec", {}), entry["files"], float(entry.get("created", 0.0)))
 
     # -- lookup -----------------------------------------------------------------------------
-    def find(self, kind: str, inputs: dict[str, Any]) -> Artifact | None:
-        """The valid artifact for these inputs, or None (a damaged one is reported and dropped)."""
-        key = artifact_key(kind, inputs)
-        entry = self._read_manifest()["entries"].get(key)
-        if entry is None:
+    def find(self, spec: ArtifactSpec) -> Artifact | None:
+        """The valid artifact for this spec, or None (a damaged one is reported and dropped)."""
+        key = spec.key()
+        entry = self._valid_entries().get(key)
+        if entry is None or entry["kind"] != spec.kind:
             return None
         artifact = self._artifact(key, entry)
-        problem = self._verify(artifact)
+        if artifact.path.is_symlink():
+            raise MergeCliError(f"{artifact.path} is a symbolic link; mergecli neither follows nor removes links "
+                                "in its workspace", "remove the link, then rerun")
+        problem = self.verify(artifact)
         if problem:
-            self.log(f"[yellow]cache entry {kind}/{key} ({artifact.label}) is damaged: {problem}; rebuilding[/]")
+            self.log(f"[yellow]cache entry {spec.kind}/{key} ({artifact.label}) is damaged: {problem}; rebuilding[/]")
             self.remove(key)
             return None
         return artifact
 
     @staticmethod
-    def _verify(artifact: Artifact) -> str | None:
-        for name, record in artifact.files.items():
-            path = artifact.path / name
-            if not path.is_file():
-                return f"{name} is missing"
-            if path.stat().st_size != record["size"]:
-                return f"{name} has size {path.stat().st_size}, expected {record['size']}"
-            if _file_record(path)["head_sha256"] != record["head_sha256"]:
-                return f"{name} has changed since it was written"
-        return None
+    def verify(artifact: Artifact) -> str | None:
+        """Why an artifact's files no longer match its manifest entry, or None."""
+        if artifact.path.is_symlink() or not artifact.path.is_dir():
+            return "its folder is missing"
+        return next((p for p in (record_problem(artifact.path, n, r) for n, r in artifact.files.items()) if p), None)
 
     # -- production -------------------------------------------------------------------------
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
         """Exclusive lock on one artifact key; waits (saying so) or fails, per `self.wait`."""
-        locks = self.root / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{key}.lock", "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not self.wait:
-                    raise WorkspaceBusyError(f"another run is building {key} in {self.root}",
-                                             "wait for it, or rerun with --wait") from None
-                self.log(f"another run is building {key}; waiting for it to finish")
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    @contextmanager
-    def build(self, kind: str, inputs: dict[str, Any], label: str) -> Iterator[Path]:
-        """Yield a temporary folder to fill; on success it becomes the artifact atomically.
-
-        Call under `lock(key)` after `find` returned None (see `get_or_build`).
-        """
-        key = artifact_key(kind, inputs)
-        final = self.root / kind / key
-        tmp = self.root / kind / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir(parents=True)
         try:
-            yield tmp
-            fsync_tree(tmp)
-            files = {p.relative_to(tmp).as_posix(): _file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            with self._manifest_lock() as manifest:
-                manifest["entries"][key] = {"kind": kind, "label": label, "inputs": inputs,
-                                            "files": files, "created": time.time()}
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            with locked(self.root / "locks" / f"{key}.lock", self.wait,
+                        lambda: self.log(f"another run is building {key}; waiting for it to finish")):
+                yield
+        except BlockingIOError:
+            raise WorkspaceBusyError(f"another run is building {key} in {self.root}",
+                                     "wait for it, or rerun with --wait") from None
 
-    def get_or_build(self, kind: str, inputs: dict[str, Any], label: str,
+    def get_or_build(self, spec: ArtifactSpec, label: str,
                      produce: Callable[[Path], None]) -> tuple[Artifact, bool]:
-        """The artifact for `inputs`, built by `produce(folder)` unless cached; (artifact, reused)."""
-        found = self.find(kind, inputs)
+        """The artifact for `spec`, built by `produce(folder)` unless cached; (artifact, reused)."""
+        found = self.find(spec)
         if found:
             return found, True
-        key = artifact_key(kind, inputs)
-        with self.lock(key):
-            found = self.find(kind, inputs)  # another run may have built it while we waited
+        with self.lock(spec.key()):
+            found = self.find(spec)  # another run may have built it while we waited
             if found:
                 return found, True
-            with self.build(kind, inputs, label) as folder:
-                produce(folder)
-        built = self.find(kind, inputs)
+            self.build(spec, label, produce)
+        built = self.find(spec)
         if built is None:
-            raise MergeCliError(f"artifact {kind}/{key} vanished right after it was written")
+            raise MergeCliError(f"artifact {spec.kind}/{spec.key()} vanished right after it was written")
         return built, False
+
+    def build(self, spec: ArtifactSpec, label: str, produce: Callable[[Path], None]) -> None:
+        """Build and publish one artifact (call under `lock(spec.key())`)."""
+        key = spec.key()
+        final = self.root / spec.kind / key
+        with building(final) as tmp:
+            produce(tmp)
+            files = {p.relative_to(tmp).as_posix(): file_record(p) for p in sorted(tmp.rglob("*"))
+                     if p.is_file() and p.name != OWNER_MARKER}
+            publish(tmp, final)
+        with self._manifest_lock() as manifest:
+            manifest["entries"][key] = {"kind": spec.kind, "label": label, "spec": spec.model_dump(mode="json"),
+                                        "files": files, "created": time.time()}
 
     def remove(self, key: str) -> None:
         with self._manifest_lock() as manifest:
             entry = manifest["entries"].pop(key, None)
-        if entry is not None:
-            shutil.rmtree(self.root / entry["kind"] / key, ignore_errors=True)
+        if isinstance(entry, dict) and _entry_problem(key, entry) is None:
+            folder = self.root / entry["kind"] / key
+            if is_owned(folder):
+                shutil.rmtree(folder, ignore_errors=True)
 
+    # -- garbage ------------------------------------------------------------------------------
     def garbage(self, keep: set[str]) -> list[Path]:
-        """Folders not referenced by `keep`: unused artifacts, leftovers of interrupted runs (not
-        the temp folder of a build that is still running)."""
+        """What `collect` would remove: artifacts no recipe uses, folders of ours the manifest lost
+        track of (a run killed between rename and manifest write), temp folders of killed runs.
+        Only marked folders under known kind folders qualify; links are never followed."""
         if not self.root.is_dir():
             return []
-        known = set(self._read_manifest()["entries"])
-        kinds = [p for p in self.root.iterdir() if p.is_dir() and p.name != "locks"]
-        return [folder for kind in kinds for folder in kind.iterdir()
-                if (folder.name not in keep or folder.name not in known)
-                and not (folder.name.endswith(".tmp") and _is_being_built(self, folder))]
+        entries = self._valid_entries()
+        found = [self.root / e["kind"] / key for key, e in entries.items() if key not in keep]
+        for kind in ArtifactSpec.kinds():
+            folder = self.root / kind
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            found += [p for p in folder.iterdir() if KEY.match(p.name) and p.name not in entries and is_owned(p)]
+            found += [p for p in leftovers(folder) if not self._being_built(p)]
+        return sorted(p for p in set(found) if is_owned(p))
 
     def collect(self, keep: set[str]) -> tuple[int, int]:
         """Remove garbage; returns (folders removed, bytes freed)."""
         freed = count = 0
         for folder in self.garbage(keep):
-            freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
             count += 1
-            self.remove(folder.name)
+            if KEY.match(folder.name):
+                self.remove(folder.name)
             shutil.rmtree(folder, ignore_errors=True)
         return count, freed
 
-
-def _is_being_built(ws: Workspace, tmp: Path) -> bool:
-    """A temp folder is live while its key's lock is held by another process."""
-    key = tmp.name.lstrip(".").split(".")[0]
-    lock_path = ws.root / "locks" / f"{key}.lock"
-    if not lock_path.exists():
-        return False
-    with open(lock_path, "a+") as handle:
+    def _being_built(self, tmp: Path) -> bool:
+        """A temp folder is live while its key's lock is held by another process."""
+        key = tmp.name.lstrip(".").split(".")[0]
+        lock_path = self.root / "locks" / f"{key}.lock"
+        if not lock_path.exists():
+            return False
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with locked(lock_path, wait=False):
+                return False
         except BlockingIOError:
             return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
+
+
+def _entry_problem(key: str, entry: Any) -> str | None:
+    """Why a manifest entry cannot be trusted, or None: only known kinds, well-formed keys and file
+    names that stay inside the artifact's folder are ever used to build a path."""
+    if not isinstance(key, str) or not KEY.match(key):
+        return "not a mergecli key"
+    if not isinstance(entry, dict):
+        return "not a mapping"
+    if entry.get("kind") not in ArtifactSpec.kinds():
+        return f"unknown kind {entry.get('kind')!r}"
+    files = entry.get("files")
+    if not isinstance(files, dict) or not all(isinstance(r, dict) for r in files.values()):
+        return "no file records"
+    for name in files:
+        parts = PurePosixPath(name).parts
+        if not isinstance(name, str) or not parts or name.startswith("/") or ".." in parts:
+            return f"file name {name!r} leaves its folder"
+    return None

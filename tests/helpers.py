@@ -7,6 +7,31 @@ from pathlib import Path
 import torch
 import yaml
 
+SMALL = {"vocab_size": 96, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(SMALL, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128),
+    "mistral": dict(SMALL, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128, sliding_window=None),
+    "qwen2": dict(SMALL, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128),
+    "phi3": dict(SMALL, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=128, original_max_position_embeddings=128),
+    "gpt2": dict(SMALL, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "bloom": dict(SMALL, hidden_size=32, n_layer=2, n_head=4),
+    "gpt_neox": dict(SMALL, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=128),
+}
+
+
+def tiny_config(model_type: str):
+    """A tiny config of a tested architecture (the fixtures every architecture test builds on)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+
+
 TEXT = [
     "def add(a, b):\n    return a + b\n",
     "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from helpers import make_tokenizer, write_recipe
 from mergecli.cli import app
-from mergecli.models.support import TINY_CONFIGS, tiny_config
+from helpers import TINY_CONFIGS, tiny_config
 
 runner = CliRunner()
 TEXT = [f"def f{i}(x):\n    return x * {i} + {i + 1}\n" for i in range(80)]

@@ -10,9 +10,12 @@ import pytest
 import torch
 from peft.utils import merge_utils
 
-from mergecli.methods import METHODS, NonFiniteTaskVector, TaskTensor, TrimParams, merge_tensor, registry
+from mergecli.methods import catalog, pipeline
+from mergecli.methods.pipeline import NonFiniteTaskVector, TaskTensor, merge_tensor
 from mergecli.methods.sparsify import bernoulli_mask, random_stream
 from mergecli.methods.stats import LayerStats
+
+METHODS = catalog()
 
 
 def taus(n_models: int, shape: tuple[int, ...], seed: int, ties: bool = False) -> list[torch.Tensor]:
@@ -24,14 +27,14 @@ def taus(n_models: int, shape: tuple[int, ...], seed: int, ties: bool = False) -
 
 
 CASES = [
-    ("ties", TrimParams("magnitude", 0.2)),
-    ("ties", TrimParams("magnitude", 0.3, per_row=True)),
-    ("dare_ties", TrimParams("random", 0.2, seed=3)),
-    ("dare_linear", TrimParams("random", 0.5, seed=4)),
-    ("linear", TrimParams("magnitude", 0.1)),
-    ("task_arithmetic", TrimParams(None, 1.0)),
-    ("ties", TrimParams("sparsegpt", 0.25)),
-    ("ties", TrimParams("wanda", 0.25)),
+    ("ties", {"score": "magnitude", "density": 0.2}),
+    ("ties", {"score": "magnitude", "density": 0.3, "topk": "row"}),
+    ("dare_ties", {"score": "random", "density": 0.2, "seed": 3}),
+    ("dare_linear", {"score": "random", "density": 0.5, "seed": 4}),
+    ("linear", {"score": "magnitude", "density": 0.1}),
+    ("task_arithmetic", {}),
+    ("ties", {"score": "sparsegpt", "density": 0.25}),
+    ("ties", {"score": "wanda", "density": 0.25}),
 ]
 
 
@@ -40,36 +43,36 @@ CASES = [
 def test_chunked_merge_equals_one_piece(monkeypatch, method, params, transposed):
     t = taus(3, (37, 24), seed=1, ties=True)
     stats = None
-    if params.score in ("sparsegpt", "wanda"):
+    if params.get("score") in ("sparsegpt", "wanda"):
         x = torch.randn(200, 24, generator=torch.Generator().manual_seed(2))
         stats = [LayerStats(x.T @ x / 200) for _ in t]
     stored = [x.T.contiguous() for x in t] if transposed else t
     args = (METHODS[method], stored, [1.0, 0.5, 2.0], params, "layer.w", transposed, stats)
-    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 10**9)
+    monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 10**9)
     whole, kept_whole, _ = merge_tensor(*args)
-    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 50)  # 2 rows per chunk: 19 chunks
+    monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 50)  # 2 rows per chunk: 19 chunks
     chunked, kept_chunked, _ = merge_tensor(*args)
     assert torch.equal(whole, chunked) and kept_whole == kept_chunked
 
 
 def test_chunked_ties_matches_peft_on_a_tensor_of_many_chunks(monkeypatch):
-    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 1000)
     t = taus(3, (300, 40), seed=5)
-    ours, kept, offered = merge_tensor(METHODS["ties"], t, [1.0] * 3, TrimParams("magnitude", 0.25), "w")
+    ours, kept, offered = merge_tensor(METHODS["ties"], t, [1.0] * 3, {"score": "magnitude", "density": 0.25}, "w")
     assert torch.allclose(ours, merge_utils.ties(t, torch.ones(3), density=0.25), atol=1e-6)
     assert (kept, offered) == (3 * 3000, 3 * 12000)
 
 
 def test_a_finetune_stored_in_bf16_merges_like_its_fp32_difference(monkeypatch):
     """Full fine-tunes are read as stored and differenced a chunk at a time: same result as an fp32 tau."""
-    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 64)
     gen = torch.Generator().manual_seed(7)
     base = torch.randn(40, 16, generator=gen).bfloat16()
     fts = [(base.float() + 0.05 * torch.randn(40, 16, generator=gen)).bfloat16() for _ in range(2)]
     by_reference = [TaskTensor(ft, base) for ft in fts]
     materialized = [ft.float() - base.float() for ft in fts]
     for method, params in CASES[:6]:
-        a, _, _ = merge_tensor(METHODS[method], by_reference, [1.0, 1.0], params, "w", base=base, lam=0.8,
+        a, _, _ = merge_tensor(METHODS[method], by_reference, [1.0, 1.0], {**params, "lambda": 0.8}, "w", base=base,
                                dtype=torch.bfloat16)
         delta, _, _ = merge_tensor(METHODS[method], materialized, [1.0, 1.0], params, "w")
         assert a.dtype == torch.bfloat16
@@ -93,9 +96,9 @@ def test_bernoulli_cut_is_the_density():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_task_vector_is_reported_with_its_model(monkeypatch, bad):
-    monkeypatch.setattr(registry, "CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 40)
     t = taus(3, (20, 10), seed=9)
     t[2][17, 3] = bad  # in a late chunk
     with pytest.raises(NonFiniteTaskVector) as info:
-        merge_tensor(METHODS["ties"], t, [1.0] * 3, TrimParams("magnitude", 0.2), "w")
+        merge_tensor(METHODS["ties"], t, [1.0] * 3, {"score": "magnitude", "density": 0.2}, "w")
     assert info.value.index == 2

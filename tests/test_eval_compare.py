@@ -13,7 +13,8 @@ from helpers import write_recipe
 from mergecli.calibration import make_windows
 from mergecli.cli import app
 from mergecli.report import plot
-from mergecli.stages.evaluate import Evaluated, nll_sum
+from mergecli.perplexity import nll_sum
+from mergecli.stages.evaluate import Evaluated
 
 runner = CliRunner()
 CODE = [f"def f{i}(x):\n    return x * {i} + {i + 1}\n" for i in range(150)]

@@ -3,11 +3,14 @@
 import pytest
 import torch
 
-from mergecli.methods import METHODS, TrimParams, merge_tensor
+from mergecli.methods import catalog
+from mergecli.methods.pipeline import merge_tensor
 from mergecli.methods.hessian_math import (DegenerateStatistics, damped_cholesky, inverse_diagonal, obs_saliency,
                                            obs_trim, regmean_delta, wanda_score)
 from mergecli.methods.sparsify import rank_probabilities, topk_mask
 from mergecli.methods.stats import LayerStats
+
+METHODS = catalog()
 
 
 def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
@@ -58,7 +61,7 @@ def test_dead_inputs_rank_lowest():
 def test_all_dead_layer_falls_back_to_magnitude_in_the_merge():
     tau = torch.tensor([[3.0, -1.0, 0.5, 2.0]])
     stats = [LayerStats(torch.zeros(4, 4, dtype=torch.float64))]
-    delta, _, _ = merge_tensor(METHODS["ties"], [tau], [1.0], TrimParams("sparsegpt", 0.5), "w", stats=stats)
+    delta, _, _ = merge_tensor(METHODS["ties"], [tau], [1.0], {"score": "sparsegpt", "density": 0.5}, "w", stats=stats)
     assert torch.equal(delta, torch.tensor([[3.0, 0.0, 0.0, 2.0]]))
 
 
@@ -119,7 +122,7 @@ def test_dare_with_sparsegpt_is_unbiased():
     x = correlated_inputs(64, 8, 7)
     stats = [LayerStats(x.T @ x / 64)]
     tau = torch.randn(4, 8, generator=torch.Generator().manual_seed(8))
-    runs = [merge_tensor(METHODS["dare_linear"], [tau], [1.0], TrimParams("sparsegpt", 0.5, seed=s), "w",
+    runs = [merge_tensor(METHODS["dare_linear"], [tau], [1.0], {"score": "sparsegpt", "density": 0.5, "seed": s}, "w",
                          stats=stats)[0] for s in range(3000)]
     assert torch.allclose(torch.stack(runs).mean(0), tau, atol=0.12)
 

@@ -50,14 +50,15 @@ def test_taskvec_is_finetune_minus_base_and_cached(tmp_path, models, recipe):
     first = cli("taskvec", recipe)
     assert "computed" in first.stderr and "read from the fine-tune at merge time" in first.stderr
     base, ft = state(models / "base"), state(models / "ft_a")
-    vector = run_taskvec(load_recipe(recipe))[0]
-    assert vector.reused and vector.by_reference
+    computed = run_taskvec(load_recipe(recipe))[0]
+    vector = computed.vector
+    assert computed.reused and vector.by_reference
     assert "lm_head.weight" not in vector.names()  # tied: one task vector under the embedding's name
     assert sorted(vector.names()) == sorted(k for k in base if k != "lm_head.weight")
     for name in vector.names():
         assert torch.equal(vector.get(name, base[name]), ft[name] - base[name]), name
     # by reference: the workspace holds the tensor map, not a copy of the weights
-    assert vector.artifact.size < 64 * 1024
+    assert computed.artifact.size < 64 * 1024
     second = cli("--json", "taskvec", recipe)
     assert all(row["reused"] for row in json.loads(second.stdout))
 
@@ -181,14 +182,21 @@ def test_mixed_full_lora_sharded_and_bin_inputs_with_bf16_sharded_output(tmp_pat
     assert torch.allclose(model.state_dict()[name].float(), expected.to(torch.bfloat16).float())
 
 
-def test_output_folder_not_written_by_mergecli_needs_overwrite(tmp_path, recipe):
+def test_an_output_folder_mergecli_did_not_write_is_never_replaced(tmp_path, recipe):
     (tmp_path / "out" / "ta").mkdir(parents=True)
     (tmp_path / "out" / "ta" / "precious.txt").write_text("keep me")
-    refused = cli("merge", recipe, "--only", "ta", code=1)
-    assert "not written by mergecli" in refused.stderr and "--overwrite" in refused.stderr
-    assert (tmp_path / "out" / "ta" / "precious.txt").read_text() == "keep me"
-    cli("merge", recipe, "--only", "ta", "--overwrite")
-    assert not (tmp_path / "out" / "ta" / "precious.txt").exists()
+    for extra in ([], ["--overwrite"]):
+        refused = cli("merge", recipe, "--only", "ta", *extra, code=1)
+        assert "not written by mergecli; it is left untouched" in refused.stderr
+        assert (tmp_path / "out" / "ta" / "precious.txt").read_text() == "keep me"
+        assert "task vector" not in refused.stderr  # refused before any work
+    (tmp_path / "out" / "ta" / "precious.txt").unlink()  # an empty folder is free to use
+    cli("merge", recipe, "--only", "ta")
+    assert (tmp_path / "out" / "ta" / "mergecli.json").is_file()
+    (tmp_path / "out" / "ta" / "notes.txt").write_text("mine")  # our folder, with a file of the user's in it
+    refused = cli("merge", recipe, "--only", "ta", "--overwrite", code=1)
+    assert "holds files mergecli did not write (notes.txt)" in refused.stderr
+    assert (tmp_path / "out" / "ta" / "notes.txt").read_text() == "mine"
 
 
 def test_shape_mismatch_names_tensor_and_shapes(tmp_path, models):
@@ -332,7 +340,7 @@ def test_hub_ids_resolve_through_the_local_hub_cache_offline(tmp_path, models, m
 def test_lora_modules_to_save_and_embedding_lora_match_peft(tmp_path):
     """Untied model: lm_head saved whole (modules_to_save) gives saved - base; embedding LoRA too."""
     from helpers import make_tokenizer
-    from mergecli.models.support import tiny_config
+    from helpers import tiny_config
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tiny_config("mistral")).eval().save_pretrained(tmp_path / "m")

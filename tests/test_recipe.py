@@ -31,18 +31,18 @@ def test_valid_recipe_resolves_defaults_and_paths_relative_to_the_file(tmp_path,
     recipe = load_recipe(write(tmp_path, good))
     assert [m.name for m in recipe.models] == ["ft1", "ft2"]
     ties = recipe.merge("t")
-    assert (ties.score, ties.density, ties.lambda_) == ("magnitude", 0.2, 1.0)
-    assert recipe.merge("d").score == "random"
+    assert (ties.params["score"], ties.params["density"], ties.params["lambda"]) == ("magnitude", 0.2, 1.0)
+    assert recipe.merge("d").params["score"] == "random"
     assert recipe.resolve("./ft1") == str(tmp_path / "ft1")
     assert recipe.workspace_path == tmp_path / "workspace"
 
 
 def test_overrides_by_index_by_name_and_for_every_variant(tmp_path, good):
     path = write(tmp_path, good)
-    assert load_recipe(path, ["merges.0.density=0.5"]).merge("t").density == 0.5
-    assert load_recipe(path, ["merges.d.seed=9"]).merge("d").seed == 9
+    assert load_recipe(path, ["merges.0.density=0.5"]).merge("t").params["density"] == 0.5
+    assert load_recipe(path, ["merges.d.seed=9"]).merge("d").params["seed"] == 9
     every = load_recipe(path, ["density=0.4"])
-    assert [m.density for m in every.merges] == [0.4, 0.4]
+    assert [m.params["density"] for m in every.merges] == [0.4, 0.4]
     assert load_recipe(path, ["models.ft2.weight=2"]).models[1].weight == 2.0
 
 
@@ -57,13 +57,14 @@ BAD = [
     ("models", {"models": []}, "at least 1 item"),
     ("base", {"base": None}, "valid string"),
     ("merges.0.score", {"merges": [{"name": "t", "method": "ties", "score": "magnitud"}]}, "did you mean 'magnitude'"),
-    ("merges.0", {"merges": [{"name": "t", "method": "task_arithmetic", "density": 0.2}]}, "merges whole task vectors"),
+    ("merges.0.density", {"merges": [{"name": "t", "method": "task_arithmetic", "density": 0.2}]},
+     "unknown field (task_arithmetic takes: lambda)"),
     ("models.0.model", {"models": [{"model": "./nope"}]}, "path does not exist"),
     ("models.0.model", {"models": [{"model": "./base"}]}, "is the base model itself"),
     ("merges.0.models", {"merges": [{"name": "t", "method": "ties", "models": ["zz"]}]}, "'zz' is not a model"),
     ("merges.0.dtype", {"merges": [{"name": "t", "method": "ties", "dtype": "int8"}]}, "float32"),
     ("shard_size", {"shard_size": "lots"}, "not a size"),
-    ("merges.0.lambda", {"merges": [{"name": "t", "method": "ties", "lambda": "big"}]}, "valid number"),
+    ("merges.0.lambda", {"merges": [{"name": "t", "method": "ties", "lambda": "big"}]}, "must be a number"),
 ]
 
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from helpers import write_recipe
 from mergecli.cli import app
-from mergecli.workspace import Workspace, artifact_key
+from mergecli.artifacts import ArtifactSpec
+from mergecli.workspace import Workspace
 
 runner = CliRunner()
 
@@ -53,7 +54,7 @@ def test_unreadable_manifest_means_an_empty_cache_not_a_crash(tmp_path, recipe):
     runner.invoke(app, ["taskvec", str(recipe)])
     (tmp_path / "ws" / "manifest.json").write_text("{not json")
     result = runner.invoke(app, ["taskvec", str(recipe)])
-    assert result.exit_code == 0 and "manifest unreadable" in result.stderr
+    assert result.exit_code == 0 and "manifest.json unreadable" in result.stderr
     assert len(entries(tmp_path)) == 2
 
 
@@ -80,19 +81,31 @@ def test_two_processes_on_one_workspace_both_succeed_with_identical_results(tmp_
     assert len(out) > 0 and not list(tmp_path.glob("out/.*.tmp"))
 
 
+class ToySpec(ArtifactSpec):
+    """An artifact kind of the tests' own: the workspace serves any declared kind alike."""
+
+    kind = "toy"
+    x: int
+
+
 def test_interrupted_build_leaves_no_entry_and_gc_removes_leftovers(tmp_path, recipe):
     ws = Workspace(tmp_path / "ws")
+
+    def killed(folder):
+        (folder / "part.bin").write_bytes(b"123")
+        raise RuntimeError("killed")
+
     with pytest.raises(RuntimeError):
-        with ws.build("taskvec", {"x": 1}, "half") as folder:
-            (folder / "part.bin").write_bytes(b"123")
-            raise RuntimeError("killed")
-    assert ws.find("taskvec", {"x": 1}) is None and not list((tmp_path / "ws" / "taskvec").iterdir())
-    # a SIGKILLed run leaves its temp folder behind: gc removes it, and unused artifacts too
+        ws.get_or_build(ToySpec(x=1), "half", killed)
+    assert ws.find(ToySpec(x=1)) is None and not list((tmp_path / "ws" / "toy").iterdir())
+    # a SIGKILLed run leaves its (marked) temp folder behind: gc removes it, and unused artifacts too
     runner.invoke(app, ["taskvec", str(recipe)])
-    (tmp_path / "ws" / "taskvec" / ".deadbeef.1234.tmp").mkdir()
-    ws.get_or_build("taskvec", {"old": True}, "unused", lambda f: (f / "x").write_text("x"))
+    leftover = tmp_path / "ws" / "taskvec" / ".0123456789abcdef0123.1234abcd.tmp"
+    leftover.mkdir()
+    (leftover / ".mergecli-owned").write_text("")
+    ws.get_or_build(ToySpec(x=2), "unused", lambda f: (f / "x").write_text("x"))
     listed = json.loads(runner.invoke(app, ["--json", "ws", "ls", str(recipe)]).stdout)
-    assert {e["label"] for e in listed} == {"taskvec a", "taskvec c", "unused"}
+    assert {e["label"]: e["used"] for e in listed} == {"taskvec a": True, "taskvec c": True, "unused": False}
     dry = json.loads(runner.invoke(app, ["--json", "ws", "gc", "--dry-run", str(recipe)]).stdout)
     assert len(dry) == 2
     result = json.loads(runner.invoke(app, ["--json", "ws", "gc", str(recipe)]).stdout)
@@ -100,10 +113,3 @@ def test_interrupted_build_leaves_no_entry_and_gc_removes_leftovers(tmp_path, re
     assert {e["label"] for e in entries(tmp_path).values()} == {"taskvec a", "taskvec c"}
     again = runner.invoke(app, ["taskvec", str(recipe)])
     assert again.stderr.count("reused") == 2
-
-
-def test_artifact_key_depends_on_every_input():
-    base = {"base": "x", "model": "y", "kind": "full"}
-    assert artifact_key("taskvec", base) == artifact_key("taskvec", dict(reversed(base.items())))
-    assert artifact_key("taskvec", base) != artifact_key("taskvec", {**base, "model": "z"})
-    assert artifact_key("taskvec", base) != artifact_key("hessian", base)

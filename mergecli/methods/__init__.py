@@ -1,6 +1,6 @@
-"""Merge math: pure functions on tensors, no I/O."""
+"""Merge math: the method table (`table.py`), the per-tensor pipeline (`pipeline.py`) and pure
+functions on tensors. Importing this package is cheap (no torch); `catalog()` loads every method."""
 
-from .registry import METHODS, Method, NonFiniteTaskVector, TaskTensor, TrimParams, merge_tensor, register_method, trim
-from .scores import SCORES, Score
+from .table import METHODS, Method, Param, catalog, register_method
 
-__all__ = ["METHODS", "SCORES", "Method", "NonFiniteTaskVector", "Score", "TaskTensor", "TrimParams", "merge_tensor", "register_method", "trim"]
+__all__ = ["METHODS", "Method", "Param", "catalog", "register_method"]

@@ -2,8 +2,9 @@
 
 Instead of per-family name lists, the model class is instantiated on the meta device (no memory,
 no weights) from the checkpoint's config, and asked: which parameters are tied to which (tied
-embeddings must be merged once and stay tied), and which weights belong to linear layers and in
-which orientation (GPT-2's Conv1D stores in x out; per-row selection needs out x in).
+embeddings must be merged once and stay tied), which weights belong to linear layers and in
+which orientation (GPT-2's Conv1D stores in x out; per-row selection needs out x in), and how
+deep the decoder stack is (per-layer parameter schedules).
 """
 
 from __future__ import annotations
@@ -11,13 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import MergeCliError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+_LAYER = re.compile(r"\.(\d+)\.")
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
 
 
 @dataclass(frozen=True)
@@ -26,9 +33,16 @@ class Architecture:
     tied: dict[str, str]  # alias parameter name -> canonical parameter name
     linear: frozenset[str]  # weight names of nn.Linear / Conv1D layers
     transposed: frozenset[str]  # weights stored in x out
+    num_layers: int = 0  # decoder blocks
+    context: int | None = None  # longest sequence the position embeddings allow, if the config says
 
     def canonical(self, name: str) -> str:
         return self.tied.get(name, name)
+
+    def layer_of(self, name: str) -> int | None:
+        """The decoder block a tensor belongs to (its first `.N.` index), None outside the stack."""
+        match = _LAYER.search(name)
+        return int(match.group(1)) if match and self.num_layers else None
 
 
 @lru_cache(maxsize=16)
@@ -43,41 +57,50 @@ def describe(config_folder: Path) -> Architecture:
 
     from .gguf import cache_root
 
-    raw = (Path(config_folder) / "config.json").read_bytes() if (Path(config_folder) / "config.json").is_file() else b""
+    config_path = Path(config_folder) / "config.json"
+    try:
+        raw = config_path.read_bytes()
+        json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise MergeCliError(f"{config_path}: cannot read a JSON config ({str(exc).splitlines()[0]})") from None
     key = hashlib.sha256(raw + version("transformers").encode()).hexdigest()[:24]
     cached = cache_root() / "arch" / f"{key}.json"
     try:
         data = json.loads(cached.read_text())
-        return Architecture(data["model_type"], data["tied"], frozenset(data["linear"]), frozenset(data["transposed"]))
-    except (OSError, ValueError, KeyError):
+        return Architecture(data["model_type"], data["tied"], frozenset(data["linear"]), frozenset(data["transposed"]),
+                            data["num_layers"], data["context"])
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     arch = _describe_from_config(config_folder)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"model_type": arch.model_type, "tied": arch.tied, "linear": sorted(arch.linear),
-                               "transposed": sorted(arch.transposed)}))
+                               "transposed": sorted(arch.transposed), "num_layers": arch.num_layers,
+                               "context": arch.context}))
     os.replace(tmp, cached)
     return arch
 
 
 def _describe_from_config(config_folder: Path) -> Architecture:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(config_folder)
+        config = AutoConfig.from_pretrained(config_folder, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise MergeCliError(f"{config_folder}: cannot read config.json ({str(exc).splitlines()[0]})") from None
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise MergeCliError(f"{config_folder}: model_type {config.model_type!r} is not a causal LM "
                             f"transformers can build ({str(exc).splitlines()[0]})") from None
     return describe_model(model)
 
 
-def describe_model(model: torch.nn.Module) -> Architecture:
-    """Tied pairs and linear layers of an instantiated (possibly meta) model."""
+def describe_model(model: "nn.Module") -> Architecture:
+    """Tied pairs, linear layers and depth of an instantiated (possibly meta) model."""
+    import torch
     from transformers.pytorch_utils import Conv1D
 
     first_name: dict[int, str] = {}
@@ -92,4 +115,20 @@ def describe_model(model: torch.nn.Module) -> Architecture:
             linear.add(f"{name}.weight")
             if isinstance(module, Conv1D):
                 transposed.add(f"{name}.weight")
-    return Architecture(model.config.model_type, tied, frozenset(linear), frozenset(transposed))
+    try:
+        depth = len(decoder_layers(model))
+    except ValueError:
+        depth = 0
+    context = next((getattr(model.config, f) for f in CONTEXT_FIELDS
+                    if isinstance(getattr(model.config, f, None), int)), None)
+    return Architecture(model.config.model_type, tied, frozenset(linear), frozenset(transposed), depth, context)
+
+
+def decoder_layers(model: "nn.Module") -> "nn.ModuleList":
+    """The stack of decoder blocks: the ModuleList holding the most parameters."""
+    from torch import nn
+
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__}: no decoder layer stack found")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))

@@ -52,7 +52,10 @@ class LoraAdapter:
         if getattr(self.config, "use_dora", False):
             raise MergeCliError(f"{folder}: DoRA adapters (use_dora: true) are not supported yet",
                                 "merge the adapter into a full checkpoint with peft's merge_and_unload first")
-        self.state = load_peft_weights(str(folder), device="cpu")
+        try:
+            self.state = load_peft_weights(str(folder), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - safetensors/torch errors of a damaged adapter file
+            raise MergeCliError(f"{folder}: cannot read the adapter weights ({str(exc).splitlines()[0]})") from None
         self._targets: dict[str, _Target] = {}
         for key in self.state:
             if "lora_magnitude_vector" in key:
@@ -99,6 +102,9 @@ class LoraAdapter:
         if set(target.keys) - {"W"} != {"A", "B"}:
             raise MergeCliError(f"{self.folder}: {target.module} lacks lora_{'AB'[('A' in target.keys)]}")
         a, b = self.state[target.keys["A"]].float(), self.state[target.keys["B"]].float()
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] == 0 or b.shape[1] != a.shape[0]:
+            raise MergeCliError(f"{self.folder}: {target.module} has LoRA factors of shapes A {tuple(a.shape)}, "
+                                f"B {tuple(b.shape)}; they must be r x in and out x r with the same rank r > 0")
         low_rank = b @ a * self._scaling(target.module, rank=a.shape[0])
         if target.kind == "embedding" or self.config.fan_in_fan_out:
             low_rank = low_rank.T

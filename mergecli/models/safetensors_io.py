@@ -11,6 +11,7 @@ little-endian header length, a JSON header padded with spaces to 8 bytes, then r
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1}
 DTYPE_NAMES = {v: k for k, v in ST_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -46,7 +49,8 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file; raises MergeCliError if the file is not one."""
+    """The JSON header of a safetensors file, checked: every tensor's byte range matches its dtype
+    and shape, ranges do not overlap and cover the data exactly. Raises MergeCliError otherwise."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -56,9 +60,27 @@ def read_header(path: Path) -> dict:
             if size > 100 * 2**20 or size > os.path.getsize(path) - 8:
                 raise ValueError("header length beyond end of file")
             header = json.loads(f.read(size))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + size + end != os.path.getsize(path):
-            raise ValueError(f"size {os.path.getsize(path)} != {8 + size + end} promised by its header")
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        spans = []
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (start, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
+            if dtype not in ST_DTYPES:
+                raise ValueError(f"tensor {name} has unsupported dtype {dtype}")
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= start <= end:
+                raise ValueError(f"tensor {name} has an invalid shape or byte range")
+            if end - start != math.prod(shape) * ST_SIZES[dtype]:
+                raise ValueError(f"tensor {name}: {end - start} bytes for shape {shape} of {dtype}")
+            spans.append((start, end, name))
+        spans.sort()
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                raise ValueError(f"tensors {first} and {second} overlap")
+        data_end = spans[-1][1] if spans else 0
+        if 8 + size + data_end != os.path.getsize(path):
+            raise ValueError(f"size {os.path.getsize(path)} != {8 + size + data_end} promised by its header")
         return header
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise MergeCliError(f"{path}: not a valid safetensors file ({exc})") from None
@@ -86,8 +108,7 @@ class Checkpoint:
         folder = Path(folder)
         index = folder / f"{prefix}.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted({folder / f for f in weight_map.values()})
+            shards = _index_shards(index)
         else:
             shards = sorted(folder.glob("*.safetensors"))
         if shards:
@@ -100,8 +121,6 @@ class Checkpoint:
                 for name, meta in header.items():
                     if name == "__metadata__":
                         continue
-                    if meta["dtype"] not in ST_DTYPES:
-                        raise MergeCliError(f"{shard}: tensor {name} has unsupported dtype {meta['dtype']}")
                     files[name] = shard
                     infos[name] = TensorInfo(name, tuple(meta["shape"]), ST_DTYPES[meta["dtype"]])
             return cls(folder, files, infos)
@@ -110,15 +129,23 @@ class Checkpoint:
             state: dict[str, torch.Tensor] = {}
             for path in bins:
                 try:
-                    state.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+                    loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 except Exception as exc:  # noqa: BLE001 - torch raises many kinds here
-                    raise MergeCliError(f"{path}: cannot load as a weights-only PyTorch checkpoint ({exc})") from None
+                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise MergeCliError(f"{path}: cannot load as a weights-only PyTorch checkpoint ({reason})") from None
+                if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+                    raise MergeCliError(f"{path}: not a state dict of tensors")
+                state.update(loaded)
             infos = {k: TensorInfo(k, tuple(v.shape), v.dtype) for k, v in state.items()}
             return cls(folder, {k: folder for k in state}, infos, bin_state=state)
         raise MergeCliError(f"{folder}: no weights found (*.safetensors or pytorch_model*.bin)")
 
     def names(self) -> list[str]:
         return list(self._infos)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self._files.values()))
 
     def __contains__(self, name: str) -> bool:
         return name in self._infos
@@ -129,8 +156,11 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         if self._bin is not None:
             return self._bin[name]
-        with safe_open(str(self._files[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
+        try:
+            with safe_open(str(self._files[name]), framework="pt") as handle:
+                return handle.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error class, OSError, ...
+            raise MergeCliError(f"{self._files[name]}: cannot read tensor {name} ({exc})") from None
 
     def close(self) -> None:
         self._bin = None
@@ -142,7 +172,40 @@ class Checkpoint:
         self.close()
 
 
-class StreamingWriter:
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a `*.safetensors.index.json` names, each a plain file name in its folder."""
+    from .reference import read_json_object
+
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise MergeCliError(f"{index}: has no weight_map of tensor name -> shard file")
+    bad = [f for f in weight_map.values() if Path(f).name != f or f in (".", "..")]
+    if bad:
+        raise MergeCliError(f"{index}: shard {bad[0]!r} is not a file name in the model's folder")
+    return sorted({index.parent / f for f in weight_map.values()})
+
+
+class _Writer:
+    """Used as a context manager: finished on success, its file closed (and left to the caller's
+    temporary folder to discard) on failure."""
+
+    def close(self) -> object:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class StreamingWriter(_Writer):
     """Writes one safetensors file whose tensors are declared up front and appended in order."""
 
     def __init__(self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str] | None = None) -> None:
@@ -192,7 +255,7 @@ def plan_shards(tensors: Iterable[TensorInfo], max_bytes: int) -> list[list[Tens
     return shards
 
 
-class ShardedWriter:
+class ShardedWriter(_Writer):
     """Writes a Hugging Face weight set: `model.safetensors`, or numbered shards plus an index."""
 
     def __init__(self, folder: Path, tensors: list[TensorInfo], max_shard_bytes: int, prefix: str = "model") -> None:

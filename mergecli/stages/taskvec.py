@@ -1,244 +1,78 @@
-"""taskvec stage: tau = theta_ft - theta_base for every fine-tune, checked and cached in the workspace.
+"""taskvec stage: tau = theta_ft - theta_base for every fine-tune, checked and cached.
 
-A full fine-tune's task vector is kept by reference: the artifact records which tensor of the
-fine-tune pairs with which of the base (names and shapes checked, tied aliases resolved, rows of
-added tokens copied out), and the merge takes the difference a chunk at a time while it reads both
-models. Writing an fp32 difference would cost twice the bytes of a bf16 fine-tune, to be written
-once and read back by every merge, for nothing the two checkpoints do not already hold; the cache
-key includes the fine-tune's fingerprint, so an edited fine-tune is re-checked. A LoRA adapter's
-task vector (`scale * B @ A`, computed without loading a model) is materialized in fp32, one
-tensor at a time.
+The spec of a task vector holds the base's and the fine-tune's fingerprints and every field of
+the fine-tune's recipe entry that can change it (`extra_tokens`, `check_base`, ...: all of them
+but its name, weight and dataset, which reach other artifacts instead).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+from ..artifacts import ArtifactSpec
+from ..display import size_text
+from ..recipe import ModelSpec, key_view
+from .base import Context, Stage, View
 
-from ..errors import MergeCliError, ModelMismatchError
-from ..methods import TaskTensor
-from ..models.lora import LoraAdapter
-from ..models.reference import ModelSource
-from ..models.safetensors_io import Checkpoint, StreamingWriter, TensorInfo
-from ..progress import SILENT, Reporter
-from ..recipe import ModelSpec, Recipe
-from ..workspace import Artifact
-from .common import Context, open_context
+if TYPE_CHECKING:
+    from ..taskvectors import TaskVector
+    from ..workspace import Artifact
 
-FILENAME = "task_vector.safetensors"
-MANIFEST = "taskvec.json"
-EXTRA_ROWS = ".extra_rows"  # rows a fine-tune added beyond the base vocabulary (values, not deltas)
+
+class TaskVectorSpec(ArtifactSpec):
+    kind = "taskvec"
+    format = 3
+    base: str
+    model: str
+    entry: dict[str, Any]  # the fine-tune's recipe entry, less what reaches other artifacts
+    extra_tokens: str
 
 
 @dataclass(frozen=True)
-class TaskVector:
-    """One fine-tune's task vector: tensors by canonical name, read lazily."""
+class Computed:
+    """A task vector with where it came from (for the table and `--json`)."""
 
-    model: str
-    kind: str
-    artifact: Artifact
+    vector: "TaskVector"
+    artifact: "Artifact"
     reused: bool
-    source: Path = field(compare=False)
-
-    @property
-    def path(self) -> Path:
-        return self.artifact.path
-
-    @cached_property
-    def _manifest(self) -> dict:
-        return json.loads((self.artifact.path / MANIFEST).read_text())
-
-    @cached_property
-    def _stored(self) -> Checkpoint | None:
-        return Checkpoint.open(self.artifact.path) if (self.artifact.path / FILENAME).is_file() else None
-
-    @cached_property
-    def _finetune(self) -> Checkpoint:
-        return Checkpoint.open(self.source)
-
-    @property
-    def by_reference(self) -> bool:
-        return self._manifest.get("storage") == "reference"
-
-    def names(self) -> list[str]:
-        """Canonical names of the tensors this task vector has."""
-        return list(self._manifest["tensors"])
-
-    @property
-    def tensors(self) -> int:
-        return len(self._manifest["tensors"])
-
-    def __contains__(self, canonical: str) -> bool:
-        return canonical in self._manifest["tensors"]
-
-    def tensor(self, canonical: str, base: torch.Tensor) -> TaskTensor | None:
-        """This model's task vector for one tensor, given the base's tensor; None if it has none."""
-        stored = self._manifest["tensors"].get(canonical)
-        if stored is None:
-            return None
-        if self.by_reference:
-            weights = self._finetune.get(stored)
-            return TaskTensor(weights[: base.shape[0]] if base.dim() else weights, base)
-        assert self._stored is not None
-        return TaskTensor(self._stored.get(canonical))
-
-    def get(self, canonical: str, base: torch.Tensor) -> torch.Tensor:
-        """The fp32 task vector of one tensor, materialized (for inspection; merges stream it)."""
-        source = self.tensor(canonical, base)
-        if source is None:
-            raise KeyError(canonical)
-        whole = source.oriented(False)
-        return whole.rows(0, whole.weights.shape[0]).reshape(base.shape)
-
-    def extra_rows(self) -> dict[str, int]:
-        """canonical tensor -> rows this fine-tune added beyond the base vocabulary."""
-        return dict(self._manifest.get("extra_rows", {}))
-
-    def extra(self, canonical: str) -> torch.Tensor:
-        assert self._stored is not None
-        return self._stored.get(f"{canonical}{EXTRA_ROWS}")
 
 
-def run_taskvec(recipe: Recipe, reporter: Reporter = SILENT, wait: bool = True,
-                ctx: Context | None = None) -> list[TaskVector]:
-    """Compute (or reuse) the task vector of every fine-tune in the recipe."""
-    ctx = ctx or open_context(recipe, reporter, wait)
-    return [task_vector(ctx, spec) for spec in recipe.models]
+def spec_of(ctx: Context, model: ModelSpec) -> TaskVectorSpec:
+    return TaskVectorSpec(base=ctx.base.fingerprint, model=ctx.source(model.model).fingerprint,
+                          entry=key_view(model, exclude={"name", "weight", "dataset"}),
+                          extra_tokens=ctx.recipe.extra_tokens)
 
 
-def task_vector(ctx: Context, spec: ModelSpec) -> TaskVector:
-    source = ctx.source(spec.model)
-    inputs = taskvec_inputs(ctx.base, source)
+def task_vector(ctx: Context, model: ModelSpec) -> Computed:
+    from ..taskvectors import TaskVector, build_task_vector
 
-    def produce(folder: Path) -> None:
-        with Checkpoint.open(ctx.base.path) as base:
-            if source.kind == "lora":
-                manifest = _write_lora(ctx, spec, source, base, folder / FILENAME)
-            else:
-                manifest = _reference_full(ctx, spec, source, base, folder / FILENAME)
-        (folder / MANIFEST).write_text(json.dumps(
-            {"model": spec.name, "ref": spec.model, "kind": source.kind, **manifest}, indent=1))
+    source = ctx.source(model.model)
 
-    artifact, reused = ctx.workspace.get_or_build("taskvec", inputs, f"taskvec {spec.name}", produce)
-    vector = TaskVector(spec.name, source.kind, artifact, reused, source.path)
+    def produce(folder) -> None:
+        build_task_vector(folder, model.name, source, ctx.base, ctx.arch, ctx.recipe.extra_tokens,
+                          model.check_base, ctx.recipe.base, ctx.reporter)
+
+    artifact, reused = ctx.workspace.get_or_build(spec_of(ctx, model), f"taskvec {model.name}", produce)
+    vector = TaskVector(model.name, source.kind, artifact.path, source.path)
     how = "read from the fine-tune at merge time" if vector.by_reference else "materialized"
-    ctx.reporter.log(f"task vector [bold]{spec.name}[/] ({source.kind}, {how}): "
+    ctx.reporter.log(f"task vector [bold]{model.name}[/] ({source.kind}, {how}): "
                      + ("reused from the workspace cache" if reused else "computed"))
-    return vector
+    return Computed(vector, artifact, reused)
 
 
-def taskvec_inputs(base: ModelSource, source: ModelSource) -> dict:
-    """What a task vector's cache key depends on."""
-    return {"base": base.fingerprint, "model": source.fingerprint, "kind": source.kind}
+def run(ctx: Context) -> list[Computed]:
+    """Compute (or reuse) the task vector of every fine-tune in the recipe."""
+    return [task_vector(ctx, model) for model in ctx.recipe.models]
 
 
-def _write(ctx: Context, spec: ModelSpec, path: Path, infos: list[TensorInfo],
-           tensor_of: Callable[[str], torch.Tensor]) -> None:
-    writer = StreamingWriter(path, infos, {"model": spec.name})
-    try:
-        with ctx.reporter.track(f"task vector {spec.name}", len(infos)) as advance:
-            for info in infos:
-                tensor = tensor_of(info.name)
-                if not torch.isfinite(tensor).all():
-                    raise MergeCliError(f"{spec.name}: tensor {info.name} has NaN/Inf entries in its task vector",
-                                        "the checkpoint (or the base) is corrupt")
-                writer.write(info.name, tensor)
-                advance(1)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+def show(results: list[Computed]) -> View:
+    data = [{"model": c.vector.model, "kind": c.vector.kind, "key": c.artifact.key, "path": str(c.artifact.path),
+             "reused": c.reused, "bytes": c.artifact.size, "tensors": c.vector.tensors} for c in results]
+    rows = [[d["model"], d["kind"], d["tensors"], size_text(d["bytes"]), "reused" if d["reused"] else "computed",
+             d["key"]] for d in data]
+    return View("task vectors", ["model", "kind", "tensors", "size", "status", "cache key"], rows, data)
 
 
-def _reference_full(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkpoint, path: Path) -> dict:
-    """Check a full fine-tune against the base and map its tensors; only added-token rows are copied."""
-    arch = ctx.arch
-    ft_type = source.config().get("model_type")
-    if ft_type != arch.model_type:
-        raise ModelMismatchError(f"{spec.name}: architecture {ft_type!r} does not match the base's {arch.model_type!r}")
-    with Checkpoint.open(source.path) as ft:
-        base_map, ft_map = _by_canonical(base, arch.canonical), _by_canonical(ft, arch.canonical)
-        grown = _check_match(spec.name, base, base_map, ft, ft_map, ctx.recipe.extra_tokens)
-        tensors = {c: ft_map[c] for c in base_map if base.info(base_map[c]).dtype.is_floating_point}
-        extra = {c: ft.info(ft_map[c]).shape[0] - base.info(base_map[c]).shape[0] for c in grown}
-        if extra:
-            infos = [TensorInfo(f"{c}{EXTRA_ROWS}", (rows, *base.info(base_map[c]).shape[1:]), ft.info(ft_map[c]).dtype)
-                     for c, rows in extra.items()]
-
-            def added_rows(name: str) -> torch.Tensor:
-                canonical = name.removesuffix(EXTRA_ROWS)
-                return ft.get(ft_map[canonical])[-extra[canonical]:]
-
-            _write(ctx, spec, path, infos, added_rows)
-    return {"storage": "reference", "tensors": tensors, "extra_rows": extra}
-
-
-def _by_canonical(ckpt: Checkpoint, canonical: Callable[[str], str]) -> dict[str, str]:
-    """canonical name -> the name stored in this checkpoint (tied pairs are often saved once)."""
-    found: dict[str, str] = {}
-    for name in ckpt.names():
-        key = canonical(name)
-        if key == name or key not in found:
-            found[key] = name
-    return found
-
-
-def _check_match(model: str, base: Checkpoint, base_map: dict[str, str], ft: Checkpoint,
-                 ft_map: dict[str, str], extra_tokens: str) -> list[str]:
-    """Names and shapes must agree; the error lists the first few disagreements.
-
-    The one allowed difference is a fine-tune with added tokens (more rows in vocab-indexed
-    tensors) when the recipe says what to do with them (`extra_tokens: base | union`); the
-    returned names are those tensors.
-    """
-    problems = [f"missing in the fine-tune: {n}" for n in base_map if n not in ft_map]
-    problems += [f"not in the base: {n}" for n in ft_map if n not in base_map]
-    grown = []
-    for name in sorted(base_map.keys() & ft_map.keys()):
-        b, f = base.info(base_map[name]).shape, ft.info(ft_map[name]).shape
-        if b == f:
-            continue
-        if len(b) == 2 and f[1:] == b[1:] and f[0] > b[0] and extra_tokens != "error":
-            grown.append(name)
-        else:
-            hint = " (added tokens? set extra_tokens: base or union)" if len(b) == 2 and f[1:] == b[1:] else ""
-            problems.append(f"{name}: shape {list(f)} in the fine-tune, {list(b)} in the base{hint}")
-    if problems:
-        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ModelMismatchError(f"{model} does not match the base: " + "; ".join(problems[:5]) + more)
-    return grown
-
-
-def _write_lora(ctx: Context, spec: ModelSpec, source: ModelSource, base: Checkpoint, path: Path) -> dict:
-    adapter = LoraAdapter(source.path)
-    _check_adapter_base(spec, adapter.base_model, ctx.recipe.base, ctx.base.path)
-    names = adapter.tensor_names(ctx.arch)
-    missing = [n for n in names if n not in base]
-    if missing:
-        raise ModelMismatchError(f"{spec.name}: the adapter targets tensors the base does not have: "
-                                 + ", ".join(missing[:5]), "is it an adapter for another base model?")
-    order = {n: i for i, n in enumerate(base.names())}
-    names.sort(key=order.__getitem__)
-    infos = [TensorInfo(n, base.info(n).shape, torch.float32) for n in names]
-    _write(ctx, spec, path, infos, lambda n: adapter.delta(n, base, ctx.arch))
-    return {"storage": "materialized", "tensors": {n: n for n in names}}
-
-
-def _check_adapter_base(spec: ModelSpec, recorded: str | None, base_ref: str, base_path: Path) -> None:
-    """peft records the base as given at training time (a hub id, or wherever the base then was):
-    accept it if its last path component matches the recipe's base reference or its folder."""
-    if not recorded or not spec.check_base:
-        return
-
-    def stem(ref: str | Path) -> str:
-        return Path(str(ref).split("@")[0].rstrip("/")).name.lower()
-
-    if stem(recorded) not in (stem(base_ref), stem(base_path)):
-        raise ModelMismatchError(
-            f"{spec.name}: adapter was trained on {recorded!r}, the recipe's base is {base_ref!r}",
-            f"if they are the same model, set models.{spec.name}.check_base: false")
+STAGE = Stage("taskvec", "Compute each fine-tune's task vector (fine-tune minus base) into the workspace cache.",
+              run=run, show=show, order=10, plan=lambda ctx: [spec_of(ctx, m) for m in ctx.recipe.models])

@@ -1,0 +1,97 @@
+"""Calibration statistics on disk: collecting a model's H = X^T X into an artifact, reading it back.
+
+One artifact per fine-tune holds `hessian.safetensors` (one fp32 H sum per input group) and
+`hessian.json` (weight name -> group, token count per group). Sums are stored with their token
+count so they add up exactly; consumers use G = H / n.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from .calibration import load_texts, make_windows
+from .collect import collect, find_groups, linear_modules
+from .data import describe_spec
+from .errors import MergeCliError
+from .methods.stats import LayerStats
+from .models.architecture import decoder_layers
+from .models.loading import load_causal_lm, load_tokenizer
+from .models.reference import ModelSource
+from .models.safetensors_io import Checkpoint, StreamingWriter, TensorInfo
+from .progress import Reporter
+from .recipe import CalibrationSpec, DatasetSpec
+
+FILENAME = "hessian.safetensors"
+META = "hessian.json"
+
+
+def read_meta(folder: Path) -> dict:
+    return json.loads((folder / META).read_text())
+
+
+def produce_hessians(folder: Path, name: str, source: ModelSource, base: Path, dataset: DatasetSpec, root: Path,
+                     cal: CalibrationSpec, device: torch.device, reporter: Reporter) -> None:
+    """Run the calibration windows through the model and write the statistics artifact."""
+    tokenizer = load_tokenizer(source.path, base)
+    texts = load_texts(dataset, root, tokenizer)
+    windows = make_windows(texts, tokenizer, cal.samples, cal.seq_len, cal.seed, cal.pack,
+                           what=f"dataset {describe_spec(dataset)} of {name}")
+    model = load_causal_lm(source, base, use_base=cal.source == "base")
+    groups = find_groups(model, windows.input_ids)
+    modules = linear_modules(model)
+    dims = {leader: _in_features(modules[leader]) for leader in groups}
+    size = sum(d * d * 4 for d in dims.values())
+    free = shutil.disk_usage(folder).free
+    reporter.log(f"hessians {name}: {len(groups)} input groups for {sum(map(len, groups.values()))} "
+                 f"linear layers, {size / 2**20:.1f} MiB on disk; {windows.tokens} tokens")
+    if size > free:
+        raise MergeCliError(f"hessians of {name} need {size / 2**30:.2f} GiB, the workspace disk has "
+                            f"{free / 2**30:.2f} GiB free", "free space or point --workspace elsewhere")
+    steps = len(decoder_layers(model)) if cal.layer_by_layer else windows.input_ids.shape[0]
+    with reporter.track(f"hessians {name}", steps) as advance:
+        stats = collect(model, windows, groups, cal.batch_size, device, cal.layer_by_layer, advance)
+    infos = [TensorInfo(f"{leader}.H", (dims[leader], dims[leader]), torch.float32) for leader in groups]
+    with StreamingWriter(folder / FILENAME, infos, {"model": name}) as writer:
+        for leader in groups:
+            writer.write(f"{leader}.H", stats.sums[leader].float())
+    (folder / META).write_text(json.dumps({
+        "model": name, "dataset": describe_spec(dataset), "tokens": windows.tokens,
+        "members": stats.members, "counts": stats.counts, "groups": groups}, indent=1))
+
+
+def _in_features(module: torch.nn.Module) -> int:
+    return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]  # Conv1D: in x out
+
+
+class HessianReader:
+    """Per-tensor statistics for the merge: G = H / n of the tensor's input group, a few kept in memory."""
+
+    def __init__(self, folder: Path, damp: float, device: torch.device = torch.device("cpu"), keep: int = 3) -> None:
+        meta = read_meta(folder)
+        self._members: dict[str, str] = meta["members"]
+        self._counts: dict[str, int] = meta["counts"]
+        self._ckpt = Checkpoint.open(folder)
+        self._damp = damp
+        self._device = device
+        self._keep = keep
+        self._cache: OrderedDict[str, LayerStats] = OrderedDict()
+        self._lock = threading.Lock()  # the merge asks from several worker threads
+
+    def stats(self, weight_name: str) -> LayerStats | None:
+        group = self._members.get(weight_name)
+        if group is None:
+            return None
+        with self._lock:
+            if group not in self._cache:
+                gram = self._ckpt.get(f"{group}.H").to(self._device, torch.float64) / max(self._counts[group], 1)
+                self._cache[group] = LayerStats(gram, self._damp)
+                if len(self._cache) > self._keep:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(group)
+            return self._cache[group]

@@ -1,0 +1,209 @@
+"""Writing one merge variant: every output tensor streamed into a Hugging Face folder.
+
+For each output tensor: read the base tensor and each fine-tune's tensor as stored (or a LoRA's
+task vector), apply the variant's method (the pure pipeline in `methods/pipeline.py`, a chunk of
+rows at a time), append the result to the shard being written. Peak memory is the largest tensor
+times (models + 2) in its stored dtype, plus one score buffer for top-k (fp32; fp64 for
+data-aware scores), independent of depth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import torch
+
+from .errors import MergeCliError
+from .hessians import HessianReader
+from .methods.pipeline import NonFiniteTaskVector, OutOfRange, merge_tensor
+from .methods.table import Method
+from .models.architecture import Architecture
+from .models.safetensors_io import Checkpoint, ShardedWriter, TensorInfo
+from .progress import Reporter
+from .taskvectors import TaskVector
+
+T = TypeVar("T")
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+@dataclass
+class VariantPlan:
+    """Everything one variant's tensors are computed from."""
+
+    method: Method
+    params: dict[str, Any]
+    model_params: list[dict[str, Any]]  # per merged model: its own overrides (density, ...)
+    weights: list[float]
+    vectors: list[TaskVector]
+    readers: list[HessianReader] | None
+    dtype: torch.dtype | None  # None: each tensor keeps the base's dtype
+    clamp: bool
+    extra_tokens: str
+    shard_bytes: int
+
+
+@dataclass
+class Written:
+    seconds: float
+    kept: int
+    offered: int
+    tensors: int
+    without_stats: int
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def kept_density(self) -> float:
+        return self.kept / self.offered if self.offered else 0.0
+
+
+def write_variant(folder: Path, plan: VariantPlan, base: Path, arch: Architecture, sources: Sequence[Path],
+                  device: torch.device, workers: int, reporter: Reporter, label: str) -> Written:
+    """Compute every tensor of the variant into `folder` (weights, config, tokenizer files)."""
+    start = time.perf_counter()
+    vectors = plan.vectors
+    kept = offered = without_stats = 0
+    with Checkpoint.open(base) as ckpt:
+        extra = _extra_rows(vectors) if plan.extra_tokens == "union" else {}
+        infos = [TensorInfo(n, _grown(i.shape, extra.get(arch.canonical(n))),
+                            plan.dtype if plan.dtype and i.dtype.is_floating_point else i.dtype)
+                 for n, i in ((n, ckpt.info(n)) for n in ckpt.names())]
+
+        def merged(info: TensorInfo) -> tuple[torch.Tensor, int, int, bool]:
+            """One output tensor, entries kept and offered, and whether some statistics were missing."""
+            canonical = arch.canonical(info.name)
+            theta = ckpt.get(info.name)
+            k = n = 0
+            missing = False
+            if theta.dtype.is_floating_point and any(canonical in v for v in vectors):
+                theta = theta.to(device)
+                stats = [r.stats(canonical) for r in plan.readers] if plan.readers else None
+                missing = bool(plan.readers) and any(s is None for s in stats)
+                sources_ = [v.tensor(canonical, theta) for v in vectors]
+                sources_ = [None if t is None else t.to(device) for t in sources_]
+                try:
+                    theta, k, n = merge_tensor(plan.method, sources_, plan.weights, plan.params, canonical,
+                                               canonical in arch.transposed, stats, base=theta, dtype=info.dtype,
+                                               model_params=plan.model_params, clamp=plan.clamp)
+                except NonFiniteTaskVector as exc:
+                    raise MergeCliError(f"{vectors[exc.index].model}: tensor {canonical} has NaN/Inf entries in its "
+                                        "task vector", "the checkpoint (or the base) is corrupt") from None
+                except OutOfRange as exc:
+                    raise MergeCliError(f"{label}: tensor {canonical} would hold {exc.value:g}, which "
+                                        f"{str(exc.dtype).removeprefix('torch.')} cannot represent",
+                                        "lower lambda/weights, use dtype: float32 or bfloat16, or set "
+                                        "overflow: clamp") from None
+                theta = theta.cpu()
+            if canonical in extra:
+                index, _ = extra[canonical]
+                theta = torch.cat([theta.to(info.dtype), vectors[index].extra(canonical).to(info.dtype)])
+            return theta.to(info.dtype), k, n, missing
+
+        writer = ShardedWriter(folder, infos, plan.shard_bytes)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // workers))
+        try:
+            with writer, reporter.track(label, len(infos)) as advance:
+                for info, (tensor, k, n, missing), first in in_order(list(writer.order), arch.canonical, merged,
+                                                                      workers):
+                    if first:  # a tied pair is merged once: count it once
+                        kept, offered, without_stats = kept + k, offered + n, without_stats + missing
+                    writer.write(info.name, tensor)
+                    advance(1)
+        finally:
+            torch.set_num_threads(threads)
+    copy_side_files(base, folder, None if plan.dtype is None else str(plan.dtype).removeprefix("torch."))
+    if extra:
+        adopt_vocabulary(folder, extra, sources, infos, arch)
+    return Written(round(time.perf_counter() - start, 3), kept, offered, len(infos), without_stats,
+                   writer.filenames)
+
+
+def in_order(items: list[TensorInfo], key: Callable[[str], str], compute: Callable[[TensorInfo], T],
+             workers: int) -> Iterator[tuple[TensorInfo, T, bool]]:
+    """Yield (item, its result, first time for its key) in order, computing up to `workers` items
+    ahead in threads: one tensor's single-threaded steps (reading, Python, kthvalue, random draws)
+    overlap another's. Items sharing a key (a tied pair) are computed once. An item is started
+    ahead only while the entries being computed stay within the largest tensor's, so peak memory
+    is one largest-tensor working set whatever the order of the tensors (the embedding and the
+    output layer are often neighbours)."""
+    size = {key(i.name): math.prod(i.shape) for i in items}
+    budget = max(size.values(), default=0)
+    left = Counter(key(i.name) for i in items)
+    futures: dict[str, Future] = {}
+    yielded: set[str] = set()
+    ahead = 0
+    with ThreadPoolExecutor(workers) as pool:
+        try:
+            for position, item in enumerate(items):
+                while ahead < len(items):
+                    nxt_key = key(items[ahead].name)
+                    if nxt_key not in futures:
+                        running = sum(size[k] for k, f in futures.items() if not f.done())
+                        if ahead > position and (len(futures) > workers or running + size[nxt_key] > budget):
+                            break
+                        futures[nxt_key] = pool.submit(compute, items[ahead])
+                    ahead += 1
+                item_key = key(item.name)
+                result = futures[item_key].result()
+                left[item_key] -= 1
+                if left[item_key] == 0:
+                    del futures[item_key]
+                yield item, result, item_key not in yielded
+                yielded.add(item_key)
+        finally:
+            for future in futures.values():
+                future.cancel()
+
+
+def _extra_rows(vectors: list[TaskVector]) -> dict[str, tuple[int, int]]:
+    """canonical tensor -> (task vector index, rows) of the fine-tune that added the most tokens."""
+    found: dict[str, tuple[int, int]] = {}
+    for index, vector in enumerate(vectors):
+        for canonical, rows in vector.extra_rows().items():
+            if rows > found.get(canonical, (0, 0))[1]:
+                found[canonical] = (index, rows)
+    return found
+
+
+def _grown(shape: tuple[int, ...], extra: tuple[int, int] | None) -> tuple[int, ...]:
+    return shape if extra is None else (shape[0] + extra[1], *shape[1:])
+
+
+def adopt_vocabulary(folder: Path, extra: dict[str, tuple[int, int]], sources: Sequence[Path],
+                     infos: list[TensorInfo], arch: Architecture) -> None:
+    """With `extra_tokens: union` the output vocabulary is the largest fine-tune's: its size goes
+    into config.json and its tokenizer files replace the base's."""
+    index = max(extra.values(), key=lambda e: e[1])[0]
+    vocab = next(i.shape[0] for i in infos if arch.canonical(i.name) in extra)
+    for name in TOKENIZER_FILES:
+        if (sources[index] / name).is_file():
+            shutil.copy2(sources[index] / name, folder / name)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["vocab_size"] = vocab
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def copy_side_files(base: Path, folder: Path, dtype: str | None) -> None:
+    """The base's config, generation config and tokenizer files (named ones only: a base folder may
+    hold anything else, which is not the merged model's)."""
+    for name in (*CONFIG_FILES, *TOKENIZER_FILES):
+        if (base / name).is_file():
+            shutil.copyfile(base / name, folder / name)
+    config_path = folder / "config.json"
+    if dtype and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config["dtype"] = dtype
+        config.pop("torch_dtype", None)
+        config_path.write_text(json.dumps(config, indent=2))

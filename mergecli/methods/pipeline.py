@@ -1,0 +1,264 @@
+"""The per-tensor merge pipeline: orient out x in -> score -> select -> (rescale) -> combine ->
+add to the base, a chunk of rows at a time. Pure: tensors in, tensor out.
+
+Chunks: every step but a few is elementwise, so a large tensor is processed in chunks of about
+`CHUNK_ELEMENTS` entries whose temporaries stay in the CPU cache, instead of a dozen passes over
+tensor-sized temporaries in main memory. What needs more than a chunk is decided in one place,
+`plan_trim`: a per-tensor top-k finds its threshold up front (scores gathered chunk by chunk),
+while OBS compensation and rank-probability DARE ask for the whole tensor as one chunk, as do
+methods that are not elementwise (RegMean, SLERP). Chunking never changes a result: thresholds
+are exact with the same tie rule, and random draws are addressed by entry index.
+
+Selection: top-k trims keep the exact top-k of a ranking score; DARE trims are stochastic and
+unbiased: Bernoulli(d) with the `random` score, or rank-dependent keep-probabilities with a
+ranking score (see `rank_probabilities`), survivors divided by their keep-probability.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from .hessian_math import DegenerateStatistics, obs_trim
+from .scores import SCORES
+from .sparsify import TopK, bernoulli_mask, keep_count, random_stream, rank_probabilities, topk_mask, topk_threshold
+from .stats import LayerStats
+from .table import Method, Trim
+
+CHUNK_ELEMENTS = 1 << 18
+
+
+@dataclass(frozen=True)
+class TaskTensor:
+    """One model's task vector for one tensor, oriented out x in.
+
+    `weights - reference` when a reference is given: a full fine-tune is kept as stored (bf16 is
+    half the bytes of an fp32 difference) and the difference is taken one chunk of rows at a time.
+    Without a reference, `weights` is the task vector itself (e.g. a LoRA product).
+    """
+
+    weights: torch.Tensor
+    reference: torch.Tensor | None = None
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """A fresh, contiguous fp32 copy of rows [start, stop): callers may modify it in place."""
+        tau = self.weights[start:stop].to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+        return tau if self.reference is None else tau.sub_(self.reference[start:stop])
+
+    def to(self, device: torch.device) -> "TaskTensor":
+        return TaskTensor(self.weights.to(device), None if self.reference is None else self.reference.to(device))
+
+    def oriented(self, transposed: bool) -> "TaskTensor":
+        return TaskTensor(orient(self.weights, transposed),
+                          None if self.reference is None else orient(self.reference, transposed))
+
+
+def orient(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A view with rows = output features (a scalar becomes one row)."""
+    if tensor.dim() == 0:
+        return tensor.reshape(1)
+    return tensor.T if transposed else tensor
+
+
+class OutOfRange(ValueError):
+    """A merged value is NaN/Inf, or beyond what the output dtype can hold."""
+
+    def __init__(self, tensor_name: str, value: float, dtype: torch.dtype) -> None:
+        super().__init__(f"{tensor_name}: merged value {value:g} does not fit {dtype}")
+        self.tensor_name, self.value, self.dtype = tensor_name, value, dtype
+
+
+class NonFiniteTaskVector(ValueError):
+    """A task vector holds NaN or Inf; `index` is the model's position in the merge."""
+
+    def __init__(self, tensor_name: str, index: int) -> None:
+        super().__init__(f"{tensor_name}: task vector of model {index} has NaN/Inf entries")
+        self.index = index
+
+
+TrimFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]
+"""(chunk of tau, index of its first entry) -> (trimmed chunk, entries kept); may work in place."""
+
+
+@dataclass(frozen=True)
+class TrimPlan:
+    """How one model's task vector of one tensor is trimmed: whether it needs the whole tensor as
+    one chunk, and, once the chunks are known, the function applied to each."""
+
+    whole: bool
+    start: Callable[[list[tuple[int, int]], dict[torch.dtype, torch.Tensor]], TrimFn]
+
+
+def count(mask: torch.Tensor) -> int:
+    """True entries of a boolean mask (a byte sum: faster than count_nonzero)."""
+    return int(mask.view(torch.uint8).sum(dtype=torch.int64))
+
+
+def _keep_all(t: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+    return t, t.numel()
+
+
+def plan_trim(tau: TaskTensor, trim: Trim, params: Mapping[str, Any], tensor_name: str, model_index: int,
+              stats: LayerStats | None) -> TrimPlan:
+    """The trim of one model's task vector for one tensor, as the method's `trim` kind and this
+    model's parameters for this tensor say. Data-aware scores fall back to magnitude where the
+    tensor has no (usable) statistics."""
+    rescale = trim == "dare"
+    d = float(params.get("density", 1.0))
+    if trim == "none" or (d >= 1.0 and not rescale):
+        return TrimPlan(False, lambda chunks, buffers: _keep_all)
+    score = SCORES[params["score"]]
+    compensate = bool(params.get("compensate"))
+    if stats is not None and (score.name == "sparsegpt" or compensate):
+        try:
+            stats.hinv_diag  # computed once per input group; raises if the statistics are unusable
+        except DegenerateStatistics:
+            stats = None
+    if score.needs_stats and stats is None:
+        score = SCORES["magnitude"]
+    if compensate and stats is not None:
+        def compensated(t: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+            kept = obs_trim(t, stats.gram, d, stats.damp)
+            return kept, int(torch.count_nonzero(kept))
+        return TrimPlan(True, lambda chunks, buffers: compensated)
+    per_row = params.get("topk") == "row"
+    stream = random_stream(int(params.get("seed", 0)), tensor_name, model_index)
+    if score.selection == "bernoulli":
+        def bernoulli(t: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+            keep = bernoulli_mask(t.shape, d, stream, start).to(t.device)
+            return (t.div_(d) if rescale else t).mul_(keep), count(keep)
+        return TrimPlan(False, lambda chunks, buffers: bernoulli)
+    if rescale:
+        def ranked(t: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+            keep_p = rank_probabilities(score.fn(t, stats), d, per_row).to(t.device)
+            keep = stream.uniform(t.shape, start).to(t.device) < keep_p
+            return torch.where(keep, t / keep_p, torch.zeros_like(t)).to(t.dtype), count(keep)
+        return TrimPlan(True, lambda chunks, buffers: ranked)
+
+    def rank(t: torch.Tensor) -> torch.Tensor:
+        return score.fn(t, stats)
+
+    def top(chunks: list[tuple[int, int]], buffers: dict[torch.dtype, torch.Tensor]) -> TrimFn:
+        if per_row and tau.weights.dim() >= 2:
+            def selection(scores: torch.Tensor) -> torch.Tensor:
+                return topk_mask(scores, d, per_row=True)
+        else:
+            selection = _threshold(tau, rank, d, chunks, buffers).mask
+
+        def keep_top(t: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+            keep = selection(rank(t))
+            return t.mul_(keep), count(keep)
+        return keep_top
+    return TrimPlan(False, top)
+
+
+def _threshold(tau: TaskTensor, score: Callable[[torch.Tensor], torch.Tensor], density: float,
+               chunks: list[tuple[int, int]], buffers: dict[torch.dtype, torch.Tensor]) -> TopK:
+    """Per-tensor top-k: scores of every chunk gathered into one flat buffer, threshold found once.
+    The buffer has the score's dtype (float64 for data-aware scores, so phase 2 compares exactly)
+    and is shared by the models of one tensor."""
+    first = score(tau.rows(*chunks[0])).reshape(-1)
+    if len(chunks) == 1:
+        flat = first
+    else:
+        numel = tau.weights.numel()
+        cols = numel // max(tau.weights.shape[0], 1)
+        flat = buffers.get(first.dtype)
+        if flat is None:
+            flat = buffers[first.dtype] = torch.empty(numel, dtype=first.dtype, device=first.device)
+        flat[: first.numel()] = first
+        for start, stop in chunks[1:]:
+            flat[start * cols: stop * cols] = score(tau.rows(start, stop)).reshape(-1)
+    return topk_threshold(flat, keep_count(flat.numel(), density))
+
+
+def _chunks(rows: int, cols: int, whole: bool) -> list[tuple[int, int]]:
+    """Row ranges of about CHUNK_ELEMENTS entries; an even row count keeps chunk starts at even
+    entries (see RandomStream)."""
+    step = rows if whole else max(2, (CHUNK_ELEMENTS // max(cols, 1)) & ~1)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)] or [(0, 0)]
+
+
+def trim(tau: torch.Tensor, method: Method, params: Mapping[str, Any], tensor_name: str, model_index: int,
+         stats: LayerStats | None = None) -> torch.Tensor:
+    """The trimmed copy of one whole task vector (oriented out x in), as `method` trims it."""
+    source = TaskTensor(tau)
+    whole = [(0, tau.shape[0] if tau.dim() else 1)]
+    plan = plan_trim(source, method.trim, {**method.defaults(), **params}, tensor_name, model_index, stats)
+    return plan.start(whole, {})(source.rows(*whole[0]), 0)[0].reshape(tau.shape)
+
+
+def merge_tensor(method: Method, taus: Iterable[TaskTensor | torch.Tensor | None], weights: Sequence[float],
+                 params: Mapping[str, Any] | None = None, tensor_name: str = "", transposed: bool = False,
+                 stats: Sequence[LayerStats | None] | None = None, base: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None, model_params: Sequence[Mapping[str, Any]] | None = None,
+                 clamp: bool = False) -> tuple[torch.Tensor, int, int]:
+    """Merged delta for one tensor (or, given `base`, the merged weight `base + lambda * delta` in
+    `dtype`), plus (entries kept, entries offered) for the density report.
+
+    `params` are the variant's values for this tensor (missing ones take the method's defaults);
+    `model_params[i]` overrides them for model i's trim. A model without this tensor (None, e.g. a
+    LoRA that did not target it) contributes nothing: it neither votes in TIES nor counts in a
+    mean. `transposed` marks weights stored in x out (GPT-2's Conv1D); all math sees them out x
+    in. A task vector with NaN/Inf raises NonFiniteTaskVector naming the model; a merged value
+    that is not finite, or beyond the range of `dtype`, raises OutOfRange (with `clamp`, values
+    beyond the range are clamped to it instead; NaN is never clamped).
+    """
+    values = {**method.defaults(), **(params or {})}
+    present = [(i, t if isinstance(t, TaskTensor) else TaskTensor(t)) for i, t in enumerate(taus) if t is not None]
+    if not present:
+        raise ValueError(f"{tensor_name}: no task vector has this tensor")
+    if method.needs_base and base is None:
+        raise ValueError(f"{method.name} needs the base weights of {tensor_name}")
+    shape = present[0][1].weights.shape
+    sources = [t.oriented(transposed) for _, t in present]
+    used_stats = [stats[i] if stats else None for i, _ in present]
+    own = [{**values, **(model_params[i] if model_params else {})} for i, _ in present]
+    plans = [plan_trim(src, method.trim, p, tensor_name, i, s)
+             for (i, _), src, p, s in zip(present, sources, own, used_stats)]
+    rows = sources[0].weights.shape[0]
+    cols = sources[0].weights.numel() // max(rows, 1)
+    chunks = _chunks(rows, cols, not method.elementwise or any(p.whole for p in plans))
+    buffers: dict[torch.dtype, torch.Tensor] = {}
+    trims = [p.start(chunks, buffers) for p in plans]
+    del buffers  # thresholds are found; the score buffer is not needed while merging
+    w = torch.tensor([weights[i] for i, _ in present], dtype=torch.float32)
+    out = torch.empty(shape, dtype=dtype or torch.float32, device=sources[0].weights.device)
+    target = orient(out, transposed)
+    reference = None if base is None else orient(base, transposed)
+    lam = float(values.get("lambda", 1.0))
+    kept = 0
+    for start, stop in chunks:
+        trimmed = []
+        for (i, _), src, trim_chunk in zip(present, sources, trims):
+            t = src.rows(start, stop)
+            if not math.isfinite(float(t.sum())):
+                raise NonFiniteTaskVector(tensor_name, i)
+            t, k = trim_chunk(t, start * cols)
+            kept += k
+            trimmed.append(t)
+        base_rows = None if reference is None else reference[start:stop].to(torch.float32, copy=True)
+        delta = method.combine(trimmed, w, params=values, stats=used_stats,
+                               base=base_rows if method.needs_base else None)
+        target[start:stop] = _fit(delta if base_rows is None else base_rows.add_(delta, alpha=lam), out.dtype,
+                                  clamp, tensor_name)
+    return out, kept, len(present) * out.numel()
+
+
+def _fit(values: torch.Tensor, dtype: torch.dtype, clamp: bool, tensor_name: str) -> torch.Tensor:
+    """Values as they may be cast to `dtype`: finite and in range (see merge_tensor)."""
+    if values.numel() == 0:
+        return values
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else None
+    peak = float(values.abs().max())
+    if math.isnan(peak) or (math.isinf(peak) and not clamp):
+        bad = values[~torch.isfinite(values)][0]
+        raise OutOfRange(tensor_name, float(bad), dtype)
+    if limit is not None and peak > limit:
+        if not clamp:
+            raise OutOfRange(tensor_name, float(values.flatten()[values.abs().argmax()]), dtype)
+        values = values.clamp_(-limit, limit)
+    return values

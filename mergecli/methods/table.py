@@ -1,0 +1,164 @@
+"""The method table: what a merge method is, which hyperparameters it takes, and registration by name.
+
+A method is one combine function plus a declaration: its parameters (name, type, default, range),
+how its task vectors are trimmed first, and what it needs besides them (calibration statistics,
+the base weights, the whole tensor at once). The recipe validates a variant against this
+declaration, so a new method with a new parameter is one decorated function in one module of
+this package (every module here is imported by `catalog()`).
+
+This module imports no torch: the CLI reads the table to validate recipes and print help quickly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import math
+import pkgutil
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+    from .stats import LayerStats
+
+
+class CombineFn(Protocol):
+    def __call__(self, trimmed: Sequence["torch.Tensor"], weights: "torch.Tensor", *, params: Mapping[str, Any],
+                 stats: Sequence["LayerStats | None"], base: "torch.Tensor | None") -> "torch.Tensor": ...
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter: its type, default and allowed range, checked when a recipe is read."""
+
+    name: str
+    type: type
+    default: Any
+    doc: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is not allowed
+    choices: tuple[str, ...] | None = None
+    per_model: bool = False  # may differ per model (a variant's `models: [{name: ..., density: ...}]`)
+    schedulable: bool = False  # may vary over depth (a list) or by tensor-name filters
+
+    def check(self, value: Any) -> Any:
+        """The value as this parameter's type; ValueError saying what is allowed otherwise."""
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"must be true or false, got {value!r}")
+            return value
+        if self.type is str:
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                close = difflib.get_close_matches(str(value), self.choices or (), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"must be one of {', '.join(self.choices or ())}, got {value!r}{hint}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number, got {value!r}")
+        if self.type is int and value != int(value):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        below = value <= self.low if self.low_open else value < self.low if self.low is not None else False
+        above = self.high is not None and value > self.high
+        if below or above:
+            raise ValueError(f"must be in {self.range_text()}, got {value!r}")
+        return self.type(value)
+
+    def range_text(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}]"
+
+    def with_default(self, default: Any) -> "Param":
+        return replace(self, default=default)
+
+
+Trim = Literal["none", "topk", "dare"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    combine: CombineFn
+    params: tuple[Param, ...]
+    trim: Trim  # none: whole task vectors; topk: exact top-k by score; dare: drop at random, rescale
+    needs_stats: bool  # calibration statistics (H) for its linear layers
+    needs_base: bool  # the base weights, not only task vectors
+    elementwise: bool  # each merged entry depends only on the same entry of the inputs (chunkable)
+    doc: str
+    check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = field(default=None, repr=False)
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, *, params: Sequence[Param], trim: Trim = "none", needs_stats: bool = False,
+                    needs_base: bool = False, elementwise: bool = True,
+                    check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None
+                    ) -> Callable[[CombineFn], CombineFn]:
+    """Register `fn` as the combine step of method `name`; its docstring is the method's help.
+
+    `check(params, weights)` is a rule across parameters (or over the models' weights), raising
+    ValueError("<field>: <what is wrong>").
+    """
+    def decorate(fn: CombineFn) -> CombineFn:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = Method(name, fn, tuple(params), trim, needs_stats, needs_base, elementwise,
+                               (fn.__doc__ or "").strip(), check)
+        return fn
+    return decorate
+
+
+def catalog() -> dict[str, Method]:
+    """Every registered method (importing each module of this package registers its methods)."""
+    for module in pkgutil.iter_modules(_package_path()):
+        importlib.import_module(f"{__package__}.{module.name}")
+    return METHODS
+
+
+def _package_path() -> list[str]:
+    import mergecli.methods as package
+
+    return list(package.__path__)
+
+
+# -- parameters shared by several methods ------------------------------------------------------
+SCORE_NAMES = ("magnitude", "random", "sparsegpt", "wanda")
+LAMBDA = Param("lambda", float, 1.0, "scale of the merged task vector", low=-100, high=100, schedulable=True)
+DENSITY = Param("density", float, 0.2, "fraction of each task vector kept", low=0.0, high=1.0, low_open=True,
+                per_model=True, schedulable=True)
+SCORE = Param("score", str, "magnitude", "which entries matter: magnitude | random | sparsegpt | wanda",
+              choices=SCORE_NAMES)
+TOPK = Param("topk", str, "tensor", "exact top-k per tensor or per output row", choices=("tensor", "row"))
+SEED = Param("seed", int, 0, "seed of the random draws (with the tensor name and model index)", low=0, high=2**63 - 1)
+DAMP = Param("damp", float, 0.01, "Hessian damping, relative to mean(diag H)", low=0.0, high=10.0, low_open=True,
+             schedulable=True)
+COMPENSATE = Param("compensate", bool, False, "sparsegpt only: OBS error compensation of the kept entries")
+ALPHA = Param("alpha", float, 0.9, "regmean: G~ = alpha G + (1 - alpha) diag G", low=0.0, high=1.0,
+              schedulable=True)
+TRIM_TOPK = (DENSITY, SCORE, TOPK, COMPENSATE, DAMP)
+TRIM_DARE = (DENSITY, SCORE.with_default("random"), TOPK, SEED, DAMP)
+
+
+def compensate_needs_sparsegpt(params: Mapping[str, Any], weights: Sequence[float]) -> None:
+    if params.get("compensate") and params.get("score") != "sparsegpt":
+        raise ValueError("compensate: true needs score: sparsegpt")
+
+
+def sign_election_needs_positive_weights(params: Mapping[str, Any], weights: Sequence[float]) -> None:
+    """TIES elects each entry's sign by the weighted sum and divides by the agreeing weights: with
+    weights summing to <= 0 the election is inverted or the mean divides by zero."""
+    if sum(weights) <= 0:
+        raise ValueError(f"weight: the models' weights sum to {sum(weights):g}; sign election needs a positive sum")
+    compensate_needs_sparsegpt(params, weights)

@@ -1,0 +1,195 @@
+"""What a stage is, and the context every stage runs in.
+
+A stage is one module of this package that defines `STAGE = Stage(...)`: its name (the command
+and the `run_<name>` API function), the options it takes, how its result is shown, what it
+produces for a recipe (`plan`: the artifact specs `ws ls`/`ws gc` derive from), and `run`. The
+CLI, the Python API and the exports are generated from the list of stages (`stages.STAGES`), so a
+new stage is one new module.
+
+Stage modules stay cheap to import (no torch at module level): the CLI builds its commands and
+`--help` from them without loading any model code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import MergeCliError, ModelMismatchError
+from ..fsutil import overlaps, real
+from ..progress import SILENT, Reporter
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..artifacts import ArtifactSpec
+    from ..models.architecture import Architecture
+    from ..models.reference import ModelSource
+    from ..recipe import Recipe
+    from ..workspace import Workspace
+
+
+@dataclass(frozen=True)
+class Option:
+    """A stage option: a keyword argument of `run`, a `--flag` of its command. With `override`, the
+    command sets that recipe field instead (`--samples 64` is `calibration.samples=64`)."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    flags: tuple[str, ...] = ()
+    override: str | None = None
+    minimum: int | None = None
+
+    @property
+    def cli_flags(self) -> tuple[str, ...]:
+        return self.flags or (f"--{self.name.replace('_', '-')}",)
+
+
+@dataclass(frozen=True)
+class View:
+    """A result as the CLI shows it: a table (title, columns, rows), and the data `--json` prints."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    data: Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    summary: str
+    run: Callable[..., Any]  # run(ctx, **options) -> result
+    show: Callable[[Any], View | str]  # a str is printed as it is (csv, markdown)
+    order: int  # position in the pipeline (taskvec 10 ... compare 50)
+    plan: Callable[["Context"], list["ArtifactSpec"]] = lambda ctx: []
+    options: tuple[Option, ...] = ()
+
+
+@dataclass
+class Context:
+    """One run of one or more stages on one recipe: resolved models and the workspace are looked up
+    once, and a stage that needs another's result (`need`) gets it computed once."""
+
+    recipe: "Recipe"
+    reporter: Reporter = SILENT
+    device: str = "cpu"
+    wait: bool = True
+    _sources: dict[str, "ModelSource"] = field(default_factory=dict)
+    _results: dict[str, Any] = field(default_factory=dict)
+
+    # -- models -------------------------------------------------------------------------------
+    def source(self, ref: str) -> "ModelSource":
+        """A model reference resolved once per run (a hub id costs a request)."""
+        from ..models.reference import resolve_model
+
+        if ref not in self._sources:
+            self._sources[ref] = resolve_model(ref, self.recipe.root)
+        return self._sources[ref]
+
+    @cached_property
+    def base(self) -> "ModelSource":
+        base = self.source(self.recipe.base)
+        if base.kind != "full":
+            raise ModelMismatchError(f"base: {base.path} is a LoRA adapter; the base must be a full model")
+        return base
+
+    @cached_property
+    def arch(self) -> "Architecture":
+        from ..models.architecture import describe
+        from ..models.architectures import TESTED_TYPES
+
+        arch = describe(self.base.path)
+        if arch.model_type not in TESTED_TYPES:
+            self.reporter.log(f"[yellow]warning:[/] model_type {arch.model_type!r} is not among the tested "
+                              f"architectures ({', '.join(sorted(TESTED_TYPES))}); inferred from the model class: "
+                              f"{len(arch.linear)} linear weights, {len(arch.transposed)} stored in x out, "
+                              f"tied: {arch.tied or 'none'}")
+        return arch
+
+    @cached_property
+    def torch_device(self) -> "torch.device":
+        return check_device(self.device)
+
+    # -- where mergecli may write ---------------------------------------------------------------
+    @cached_property
+    def inputs(self) -> list[tuple[str, Path]]:
+        """(what, real path) of every input: models, adapters, dataset files, the recipe itself."""
+        from ..models.reference import resolve_reference
+
+        recipe = self.recipe
+        found = [("the recipe", real(recipe.path))] if recipe.path else []
+        for what, ref in [("the base model", recipe.base)] + [(f"model {m.name!r}", m.model) for m in recipe.models]:
+            if isinstance(resolve_reference(ref, recipe.root), Path):
+                found += [(what, p) for p in self.source(ref).input_paths]
+        for name, spec in recipe.eval_datasets().items():
+            for ref in [spec.path, *([spec.data_files] if isinstance(spec.data_files, str) else spec.data_files or [])]:
+                location = resolve_reference(ref, recipe.root)
+                if isinstance(location, Path) and location.exists():
+                    found.append((f"dataset {name!r}", real(location)))
+        harness = recipe.evaluation.lm_eval
+        if harness and harness.include_path:
+            found.append(("evaluation.lm_eval.include_path", real(recipe.root / harness.include_path)))
+        return found
+
+    def guard(self, target: Path, what: str) -> None:
+        """Refuse to write `target` if it is, contains or is inside an input (real paths compared,
+        symlinks included), or lies under a file."""
+        location = real(target)
+        for name, path in self.inputs:
+            if overlaps(location, path):
+                raise MergeCliError(f"{what} {target} {_relation(location, path)} {name} ({path}); "
+                                    "mergecli never writes into its inputs", f"choose another {what}")
+        if target.exists() and not target.is_dir():
+            raise MergeCliError(f"{what} {target} is a file, not a folder")
+        ancestor = location
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise MergeCliError(f"{what} {target} lies under {ancestor}, which is a file")
+
+    @cached_property
+    def workspace(self) -> "Workspace":
+        from ..workspace import Workspace
+
+        self.guard(self.recipe.workspace_path, "workspace")
+        return Workspace(self.recipe.workspace_path, wait=self.wait, log=self.reporter.log)
+
+    # -- other stages ---------------------------------------------------------------------------
+    def need(self, stage: str, **options: Any) -> Any:
+        """Another stage's result, computed once per context."""
+        from . import stages
+
+        if stage not in self._results:
+            self._results[stage] = stages()[stage].run(self, **options)
+        return self._results[stage]
+
+
+def _relation(a: Path, b: Path) -> str:
+    return "is" if a == b else "is inside" if a.is_relative_to(b) else "contains"
+
+
+def check_device(device: str) -> "torch.device":
+    """Fail early and clearly when the requested accelerator is absent or not a compute device."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MergeCliError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise MergeCliError(f"device {device!r} cannot run a merge", "use cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise MergeCliError(f"device {device!r} requested but no such CUDA device is available", "use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MergeCliError("device 'mps' requested but MPS is not available", "use --device cpu")
+    return dev
+
+
+def open_context(recipe: "Recipe", reporter: Reporter = SILENT, device: str = "cpu", wait: bool = True) -> Context:
+    return Context(recipe, reporter, device, wait)
+

@@ -1,0 +1,79 @@
+"""compare stage: everything missing, then one table of every model x dataset, best merge marked;
+optionally written as json/csv/markdown and a PNG chart.
+
+Output files are checked before any evaluation starts (a missing folder found after minutes of
+work is a wasted run), and never written over an input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import MergeCliError
+from .base import Context, Option, Stage, View
+
+FORMATS = ("table", "json", "csv", "markdown")
+
+
+def check_output_file(ctx: Context, path: Path, what: str) -> None:
+    if not path.parent.is_dir():
+        raise MergeCliError(f"{what} {path}: folder {path.parent} does not exist", "create it first")
+    if path.is_dir():
+        raise MergeCliError(f"{what} {path} is a folder", "give a file name")
+    ctx.guard(path, what)
+
+
+def run(ctx: Context, fmt: str = "table", output: Path | None = None, plot_path: Path | None = None
+        ) -> tuple[str, list[dict[str, Any]]]:
+    """Run what is missing, write the requested files; returns (format, comparison rows)."""
+    from ..report import comparison, plot, render
+
+    if fmt not in FORMATS:
+        raise MergeCliError(f"unknown --format {fmt!r}", f"use {', '.join(FORMATS)}")
+    for path, what in ((output, "--output"), (plot_path, "--plot")):
+        if path is not None:
+            check_output_file(ctx, path, what)
+    results = ctx.need("eval")
+    rows = comparison(results)
+    if output:
+        output.write_text(render(rows, "json" if fmt == "table" else fmt))
+    if plot_path:
+        plot(results, plot_path)
+        ctx.reporter.log(f"chart written to {plot_path}")
+    return fmt, rows
+
+
+def show(result: tuple[str, list[dict[str, Any]]]) -> View | str:
+    from ..report import render
+
+    fmt, rows = result
+    return comparison_view(rows) if fmt == "table" else render(rows, fmt)
+
+
+def comparison_view(rows: list[dict[str, Any]]) -> View:
+    datasets = [k for k in rows[0] if k.startswith("ppl_") and k != "ppl_mean"]
+    harness = [k for k in rows[0] if ":" in k]
+    columns = ["model", "method", *(d[4:] for d in datasets), "mean", *harness, "gain kept", "vs own FT", "kept",
+               "merge s"]
+    body = []
+    for row in rows:
+        change, gain = row["vs_own_finetune"], row["gain_retained"]
+        body.append([("★ " if row["best"] else "") + row["model"], row["label"] or row["role"],
+                     *(f"{row[d]:.3f}" for d in datasets), f"{row['ppl_mean']:.3f}",
+                     *(f"{row[k]:.4f}" for k in harness),
+                     "" if gain is None else f"{100 * gain:.1f}%",
+                     "" if change is None else f"{100 * change:+.1f}%",
+                     "" if row["kept_density"] is None else f"{row['kept_density']:.3f}",
+                     "" if row["merge_seconds"] is None else f"{row['merge_seconds']:.1f}"])
+    return View("perplexity on held-out text (lower is better; ★ best merge by mean)", columns, body, rows)
+
+
+STAGE = Stage(
+    "compare", "Run what is missing, then one table of every model x dataset with the best merge marked.",
+    run=run, show=show, order=50,
+    options=(
+        Option("fmt", str, "table", "table | json | csv | markdown", flags=("--format",)),
+        Option("output", Path, None, "write the table in --format to this file"),
+        Option("plot_path", Path, None, "grouped bar chart (PNG)", flags=("--plot",)),
+    ))
