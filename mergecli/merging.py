@@ -23,7 +23,7 @@ import torch
 
 from .errors import MergeCliError
 from .hessians import HessianReader
-from .methods.pipeline import NonFiniteTaskVector, OutOfRange, merge_tensor
+from .methods.pipeline import NonFiniteTaskVector, OutOfRange, fit, merge_tensor
 from .methods.table import Method
 from .models.architecture import Architecture
 from .models.safetensors_io import Checkpoint, ShardedWriter, TensorInfo
@@ -99,11 +99,10 @@ def write_variant(folder: Path, plan: VariantPlan, base: Path, arch: Architectur
                     raise MergeCliError(f"{vectors[exc.index].model}: tensor {canonical} has NaN/Inf entries in its "
                                         "task vector", "the checkpoint (or the base) is corrupt") from None
                 except OutOfRange as exc:
-                    raise MergeCliError(f"{label}: tensor {canonical} would hold {exc.value:g}, which "
-                                        f"{str(exc.dtype).removeprefix('torch.')} cannot represent",
-                                        "lower lambda/weights, use dtype: float32 or bfloat16, or set "
-                                        "overflow: clamp") from None
+                    raise out_of_range(exc, label) from None
                 theta = theta.cpu()
+            elif theta.dtype.is_floating_point:  # copied from the base: still finite and representable
+                theta = _fitted(theta, info.dtype, plan.clamp, canonical, label)
             if canonical in extra:
                 index, _ = extra[canonical]
                 theta = torch.cat([theta.to(info.dtype), vectors[index].extra(canonical).to(info.dtype)])
@@ -127,6 +126,19 @@ def write_variant(folder: Path, plan: VariantPlan, base: Path, arch: Architectur
         adopt_vocabulary(folder, extra, sources, infos, arch)
     return Written(round(time.perf_counter() - start, 3), kept, offered, len(infos), without_stats,
                    writer.filenames)
+
+
+def out_of_range(exc: OutOfRange, label: str) -> MergeCliError:
+    return MergeCliError(f"{label}: tensor {exc.tensor_name} would hold {exc.value:g}, which "
+                         f"{str(exc.dtype).removeprefix('torch.')} cannot represent",
+                         "lower lambda/weights, use dtype: float32 or bfloat16, or set overflow: clamp")
+
+
+def _fitted(theta: torch.Tensor, dtype: torch.dtype, clamp: bool, name: str, label: str) -> torch.Tensor:
+    try:
+        return fit(theta.float(), dtype, clamp, name)
+    except OutOfRange as exc:
+        raise out_of_range(exc, label) from None
 
 
 def in_order(items: list[TensorInfo], key: Callable[[str], str], compute: Callable[[TensorInfo], T],

@@ -332,11 +332,12 @@ def _absolute(path: Path) -> Path:
 
 
 def _unique(names: list[str], field: str, what: str, key: str = ".name") -> None:
+    """Names are unique ignoring case: they become folder names, and some file systems ignore case."""
     seen: set[str] = set()
     for i, name in enumerate(names):
-        if name in seen:
+        if name.lower() in seen:
             raise ValueError(f"{field}.{i}{key}: duplicate {what} {name!r}")
-        seen.add(name)
+        seen.add(name.lower())
 
 
 def _did_you_mean(value: str, choices: Any) -> str:
@@ -381,6 +382,8 @@ def parse_yaml(text: str, source: str) -> Any:
 def read_yaml_file(path: Path, what: str = "recipe") -> Any:
     """A small YAML file's data: missing, oversized, unreadable or malformed files are RecipeErrors."""
     try:
+        if path.is_dir():
+            raise RecipeError(f"{path} is a folder, not a {what} file")
         if not path.is_file():
             raise RecipeError(f"{what} not found: {path}", "list built-in recipes with `mergecli recipes ls`")
         size = path.stat().st_size

@@ -31,6 +31,7 @@ from .errors import MergeCliError, WorkspaceBusyError
 from .fsutil import OWNER_MARKER, building, file_record, is_owned, leftovers, locked, publish, record_problem
 
 MANIFEST_FORMAT = 3
+ROLE = "workspace artifact"  # the marker inside every artifact folder
 
 
 @dataclass(frozen=True)
@@ -162,11 +163,11 @@ class Workspace:
         """Build and publish one artifact (call under `lock(spec.key())`)."""
         key = spec.key()
         final = self.root / spec.kind / key
-        with building(final) as tmp:
+        with building(final, ROLE) as tmp:
             produce(tmp)
             files = {p.relative_to(tmp).as_posix(): file_record(p) for p in sorted(tmp.rglob("*"))
                      if p.is_file() and p.name != OWNER_MARKER}
-            publish(tmp, final)
+            publish(tmp, final, owned=lambda f: is_owned(f, ROLE))
         with self._manifest_lock() as manifest:
             manifest["entries"][key] = {"kind": spec.kind, "label": label, "spec": spec.model_dump(mode="json"),
                                         "files": files, "created": time.time()}
@@ -176,7 +177,7 @@ class Workspace:
             entry = manifest["entries"].pop(key, None)
         if isinstance(entry, dict) and _entry_problem(key, entry) is None:
             folder = self.root / entry["kind"] / key
-            if is_owned(folder):
+            if is_owned(folder, ROLE):
                 shutil.rmtree(folder, ignore_errors=True)
 
     # -- garbage ------------------------------------------------------------------------------
@@ -192,9 +193,9 @@ class Workspace:
             folder = self.root / kind
             if not folder.is_dir() or folder.is_symlink():
                 continue
-            found += [p for p in folder.iterdir() if KEY.match(p.name) and p.name not in entries and is_owned(p)]
-            found += [p for p in leftovers(folder) if not self._being_built(p)]
-        return sorted(p for p in set(found) if is_owned(p))
+            found += [p for p in folder.iterdir() if KEY.match(p.name) and p.name not in entries and is_owned(p, ROLE)]
+            found += [p for p in leftovers(folder, ROLE) if not self._being_built(p)]
+        return sorted(p for p in set(found) if is_owned(p, ROLE))
 
     def collect(self, keep: set[str]) -> tuple[int, int]:
         """Remove garbage; returns (folders removed, bytes freed)."""

@@ -150,3 +150,48 @@ def make_gguf(folder: Path, path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# -- shared by the CLI tests -------------------------------------------------------------------
+CODE = [f"def f{i}(x):\n    return x * {i} + {i + 1}\n" for i in range(150)]
+VERSE = [f"Shall I compare thee to a summer's day, number {i}? Thou art more lovely." for i in range(150)]
+
+
+def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
+    """A dataset file as users write them: one JSON object per line."""
+    import json
+
+    path.write_text("\n".join(json.dumps({field: t}) for t in texts))
+    return path
+
+
+def cli(*args, code: int | None = 0, input: str | None = None):
+    """Run `mergecli ARGS` in-process; assert the exit code (unless None) and return the result."""
+    from typer.testing import CliRunner
+
+    from mergecli.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], input=input)
+    if code is not None:
+        assert result.exit_code == code, f"exit {result.exit_code}\nstdout:{result.stdout}\nstderr:{result.stderr}"
+    return result
+
+
+def error_line(result) -> str:
+    """The single `Error:` line a failed command printed (asserting there is exactly one, no traceback)."""
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def digests(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under the given paths (files or folders), to prove inputs untouched."""
+    import hashlib
+
+    found = {}
+    for root in roots:
+        for path in sorted([root] if root.is_file() else root.rglob("*")):
+            if path.is_file():
+                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found

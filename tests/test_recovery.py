@@ -71,7 +71,7 @@ def test_temp_folders_of_a_killed_merge_are_cleared_by_the_next_run(clean):
     root = recipe.parent
     out = root / "out_stale"
     (out / ".ties.deadbeef.tmp").mkdir(parents=True)
-    (out / ".ties.deadbeef.tmp" / ".mergecli-owned").write_text("")
+    (out / ".ties.deadbeef.tmp" / ".mergecli-owned").write_text("merged model")
     (out / ".ties.deadbeef.tmp" / "model.safetensors").write_bytes(b"half")
     (out / ".ties.cafebabe.tmp").mkdir()
     (out / ".ties.cafebabe.tmp" / "notes.txt").write_text("not mergecli's")

@@ -102,7 +102,7 @@ def test_interrupted_build_leaves_no_entry_and_gc_removes_leftovers(tmp_path, re
     runner.invoke(app, ["taskvec", str(recipe)])
     leftover = tmp_path / "ws" / "taskvec" / ".0123456789abcdef0123.1234abcd.tmp"
     leftover.mkdir()
-    (leftover / ".mergecli-owned").write_text("")
+    (leftover / ".mergecli-owned").write_text("workspace artifact")
     ws.get_or_build(ToySpec(x=2), "unused", lambda f: (f / "x").write_text("x"))
     listed = json.loads(runner.invoke(app, ["--json", "ws", "ls", str(recipe)]).stdout)
     assert {e["label"]: e["used"] for e in listed} == {"taskvec a": True, "taskvec c": True, "unused": False}

@@ -243,13 +243,14 @@ def merge_tensor(method: Method, taus: Iterable[TaskTensor | torch.Tensor | None
         base_rows = None if reference is None else reference[start:stop].to(torch.float32, copy=True)
         delta = method.combine(trimmed, w, params=values, stats=used_stats,
                                base=base_rows if method.needs_base else None)
-        target[start:stop] = _fit(delta if base_rows is None else base_rows.add_(delta, alpha=lam), out.dtype,
+        target[start:stop] = fit(delta if base_rows is None else base_rows.add_(delta, alpha=lam), out.dtype,
                                   clamp, tensor_name)
     return out, kept, len(present) * out.numel()
 
 
-def _fit(values: torch.Tensor, dtype: torch.dtype, clamp: bool, tensor_name: str) -> torch.Tensor:
-    """Values as they may be cast to `dtype`: finite and in range (see merge_tensor)."""
+def fit(values: torch.Tensor, dtype: torch.dtype, clamp: bool, tensor_name: str) -> torch.Tensor:
+    """Values as they may be cast to `dtype`: finite and in range (see merge_tensor); every
+    floating-point tensor written passes here, merged or copied from the base."""
     if values.numel() == 0:
         return values
     limit = torch.finfo(dtype).max if dtype.is_floating_point else None
@@ -260,5 +261,5 @@ def _fit(values: torch.Tensor, dtype: torch.dtype, clamp: bool, tensor_name: str
     if limit is not None and peak > limit:
         if not clamp:
             raise OutOfRange(tensor_name, float(values.flatten()[values.abs().argmax()]), dtype)
-        values = values.clamp_(-limit, limit)
+        values = values.clamp(-limit, limit)
     return values

@@ -19,6 +19,9 @@ from ..errors import MergeCliError
 from ..fsutil import building, is_owned, locked, publish, seal, unsealed
 
 
+ROLE = "converted gguf"
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("MERGECLI_CACHE", Path.home() / ".cache" / "mergecli"))
 
@@ -28,14 +31,14 @@ def gguf_folder(file: Path, fingerprint: str, log: Callable[[str], None] = lambd
     key = hashlib.sha256(fingerprint.encode()).hexdigest()[:20]
     final = cache_root() / "gguf" / key
     with locked(cache_root() / "locks" / f"gguf-{key}.lock"):
-        if is_owned(final) and unsealed(final) is None:
+        if is_owned(final, ROLE) and unsealed(final) is None:
             return final
-        if is_owned(final):
+        if is_owned(final, ROLE):
             shutil.rmtree(final)
-        with building(final) as tmp:
+        with building(final, ROLE) as tmp:
             _convert(file, tmp, log)
             seal(tmp)
-            publish(tmp, final)
+            publish(tmp, final, owned=lambda f: is_owned(f, ROLE))
     return final
 
 

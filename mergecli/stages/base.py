@@ -122,7 +122,7 @@ class Context:
         from ..models.reference import resolve_reference
 
         recipe = self.recipe
-        found = [("the recipe", real(recipe.path))] if recipe.path else []
+        found = []
         for what, ref in [("the base model", recipe.base)] + [(f"model {m.name!r}", m.model) for m in recipe.models]:
             if isinstance(resolve_reference(ref, recipe.root), Path):
                 found += [(what, p) for p in self.source(ref).input_paths]
@@ -138,10 +138,11 @@ class Context:
 
     def guard(self, target: Path, what: str) -> None:
         """Refuse to write `target` if it is, contains or is inside an input (real paths compared,
-        symlinks included), or lies under a file."""
+        symlinks included), or is the recipe file, or lies under a file."""
         location = real(target)
-        for name, path in self.inputs:
-            if overlaps(location, path):
+        recipe = [("the recipe", real(self.recipe.path))] if self.recipe.path else []
+        for name, path in self.inputs + recipe:
+            if overlaps(location, path) and (name != "the recipe" or location == path):
                 raise MergeCliError(f"{what} {target} {_relation(location, path)} {name} ({path}); "
                                     "mergecli never writes into its inputs", f"choose another {what}")
         if target.exists() and not target.is_dir():

@@ -196,6 +196,9 @@ def _perplexities(ctx: Context, candidate: Candidate, windows: dict[str, tuple[D
             with ctx.reporter.track(f"perplexity {candidate.name} on {dataset}", 1) as advance:
                 per_window = window_nlls(model, win(), ev.batch_size, ctx.torch_device)
                 advance(1)
+            if not all(math.isfinite(s) for s, _ in per_window):
+                raise MergeCliError(f"{candidate.name} gives a non-finite loss on {dataset}; its weights are "
+                                    "broken (NaN/Inf activations)", "check the model, or the merge's parameters")
             (folder / "eval.json").write_text(json.dumps({"windows": per_window}))
 
         artifact, _ = ctx.workspace.get_or_build(eval_spec(ctx, candidate.identity, spec),

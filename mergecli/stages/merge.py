@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .hessian import HessianSet
 
 STAMP = "mergecli.json"
+ROLE = "merged model"  # the marker inside every output folder
 
 
 class MergedModelSpec(ArtifactSpec):
@@ -111,7 +112,7 @@ def merge_variant(ctx: Context, merge: MergeSpec, vectors: list, hessians: list[
     try:
         with locked(out.parent / f".{merge.name}.lock", ctx.wait,
                     lambda: ctx.reporter.log(f"another run is writing {out}; waiting for it to finish")):
-            for stale in leftovers(out.parent, merge.name):
+            for stale in leftovers(out.parent, ROLE, merge.name):
                 shutil.rmtree(stale, ignore_errors=True)
             stamp = read_stamp(out)
             if stamp and stamp.get("key") == key and not overwrite:
@@ -145,7 +146,7 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
         if hessians else None,
         dtype=getattr(torch, merge.dtype) if merge.dtype else None, clamp=merge.overflow == "clamp",
         extra_tokens=recipe.extra_tokens, shard_bytes=recipe.shard_bytes)
-    with building(out) as tmp:
+    with building(out, ROLE) as tmp:
         written = write_variant(tmp, plan, ctx.base.path, ctx.arch, [ctx.source(m.model).path for m in models],
                                 ctx.torch_device, workers, ctx.reporter, f"merge {merge.name}")
         if written.without_stats:
@@ -181,7 +182,7 @@ def stamp_problem(folder: Path, stamp: dict) -> str | None:
 
 
 def _ours(folder: Path) -> bool:
-    return not folder.is_symlink() and folder.is_dir() and (is_owned(folder) or read_stamp(folder) is not None)
+    return not folder.is_symlink() and folder.is_dir() and (is_owned(folder, ROLE) or read_stamp(folder) is not None)
 
 
 def _clear_for(out: Path, stamp: dict | None) -> None:
