@@ -27,8 +27,8 @@ from rich.markup import escape
 
 from . import __version__
 from .display import RichReporter, size_text, table
-from .errors import MergeCliError, RecipeError
-from .recipe import Recipe, load_recipe, read_yaml_file, recipes_dir
+from .errors import MergeCliError
+from .recipe import Recipe, load_recipe, recipes_dir
 from .stages import stages
 from .stages.base import Context, Stage, View
 

@@ -419,20 +419,14 @@ def validate_recipe(data: dict[str, Any], root: Path, check_paths: bool = True, 
     return recipe
 
 
-_MODELS = {"models": ModelSpec, "merges": MergeSpec, "dataset": DatasetSpec, "datasets": DatasetSpec,
-           "calibration": CalibrationSpec, "evaluation": EvaluationSpec, "lm_eval": LmEvalSpec}
-
-
 def _first_problem(exc: ValidationError) -> str:
     error = exc.errors()[0]
     loc = [str(p) for p in error["loc"] if str(p) not in ("str", "VariantModel") and not str(p).startswith("function-")]
     where = ".".join(loc)
     msg = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        field = loc[-1]
-        model = _MODELS.get(next((p for p in reversed(loc[:-1]) if not p.isdigit()), ""), Recipe)
-        names = [f.alias or n for n, f in model.model_fields.items() if n != "root"]
-        return f"{where}: unknown field{_did_you_mean(field, names)}"
+        names = [f.alias or n for n, f in _schema_at(loc[:-1]).model_fields.items() if not f.exclude]
+        return f"{where}: unknown field{_did_you_mean(loc[-1], names)}"
     if error["type"] == "missing":
         return f"{where}: required field is missing"
     if error["type"] == "string_pattern_mismatch":
@@ -442,6 +436,26 @@ def _first_problem(exc: ValidationError) -> str:
         return f"{where + '.' if where else ''}{named.group(1)}: {named.group(2)}"
     extra = len(exc.errors()) - 1
     return f"{where}: {msg}" + (f" (and {extra} more problem{'s' * (extra > 1)})" if extra else "")
+
+
+def _schema_at(loc: list[str]) -> type[BaseModel]:
+    """The schema class of the recipe part at `loc` (list indexes and mapping keys skipped), read
+    off the field annotations: no hand-kept map of field names to classes."""
+    import typing
+
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            continue
+        todo, found = [field.annotation], None
+        while todo and found is None:
+            kind = todo.pop()
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found = kind
+            todo += typing.get_args(kind)
+        model = found or model
+    return model
 
 
 def _check_paths(recipe: Recipe) -> None:

@@ -7,18 +7,13 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from typer.testing import CliRunner
 
-from helpers import write_recipe
+from helpers import CODE, VERSE, cli, write_jsonl, write_recipe
 from mergecli.calibration import make_windows
-from mergecli.cli import app
 from mergecli.report import plot
 from mergecli.perplexity import nll_sum
 from mergecli.stages.evaluate import Evaluated
 
-runner = CliRunner()
-CODE = [f"def f{i}(x):\n    return x * {i} + {i + 1}\n" for i in range(150)]
-VERSE = [f"Shall I compare thee to a summer's day, number {i}? Thou art more lovely." for i in range(150)]
 
 
 def test_perplexity_equals_transformers_loss_on_the_same_windows(models):
@@ -42,8 +37,8 @@ def test_perplexity_equals_transformers_loss_on_the_same_windows(models):
 
 @pytest.fixture
 def recipe(tmp_path, models):
-    (tmp_path / "code.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in CODE))
-    (tmp_path / "verse.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in VERSE))
+    write_jsonl(tmp_path / "code.jsonl", CODE)
+    write_jsonl(tmp_path / "verse.jsonl", VERSE)
     return write_recipe(tmp_path / "r.yaml", str(models / "base"), [
         {"name": "code", "model": str(models / "ft_a"), "dataset": {"path": "./code.jsonl"}},
         {"name": "verse", "model": str(models / "lora_c"), "dataset": {"path": "./verse.jsonl"}},
@@ -53,11 +48,11 @@ def recipe(tmp_path, models):
 
 
 def test_compare_runs_missing_stages_and_every_format_parses_back(tmp_path, recipe):
-    result = runner.invoke(app, ["compare", str(recipe), "--plot", str(tmp_path / "chart.png")])
+    result = cli("compare", str(recipe), "--plot", str(tmp_path / "chart.png"), code=None)
     assert result.exit_code == 0, result.stderr
     assert "★" in result.stdout and "vs own" in result.stdout
     assert (tmp_path / "chart.png").stat().st_size > 10_000
-    rows = json.loads(runner.invoke(app, ["compare", str(recipe), "--format", "json"]).stdout)
+    rows = json.loads(cli("compare", str(recipe), "--format", "json", code=None).stdout)
     assert [r["model"] for r in rows] == ["base", "code", "verse", "ta", "ties-sg"]
     assert sum(r["best"] for r in rows) == 1
     best = min((r for r in rows if r["role"] == "merge"), key=lambda r: r["ppl_mean"])
@@ -65,11 +60,11 @@ def test_compare_runs_missing_stages_and_every_format_parses_back(tmp_path, reci
     code = next(r for r in rows if r["model"] == "code")
     assert code["vs_own_finetune"] == pytest.approx((code["ppl_verse"] / rows[2]["ppl_verse"] - 1) / 2, abs=1e-3)
     assert rows[3]["kept_density"] > 0 and rows[4]["method"] == "ties/sparsegpt"
-    csv_out = runner.invoke(app, ["compare", str(recipe), "--format", "csv"]).stdout
+    csv_out = cli("compare", str(recipe), "--format", "csv", code=None).stdout
     parsed = list(csv.DictReader(io.StringIO(csv_out)))
     assert [r["model"] for r in parsed] == [r["model"] for r in rows]
     assert float(parsed[0]["ppl_code"]) == pytest.approx(rows[0]["ppl_code"])
-    md = runner.invoke(app, ["compare", str(recipe), "--format", "markdown", "--output", str(tmp_path / "t.md")])
+    md = cli("compare", str(recipe), "--format", "markdown", "--output", str(tmp_path / "t.md"), code=None)
     lines = md.stdout.strip().splitlines()
     assert len(lines) == 2 + len(rows) and lines[0].startswith("| model | role | ppl_code")
     assert (tmp_path / "t.md").read_text() == md.stdout
@@ -79,7 +74,7 @@ def test_compare_runs_missing_stages_and_every_format_parses_back(tmp_path, reci
 
 
 def test_eval_json_and_the_chart_has_one_bar_per_model_and_dataset(tmp_path, recipe):
-    result = runner.invoke(app, ["--json", "eval", str(recipe)])
+    result = cli("--json", "eval", str(recipe), code=None)
     data = json.loads(result.stdout)
     assert {d["model"] for d in data} == {"base", "code", "verse", "ta", "ties-sg"}
     assert all(d["perplexity"]["code"] > 1 for d in data)
@@ -91,12 +86,12 @@ def test_eval_json_and_the_chart_has_one_bar_per_model_and_dataset(tmp_path, rec
 
 
 def test_gc_keeps_everything_the_recipe_uses(tmp_path, recipe):
-    assert runner.invoke(app, ["compare", str(recipe)]).exit_code == 0
+    assert cli("compare", str(recipe), code=None).exit_code == 0
     before = json.loads((tmp_path / "ws" / "manifest.json").read_text())["entries"]
-    result = json.loads(runner.invoke(app, ["--json", "ws", "gc", str(recipe)]).stdout)
+    result = json.loads(cli("--json", "ws", "gc", str(recipe), code=None).stdout)
     assert result["removed"] == 0
     assert json.loads((tmp_path / "ws" / "manifest.json").read_text())["entries"].keys() == before.keys()
-    again = runner.invoke(app, ["--json", "compare", str(recipe)])
+    again = cli("--json", "compare", str(recipe), code=None)
     assert again.exit_code == 0 and "computed" not in again.stderr and "collected" not in again.stderr
 
 

@@ -10,14 +10,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from mergecli.cli import app
+from helpers import cli
 from mergecli.collect import collect, find_groups
 from test_hessian_stage import data, recipe_with_data, tiny  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-runner = CliRunner()
 
 MERGES = [{"name": "ta", "method": "task_arithmetic", "lambda": 0.8},
           {"name": "ties", "method": "ties", "density": 0.3},
@@ -45,7 +43,7 @@ def test_hessian_and_merge_on_the_gpu_match_the_cpu(tmp_path, models, data):  # 
         folder.mkdir()
         recipe = recipe_with_data(folder, models, data, MERGES)
         for stage in ("hessian", "merge"):
-            result = runner.invoke(app, ["--json", "--device", device, stage, str(recipe)])
+            result = cli("--json", "--device", device, stage, str(recipe), code=None)
             assert result.exit_code == 0, result.stderr
         outputs[device] = {m["name"]: load_file(folder / "out" / m["name"] / "model.safetensors") for m in MERGES}
         json.loads(result.stdout)

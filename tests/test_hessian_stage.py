@@ -6,28 +6,19 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from typer.testing import CliRunner
 
-from helpers import write_recipe
+from helpers import CODE, VERSE, cli, write_jsonl, write_recipe
 from mergecli.calibration import make_windows
-from mergecli.cli import app
 from mergecli.collect import collect, find_groups, linear_modules
 
-runner = CliRunner()
-CODE = [f"def f{i}(x):\n    return x * {i} + {i + 1}\n" for i in range(120)]
-VERSE = [f"Shall I compare thee to a summer's day, number {i}? Thou art more lovely." for i in range(120)]
 
 
-def cli(*args, code=0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, f"exit {result.exit_code}\n{result.stdout}\n{result.stderr}"
-    return result
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    (root / "code.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in CODE))
+    write_jsonl(root / "code.jsonl", CODE)
     (root / "verse.txt").write_text("\n".join(VERSE))
     (root / "chat.jsonl").write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": t}]})
                                                for t in VERSE[:10]))

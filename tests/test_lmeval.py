@@ -4,12 +4,9 @@ import json
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
-from helpers import write_recipe
-from mergecli.cli import app
+from helpers import cli, write_recipe
 
-runner = CliRunner()
 TEXT = [f"Question: what is {i} plus 1?\nAnswer: {i + 1}." for i in range(80)]
 
 
@@ -44,17 +41,17 @@ metric_list:
 
 def test_harness_scores_join_the_comparison(recipe):
     pytest.importorskip("lm_eval")
-    result = runner.invoke(app, ["--json", "compare", str(recipe)])
+    result = cli("--json", "compare", str(recipe), code=None)
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [r["model"] for r in rows] == ["base", "a", "c", "ta"]
     assert all(0.0 <= r["mergecli_arith:acc"] <= 1.0 for r in rows)
-    again = runner.invoke(app, ["--json", "compare", str(recipe)])
+    again = cli("--json", "compare", str(recipe), code=None)
     assert json.loads(again.stdout) == rows  # cached, identical
 
 
 def test_without_the_extra_the_message_says_what_to_install(recipe, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
-    result = runner.invoke(app, ["compare", str(recipe)])
+    result = cli("compare", str(recipe), code=None)
     assert result.exit_code == 1
     assert "needs the lm-evaluation-harness" in result.stderr and "mergecli[lmeval]" in result.stderr

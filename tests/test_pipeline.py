@@ -10,18 +10,11 @@ from peft import PeftModel
 from peft.utils import merge_utils
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from typer.testing import CliRunner
 
-from helpers import fine_tune, make_llama, make_lora, write_recipe
-from mergecli.cli import app
-
-runner = CliRunner()
+from helpers import cli, fine_tune, make_llama, make_lora, write_recipe
 
 
-def cli(*args: str, code: int = 0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, f"exit {result.exit_code}\nstdout:{result.stdout}\nstderr:{result.stderr}"
-    return result
+
 
 
 def state(folder: Path) -> dict[str, torch.Tensor]:
@@ -138,12 +131,17 @@ def test_dare_result_does_not_depend_on_which_variants_run_or_their_order(tmp_pa
 
 def test_second_merge_is_reused_and_a_changed_input_is_recomputed(tmp_path, models, recipe):
     cli("merge", recipe, "--only", "ta")
+    at_07 = load_file(tmp_path / "out" / "ta" / "model.safetensors")
     again = cli("merge", recipe, "--only", "ta")
-    assert "reused" in again.stderr
-    cli("merge", recipe, "--only", "ta", "merges.ta.lambda=0.5")
-    assert load_file(tmp_path / "out" / "ta" / "model.safetensors")  # rebuilt in place
-    stamp = json.loads((tmp_path / "out" / "ta" / "mergecli.json").read_text())
-    assert stamp["result"]["name"] == "ta"
+    assert "merge ta: reused" in again.stderr
+    changed = cli("merge", recipe, "--only", "ta", "merges.ta.lambda=0.5")
+    assert "merge ta: wrote" in changed.stderr
+    at_05 = load_file(tmp_path / "out" / "ta" / "model.safetensors")
+    base, a, b = state(models / "base"), state(models / "ft_a"), state(models / "ft_b")
+    name = "model.layers.0.mlp.up_proj.weight"
+    for merged, lam in ((at_07, 0.7), (at_05, 0.5)):  # each is base + lambda * (tau_a + tau_b), as asked
+        expected = base[name] + lam * ((a[name] - base[name]) + (b[name] - base[name]))
+        assert torch.allclose(merged[name], expected, atol=1e-6)
 
 
 def test_fine_tune_rewritten_on_disk_invalidates_its_task_vector(tmp_path, models):

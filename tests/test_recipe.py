@@ -4,12 +4,11 @@ import json
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
+from helpers import cli
 from mergecli import load_recipe
-from mergecli.cli import app, builtin_recipes
+from mergecli.cli import builtin_recipes
 
-runner = CliRunner()
 
 
 def write(tmp_path, data, name="r.yaml"):
@@ -71,7 +70,7 @@ BAD = [
 @pytest.mark.parametrize("field,change,message", BAD, ids=[b[0] + ":" + b[2][:20] for b in BAD])
 def test_invalid_recipe_is_one_clear_line_with_exit_code_2(tmp_path, good, field, change, message):
     path = write(tmp_path, {**good, **change})
-    result = runner.invoke(app, ["validate", str(path)])
+    result = cli("validate", str(path), code=None)
     assert result.exit_code == 2, result.output
     assert field in result.stderr and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") <= 2
@@ -79,41 +78,54 @@ def test_invalid_recipe_is_one_clear_line_with_exit_code_2(tmp_path, good, field
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
     path = write(tmp_path, "base: ./b\nmodels: [\n  - oops: {\n")
-    result = runner.invoke(app, ["validate", str(path)])
+    result = cli("validate", str(path), code=None)
     assert result.exit_code == 2 and "YAML syntax error at line" in result.stderr
 
 
 def test_missing_recipe_file_and_bad_override(tmp_path, good):
-    assert "recipe not found" in runner.invoke(app, ["validate", str(tmp_path / "x.yaml")]).stderr
-    result = runner.invoke(app, ["validate", str(write(tmp_path, good)), "merges.7.density=0.1"])
+    assert "recipe not found" in cli("validate", str(tmp_path / "x.yaml"), code=None).stderr
+    result = cli("validate", str(write(tmp_path, good)), "merges.7.density=0.1", code=None)
     assert result.exit_code == 2 and "index 7 out of range" in result.stderr
 
 
 def test_validate_json_output(tmp_path, good):
-    result = runner.invoke(app, ["--json", "validate", str(write(tmp_path, good))])
+    result = cli("--json", "validate", str(write(tmp_path, good)), code=None)
     data = json.loads(result.stdout)
     assert data["valid"] and data["recipe"]["merges"][0]["lambda"] == 1.0
 
 
 def test_builtin_recipes_list_copy_and_validate_schema(tmp_path):
-    listed = json.loads(runner.invoke(app, ["--json", "recipes", "ls"]).stdout)
+    listed = json.loads(cli("--json", "recipes", "ls", code=None).stdout)
     assert {"basic-ties", "all-methods"} <= set(listed)
     for name in listed:
-        result = runner.invoke(app, ["recipes", "cp", name, str(tmp_path)])
+        result = cli("recipes", "cp", name, str(tmp_path), code=None)
         assert result.exit_code == 0, result.stderr
         recipe = load_recipe(tmp_path / f"{name}.yaml", check_paths=False)
         assert recipe.merges
-    again = runner.invoke(app, ["recipes", "cp", "basic-ties", str(tmp_path)])
+    again = cli("recipes", "cp", "basic-ties", str(tmp_path), code=None)
     assert again.exit_code == 1 and "already exists" in again.stderr
     assert set(builtin_recipes()) == set(listed)
 
 
 def test_eval_without_any_dataset_says_what_to_add(tmp_path, good):
-    result = runner.invoke(app, ["eval", str(write(tmp_path, good))])
+    result = cli("eval", str(write(tmp_path, good)), code=None)
     assert result.exit_code == 1 and "nothing to evaluate on" in result.stderr
 
 
 def test_version_and_bare_invocation():
-    assert runner.invoke(app, ["--version"]).stdout.startswith("mergecli ")
-    bare = runner.invoke(app, [])  # help, with Click's exit code for "no arguments"
+    assert cli("--version", code=None).stdout.startswith("mergecli ")
+    bare = cli(code=None)  # help, with Click's exit code for "no arguments"
     assert bare.exit_code == 2 and "Usage" in bare.stdout and "compare" in bare.stdout
+
+
+def test_help_archs_and_validate_never_load_torch():
+    """`--help`, `archs` and reading the command list answer at once: no torch, no transformers."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom typer.testing import CliRunner\nfrom mergecli.cli import app\n"
+              "for args in (['--help'], ['merge', '--help'], ['archs'], ['recipes', 'ls']):\n"
+              "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

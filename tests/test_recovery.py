@@ -1,7 +1,6 @@
 """SIGKILL at random points of a real run, then the same command again: the result must be
 bit-identical to a run that was never interrupted, and nothing half-written may be trusted."""
 
-import json
 import os
 import random
 import signal
@@ -12,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_recipe
+from helpers import CODE, write_jsonl, write_recipe
 from mergecli.workspace import Workspace
 
-TEXT = [f"def f{i}(x):\n    return x * {i} + {i + 1}\n" for i in range(80)]
 
 
 def run(recipe: Path, *overrides: str) -> subprocess.Popen:
@@ -31,7 +29,7 @@ def weights(out: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory, models):
     root = tmp_path_factory.mktemp("recovery")
-    (root / "code.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXT))
+    write_jsonl(root / "code.jsonl", CODE)
     recipe = write_recipe(root / "r.yaml", str(models / "base"), [
         {"name": "a", "model": str(models / "ft_a"), "dataset": {"path": "./code.jsonl"}},
         {"name": "b", "model": str(models / "ft_b"), "dataset": {"path": "./code.jsonl"}},

@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from helpers import CODE, VERSE, cli, digests, error_line, make_llama, write_jsonl
+from helpers import CODE, VERSE, cli, digests, error_line, write_jsonl
 
 
 class Lab:

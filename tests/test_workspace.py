@@ -8,14 +8,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from helpers import write_recipe
-from mergecli.cli import app
+from helpers import cli, write_recipe
 from mergecli.artifacts import ArtifactSpec
 from mergecli.workspace import Workspace
 
-runner = CliRunner()
 
 
 @pytest.fixture
@@ -31,7 +28,7 @@ def entries(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_header", "delete"])
 def test_damaged_cache_file_is_detected_and_rebuilt(tmp_path, recipe, damage):
-    assert runner.invoke(app, ["taskvec", str(recipe)]).exit_code == 0
+    assert cli("taskvec", str(recipe), code=None).exit_code == 0
     key = next(k for k, e in entries(tmp_path).items() if e["label"] == "taskvec c")  # a LoRA: materialized
     path = tmp_path / "ws" / "taskvec" / key / "task_vector.safetensors"
     good = {k: v.clone() for k, v in load_file(path).items()}
@@ -43,7 +40,7 @@ def test_damaged_cache_file_is_detected_and_rebuilt(tmp_path, recipe, damage):
         path.write_bytes(bytes(data))
     else:
         path.unlink()
-    result = runner.invoke(app, ["taskvec", str(recipe)])
+    result = cli("taskvec", str(recipe), code=None)
     assert result.exit_code == 0
     assert "is damaged" in result.stderr and "rebuilding" in result.stderr
     rebuilt = load_file(path)
@@ -51,22 +48,22 @@ def test_damaged_cache_file_is_detected_and_rebuilt(tmp_path, recipe, damage):
 
 
 def test_unreadable_manifest_means_an_empty_cache_not_a_crash(tmp_path, recipe):
-    runner.invoke(app, ["taskvec", str(recipe)])
+    cli("taskvec", str(recipe), code=None)
     (tmp_path / "ws" / "manifest.json").write_text("{not json")
-    result = runner.invoke(app, ["taskvec", str(recipe)])
+    result = cli("taskvec", str(recipe), code=None)
     assert result.exit_code == 0 and "manifest.json unreadable" in result.stderr
     assert len(entries(tmp_path)) == 2
 
 
 def test_no_wait_fails_clearly_while_another_run_holds_the_lock(tmp_path, recipe):
     ws = Workspace(tmp_path / "ws")
-    runner.invoke(app, ["taskvec", str(recipe)])
+    cli("taskvec", str(recipe), code=None)
     key = next(iter(entries(tmp_path)))
     ws.remove(key)
     (tmp_path / "ws" / "locks").mkdir(exist_ok=True)
     with open(tmp_path / "ws" / "locks" / f"{key}.lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        result = runner.invoke(app, ["--no-wait", "taskvec", str(recipe)])
+        result = cli("--no-wait", "taskvec", str(recipe), code=None)
     assert result.exit_code == 3 and "another run is building" in result.stderr
 
 
@@ -77,8 +74,11 @@ def test_two_processes_on_one_workspace_both_succeed_with_identical_results(tmp_
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
     assert len(entries(tmp_path)) == 2
-    out = load_file(tmp_path / "out" / "ties" / "model.safetensors")
-    assert len(out) > 0 and not list(tmp_path.glob("out/.*.tmp"))
+    together = (tmp_path / "out" / "ties" / "model.safetensors").read_bytes()
+    assert not list(tmp_path.glob("out/.*.tmp"))
+    alone = cli("merge", recipe, "workspace=ws_alone", "output_dir=out_alone")
+    assert "task vector a (full, read from the fine-tune at merge time): computed" in alone.stderr
+    assert (tmp_path / "out_alone" / "ties" / "model.safetensors").read_bytes() == together
 
 
 class ToySpec(ArtifactSpec):
@@ -99,17 +99,17 @@ def test_interrupted_build_leaves_no_entry_and_gc_removes_leftovers(tmp_path, re
         ws.get_or_build(ToySpec(x=1), "half", killed)
     assert ws.find(ToySpec(x=1)) is None and not list((tmp_path / "ws" / "toy").iterdir())
     # a SIGKILLed run leaves its (marked) temp folder behind: gc removes it, and unused artifacts too
-    runner.invoke(app, ["taskvec", str(recipe)])
+    cli("taskvec", str(recipe), code=None)
     leftover = tmp_path / "ws" / "taskvec" / ".0123456789abcdef0123.1234abcd.tmp"
     leftover.mkdir()
     (leftover / ".mergecli-owned").write_text("workspace artifact")
     ws.get_or_build(ToySpec(x=2), "unused", lambda f: (f / "x").write_text("x"))
-    listed = json.loads(runner.invoke(app, ["--json", "ws", "ls", str(recipe)]).stdout)
+    listed = json.loads(cli("--json", "ws", "ls", str(recipe), code=None).stdout)
     assert {e["label"]: e["used"] for e in listed} == {"taskvec a": True, "taskvec c": True, "unused": False}
-    dry = json.loads(runner.invoke(app, ["--json", "ws", "gc", "--dry-run", str(recipe)]).stdout)
+    dry = json.loads(cli("--json", "ws", "gc", "--dry-run", str(recipe), code=None).stdout)
     assert len(dry) == 2
-    result = json.loads(runner.invoke(app, ["--json", "ws", "gc", str(recipe)]).stdout)
+    result = json.loads(cli("--json", "ws", "gc", str(recipe), code=None).stdout)
     assert result["removed"] == 2
     assert {e["label"] for e in entries(tmp_path).values()} == {"taskvec a", "taskvec c"}
-    again = runner.invoke(app, ["taskvec", str(recipe)])
+    again = cli("taskvec", str(recipe), code=None)
     assert again.stderr.count("reused") == 2
