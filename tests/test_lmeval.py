@@ -48,6 +48,9 @@ def test_harness_scores_join_the_comparison(recipe):
     assert all(0.0 <= r["mergecli_arith:acc"] <= 1.0 for r in rows)
     again = cli("--json", "compare", str(recipe), code=None)
     assert json.loads(again.stdout) == rows  # cached, identical
+    harness = [e for e in json.loads(cli("--json", "ws", "ls", recipe).stdout) if e["kind"] == "lmeval"]
+    assert len(harness) == 4 and all(e["used"] for e in harness)
+    assert json.loads(cli("--json", "ws", "gc", recipe).stdout)["removed"] == 0  # gc keeps what the recipe uses
 
 
 def test_without_the_extra_the_message_says_what_to_install(recipe, monkeypatch):

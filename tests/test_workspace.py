@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import cli, write_recipe
+from helpers import CODE, cli, write_jsonl, write_recipe
 from mergecli.artifacts import ArtifactSpec
 from mergecli.workspace import Workspace
 
@@ -113,3 +113,23 @@ def test_interrupted_build_leaves_no_entry_and_gc_removes_leftovers(tmp_path, re
     assert {e["label"] for e in entries(tmp_path).values()} == {"taskvec a", "taskvec c"}
     again = cli("taskvec", str(recipe), code=None)
     assert again.stderr.count("reused") == 2
+
+
+def test_every_field_of_every_artifact_spec_is_in_its_key(tmp_path, models):
+    """Keys hash the whole spec: change any field of any planned spec and the key changes."""
+    from mergecli import load_recipe
+    from mergecli.stages import stages
+    from mergecli.stages.base import Context
+
+    write_jsonl(tmp_path / "code.jsonl", CODE)
+    recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"),
+                          [{"name": "a", "model": str(models / "ft_a"), "dataset": {"path": "./code.jsonl"}}],
+                          [{"name": "rm", "method": "regmean"}])
+    ctx = Context(load_recipe(recipe))
+    specs = [spec for stage in stages().values() for spec in stage.plan(ctx)]
+    assert {s.kind for s in specs} == {"taskvec", "hessian", "merge", "eval"}
+    for spec in specs:
+        for field, value in spec:
+            other = {**value, "changed": 1} if isinstance(value, dict) else (*value, "changed") \
+                if isinstance(value, tuple) else f"{value}-changed"
+            assert spec.model_copy(update={field: other}).key() != spec.key(), (spec.kind, field)
