@@ -270,6 +270,8 @@ def _workspace(recipe: Optional[Recipe]):
     from .workspace import Workspace
 
     if OPTIONS.workspace:
+        if OPTIONS.workspace.exists() and not OPTIONS.workspace.is_dir():
+            raise MergeCliError(f"workspace {OPTIONS.workspace} is a file, not a folder")
         return Workspace(OPTIONS.workspace.absolute(), log=OPTIONS.reporter.log)
     if recipe is None:
         raise MergeCliError("which workspace?", "pass a recipe, or --workspace PATH before the command")

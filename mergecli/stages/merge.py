@@ -82,7 +82,7 @@ def run(ctx: Context, only: list[str] | None = None, overwrite: bool = False, wo
         raise MergeCliError(f"workers must be at least 1, got {workers}")
     if not recipe.merges:
         raise MergeCliError("the recipe has no merges", "add a 'merges:' list (see `mergecli recipes ls`)")
-    variants = [recipe.merge(name) for name in only] if only else recipe.merges
+    variants = [recipe.merge(name) for name in dict.fromkeys(only)] if only else recipe.merges
     ctx.torch_device  # fail on a bad --device before any work
     for merge in variants:
         out = recipe.output_path / merge.name
