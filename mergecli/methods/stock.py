@@ -1,0 +1,52 @@
+"""Model Stock (Jang et al. 2024, arXiv:2403.19522): how far to move from the base towards the
+average of the fine-tunes, from the angle between their task vectors.
+
+The paper's ratio for N fine-tunes whose task vectors meet at angle theta:
+
+    t = N cos(theta) / (1 + (N - 1) cos(theta)),     merged = t * mean_i(theta_i) + (1 - t) * base
+                                                             = base + t * mean_i(tau_i)
+
+so the method needs only the task vectors (the base cancels), but whole tensors: cos(theta) is
+the mean over all pairs i < j of cos(tau_i, tau_j), over the tensor (or per row, `filter_wise`).
+Details as mergekit 0.1.5 (`merge_methods/model_stock.py`): each pair's cosine divides by
+max(|tau_i| |tau_j|, 1e-6) and is clamped to [-1, 1]; where |1 + (N - 1) cos| < 1e-6 the ratio has
+no finite value and the base is kept (t = 0). The weights of the models play no part.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def stock_ratio(taus: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+    """t for one tensor: a 0-d tensor, or one value per row (dim 0) with `filter_wise`, shaped
+    (rows, 1, ..., 1) so it broadcasts against the tensor. Needs at least two task vectors."""
+    if len(taus) < 2:
+        raise ValueError(f"model stock needs at least 2 fine-tunes, got {len(taus)}")
+    shape = taus[0].shape
+    rows = shape[0] if filter_wise and len(shape) >= 2 else 1
+    flat = [tau.float().reshape(rows, -1) for tau in taus]
+    cosines = []
+    for i, x in enumerate(flat):
+        for y in flat[i + 1:]:
+            norms = torch.linalg.vector_norm(x, dim=1) * torch.linalg.vector_norm(y, dim=1)
+            cosines.append(((x * y).sum(dim=1) / norms.clamp(min=1e-6)).clamp(-1.0, 1.0))
+    cos = torch.stack(cosines).mean(dim=0)
+    n = len(taus)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(cos), denominator))
+    if filter_wise and len(shape) >= 2:
+        return t.reshape(rows, *([1] * (len(shape) - 1)))
+    return t.reshape(())
+
+
+def model_stock(taus: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+    """The merged delta t * mean_i(tau_i) (add it to the base)."""
+    t = stock_ratio(taus, filter_wise)
+    total = torch.zeros(taus[0].shape, dtype=torch.float32, device=taus[0].device)
+    for tau in taus:
+        total.add_(tau)
+    return total.mul_(t / len(taus))
