@@ -1,0 +1,231 @@
+"""mergekit configs -> mergecli recipes: mergekit 0.1.5's defaults written out, parameters carried
+unchanged, precedence levels flattened, and one RecipeError naming each key mergecli cannot honour."""
+
+from pathlib import Path
+from string import Template
+
+import pytest
+import yaml
+
+from mergecli.errors import RecipeError
+from mergecli.mergekit_config import is_mergekit_config, translate
+from mergecli.schedule import resolve, resolve_first
+
+CONFIGS = Path(__file__).parent / "mergekit_configs"
+PATHS = {"base": "./base", "ft_a": "./ft_a", "ft_b": "./ft_b", "ft_c": "./ft_c", "ft_far": "./ft_far",
+         "lora_c": "./lora_c"}
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load(Template((CONFIGS / f"{name}.yml").read_text()).substitute(PATHS))
+
+
+def run(data: dict, layers: int = 4):
+    return translate(data, Path("/models"), layers_of=lambda ref: layers)
+
+
+def merge_of(name: str) -> dict:
+    return run(load(name)).recipe["merges"][0]
+
+
+def test_detection():
+    assert is_mergekit_config(load("ties"))
+    assert not is_mergekit_config({"base": "x", "models": [], "merges": []})
+
+
+def test_ties_example_keeps_gradients_filters_and_defaults():
+    out = run(load("ties"))
+    recipe = out.recipe
+    assert recipe["base"] == "./base"
+    assert recipe["models"] == [{"name": "ft_a", "model": "./ft_a"}, {"name": "ft_b", "model": "./ft_b"},
+                                {"name": "ft_c", "model": "./ft_c"}]
+    merge = recipe["merges"][0]
+    assert merge == {
+        "name": "ties", "method": "ties", "score": "magnitude", "topk": "tensor",
+        "normalize": True, "rescale": "none", "lambda": 1.0,
+        "models": [{"name": "ft_a", "weight": 1.0, "density": [1, 0.7, 0.1]},
+                   {"name": "ft_b", "weight": [0, 0.3, 0.7, 1], "density": 0.5},
+                   {"name": "ft_c", "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}], "density": 0.33}],
+        "dtype": "float32"}
+    assert any(n.startswith("parameters.int8_mask") for n in out.notes)
+
+
+def test_bio_merge_unnormalised_float16():
+    out = run(load("bio-merge"))
+    merge = out.recipe["merges"][0]
+    assert merge["normalize"] is False and merge["dtype"] == "float16"
+    assert [m["density"] for m in merge["models"]] == [0.5, 0.5]
+    assert any("computes in float32" in n for n in out.notes)
+
+
+def test_density_defaults_to_one_as_in_mergekit():
+    data = load("dare_ties")
+    for model in data["models"]:
+        del model["parameters"]["density"]
+    merge = run(data).recipe["merges"][0]
+    assert [m["density"] for m in merge["models"]] == [1.0, 1.0]
+    assert merge["normalize"] is False and merge["rescale"] == "l1" and merge["score"] == "random"
+
+
+def test_gradient_slerp_slices_become_models():
+    out = run(load("gradient-slerp"))
+    assert out.recipe["base"] == "./ft_a"
+    assert out.recipe["models"] == [{"name": "ft_far", "model": "./ft_far"}]
+    merge = out.recipe["merges"][0]
+    assert merge["method"] == "slerp" and merge["models"] == ["ft_far"]
+    t = merge["t"]
+    assert resolve(t, "model.layers.0.self_attn.q_proj.weight", 4) == 0
+    assert resolve(t, "model.layers.3.mlp.up_proj.weight", 4) == 0
+    assert resolve(t, "model.layers.1.input_layernorm.weight", 4) == 0.5
+
+
+def test_slerp_models_syntax():
+    merge = merge_of("slerp")
+    assert merge["t"] == 0.5 and merge["models"] == ["ft_far"]
+
+
+def test_linear_without_base_uses_first_model_as_reference():
+    out = run(load("linear"))
+    assert out.recipe["base"] == "./ft_a"
+    merge = out.recipe["merges"][0]
+    assert merge["method"] == "soup" and merge["normalize"] is True and merge["base_weight"] == 1.0
+    assert merge["models"] == [{"name": "ft_b", "weight": 0.3}, {"name": "ft_c", "weight": 0.5}]
+
+
+def test_linear_global_weight_applies_to_every_model_and_the_base():
+    merge = run(load("linear-global-weight")).recipe["merges"][0]
+    assert merge["name"] == "first-merge"
+    assert merge["base_weight"] == 0.5 and merge["models"] == [{"name": "ft_a", "weight": 0.5}]
+
+
+def test_task_arithmetic_with_lora_input():
+    out = run(load("task_arithmetic"))
+    assert out.recipe["models"] == [{"name": "ft_a", "model": "./ft_a"}, {"name": "lora_c", "model": "./lora_c"}]
+    merge = out.recipe["merges"][0]
+    assert merge == {"name": "task_arithmetic", "method": "task_arithmetic", "normalize": False, "lambda": 0.8,
+                     "models": [{"name": "ft_a", "weight": 0.7}, {"name": "lora_c", "weight": 0.4}],
+                     "dtype": "float32"}
+
+
+def test_della_breadcrumbs_model_stock():
+    della = merge_of("della")
+    assert della["normalize"] is True and della["rescale"] == "l1" and "topk" not in della
+    assert della["models"][1] == {"name": "ft_b", "weight": 0.8, "density": 0.4, "epsilon": 0.15}
+    crumbs = merge_of("breadcrumbs")
+    assert crumbs["normalize"] is False and crumbs["rescale"] == "none"
+    assert crumbs["models"][0] == {"name": "ft_a", "weight": 1.0, "density": 0.9, "gamma": 0.01}
+    crumbs_ties = merge_of("breadcrumbs_ties")
+    assert crumbs_ties["method"] == "breadcrumbs_ties"
+    assert resolve(crumbs_ties["models"][0]["gamma"], "model.layers.2.self_attn.v_proj.weight", 4) == 0.05
+    stock = merge_of("model_stock")
+    assert stock == {"name": "model_stock", "method": "model_stock", "filter_wise": False,
+                     "models": ["ft_a", "ft_b", "ft_c"], "dtype": "float32"}
+
+
+def test_precedence_levels_flatten_to_the_same_values():
+    data = {"merge_method": "ties", "base_model": "./base",
+            "slices": [{"sources": [{"model": "./ft_a", "layer_range": [0, 4],
+                                     "parameters": {"weight": [{"filter": "mlp", "value": 0.25}]}},
+                                    {"model": "./ft_b", "layer_range": [0, 4]}],
+                        "parameters": {"weight": [{"filter": "self_attn", "value": [0.1, 0.9]}]}}],
+            "parameters": {"weight": 1.0, "density": 0.5}}
+    merge = run(data).recipe["merges"][0]
+    levels = [[{"filter": "mlp", "value": 0.25}], [{"filter": "self_attn", "value": [0.1, 0.9]}], 1.0]
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.3.self_attn.q_proj.weight",
+                 "model.layers.2.input_layernorm.weight", "model.embed_tokens.weight"):
+        assert resolve(merge["models"][0]["weight"], name, 4) == resolve_first(levels, name, 4)
+        assert resolve(merge["models"][1]["weight"], name, 4) == resolve_first(levels[1:], name, 4)
+
+
+def test_relative_paths_rebased_for_the_recipe_folder(tmp_path):
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "models" / "ft").mkdir()
+    data = {"merge_method": "task_arithmetic", "base_model": "./base",
+            "models": [{"model": "./ft", "parameters": {"weight": 1.0}}]}
+    out = translate(data, tmp_path / "models", dest=tmp_path / "recipes")
+    assert out.recipe["base"] == "../models/base"
+    assert out.recipe["models"][0]["model"] == "../models/ft"
+    hub = translate({"merge_method": "task_arithmetic", "base_model": "org/base@v1",
+                     "models": [{"model": "org/ft", "parameters": {"weight": 1.0}}]}, tmp_path, dest=tmp_path / "x")
+    assert hub.recipe["base"] == "org/base@v1" and hub.recipe["models"][0]["model"] == "org/ft"
+
+
+def test_tokenizer_source_base_is_honoured():
+    data = load("ties") | {"tokenizer_source": "base"}
+    assert run(data).recipe["extra_tokens"] == "base"
+    data = load("ties") | {"tokenizer": {"source": "base"}}
+    assert run(data).recipe["extra_tokens"] == "base"
+
+
+def _with(name: str, **changes):
+    data = load(name)
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize("data, key", [
+    (_with("ties", merge_method="nuslerp"), "merge_method: 'nuslerp' is not supported"),
+    (_with("ties", merge_method="passthrough"), "merge_method: 'passthrough'"),
+    (_with("ties", tokenizer_source="union"), "tokenizer_source: 'union'"),
+    (_with("ties", tokenizer={"source": "base", "tokens": {"<x>": {"source": "./ft_a"}}}), "tokenizer.tokens"),
+    (_with("ties", chat_template="chatml"), "chat_template"),
+    (_with("ties", modules={"text_decoder": {}}), "modules"),
+    (_with("ties", dtype="float64"), "dtype: 'float64'"),
+    (_with("ties", base_model=None), "base_model: required by mergekit's ties"),
+    (_with("ties", densty=0.5), "densty: not a mergekit config key"),
+    (_with("ties", parameters={"densty": 0.5}), "parameters.densty: not a parameter of mergekit's ties"),
+    (_with("ties", parameters={"t": 0.5}), "parameters.t: not a parameter of mergekit's ties"),
+    (_with("slerp", parameters={}), "parameters.t: required by mergekit's slerp"),
+    (_with("slerp", models=[{"model": "./ft_b"}, {"model": "./ft_far"}]), "needs exactly 1 model"),
+    (_with("model_stock", models=[{"model": "./ft_a"}]), "needs at least 2 model"),
+    (_with("dare_ties", models=[{"model": "./ft_a", "parameters": {"density": 0.5}}]),
+     "models.0.parameters.weight: required"),
+    (_with("dare_ties", models=[{"model": "./ft_a", "parameters": {"weight": 1, "lambda": 2}}]),
+     "models.0.parameters.lambda: mergekit reads 'lambda' only from the top-level"),
+    (_with("dare_ties", models=[{"model": "./ft_a", "parameters": {"weight": 1, "density": 1.5}}]),
+     "models.0.parameters.density: density 1.5 outside"),
+    (_with("dare_ties", models=[{"model": "./ft_a", "parameters": {"weight": "heavy"}}]),
+     "models.0.parameters.weight: expected numbers"),
+    (_with("ties", parameters={"normalize": [True, False]}), "parameters.normalize: expected true or false"),
+    (_with("dare_ties", models=[{"model": "./ft_a", "parameters": {"weight": 1}},
+                                {"model": "./ft_a", "parameters": {"weight": 1}}]), "listed twice"),
+    (_with("task_arithmetic", models=[{"model": "./other+./lora_c", "parameters": {"weight": 1}}]),
+     "models.0.model: './other+./lora_c' applies a LoRA to './other'"),
+    (_with("gradient-slerp", slices=[{"sources": [{"model": "./ft_a", "layer_range": [0, 2]},
+                                                  {"model": "./ft_far", "layer_range": [0, 2]}]}]),
+     "slices.0.sources.0.layer_range: [0, 2] is not the whole model [0, 4]"),
+    (_with("gradient-slerp", slices=[{"sources": [{"model": "./ft_a", "layer_range": [0, 4]}]},
+                                     {"sources": [{"model": "./ft_far", "layer_range": [0, 4]}]}]),
+     "slices: more than one output slice"),
+    (_with("ties", models=[{"model": "./ft_a", "parameters": {"weight": 1}, "lora": "x"}]),
+     "models.0.lora: not a mergekit key here"),
+])
+def test_unsupported_keys_are_one_error_naming_the_key(data, key):
+    with pytest.raises(RecipeError) as info:
+        run(data)
+    assert key in str(info.value)
+
+
+def test_linear_with_added_base_needs_a_global_weight():
+    data = _with("linear", base_model="./base")
+    with pytest.raises(RecipeError, match="parameters.weight: mergekit's linear averages the base_model in too"):
+        run(data)
+    data["parameters"] = {"weight": 0.2}
+    merge = run(data).recipe["merges"][0]
+    assert merge["base_weight"] == 0.2 and len(merge["models"]) == 3
+
+
+def test_inert_keys_are_dropped_with_a_note():
+    data = _with("task_arithmetic", parameters={"lambda": 0.8, "rescale": True})
+    data["models"][1]["parameters"]["density"] = 0.5
+    out = run(data)
+    merge = out.recipe["merges"][0]
+    assert "rescale" not in merge and all("density" not in m for m in merge["models"])
+    assert any(n.startswith("parameters.rescale") for n in out.notes)
+    assert any(n.startswith("models.1.parameters.density") for n in out.notes)
+
+
+def test_every_fixture_translates():
+    for path in sorted(CONFIGS.glob("*.yml")):
+        out = run(load(path.stem))
+        assert out.recipe["merges"][0]["method"]
