@@ -444,3 +444,24 @@ def read_num_layers(ref: str, root: Path) -> int | None:
         if isinstance(data.get(key), int):
             return data[key]
     return None
+
+
+def import_config(path: Path, dest: Path | None = None) -> Translation:
+    """Read a mergekit YAML file and translate it (`mergecli recipes import`, and `merge` /
+    `validate` given a mergekit config); paths in the recipe are relative to `dest` (default: the
+    config's folder)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        documents = list(yaml.safe_load_all(path.read_text()))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read {path}: {exc}") from None
+    documents = [d for d in documents if d is not None]
+    if len(documents) != 1:
+        raise RecipeError(f"{path}: {len(documents)} YAML documents; mergecli imports one mergekit config "
+                          "(mergekit-multi files chain several merges)")
+    root = path.resolve().parent
+    return translate(documents[0], root, dest if dest is not None else root)

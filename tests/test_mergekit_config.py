@@ -229,3 +229,23 @@ def test_every_fixture_translates():
     for path in sorted(CONFIGS.glob("*.yml")):
         out = run(load(path.stem))
         assert out.recipe["merges"][0]["method"]
+
+
+def test_import_config_file(tmp_path):
+    from mergecli.mergekit_config import import_config
+
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "models" / "ft").mkdir()
+    config = tmp_path / "models" / "ta.yml"
+    config.write_text("merge_method: task_arithmetic\nbase_model: ./base\nmodels:\n"
+                      "  - model: ./ft\n    parameters: {weight: 0.5}\n")
+    out = import_config(config, dest=tmp_path)
+    assert out.recipe["base"] == "models/base" and out.recipe["models"][0]["model"] == "models/ft"
+    multi = tmp_path / "multi.yml"
+    multi.write_text(config.read_text() + "---\n" + config.read_text())
+    with pytest.raises(RecipeError, match="2 YAML documents"):
+        import_config(multi)
+    broken = tmp_path / "broken.yml"
+    broken.write_text("merge_method: [ties\n")
+    with pytest.raises(RecipeError, match="YAML syntax error"):
+        import_config(broken)

@@ -1,0 +1,68 @@
+"""The model card of a merged model (or merged LoRA adapter): the Hub's metadata block and the recipe.
+
+The Hugging Face Hub reads the YAML front matter: `base_model` (hub ids only: a local path there
+is an invalid reference, so local models are named in the text instead), `base_model_relation:
+merge` (the Hub's own relation for merges; `adapter` for a LoRA of one base), `tags` and
+`library_name` (transformers for a model, peft for an adapter). mergekit writes the same block
+(`card.generate_card`), with tags [mergekit, merge].
+"""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_id(ref: str) -> str | None:
+    """`org/name` for a hub reference (`org/name@revision` too), None for a local path."""
+    name = ref.split("@", 1)[0]
+    if ref.startswith((".", "/", "~")) or not HUB_ID.match(name):
+        return None
+    return name
+
+
+def card_metadata(base: str, models: list[str], adapter: bool = False) -> dict:
+    """The front matter: hub ids of the base and the merged models (for an adapter: the base it
+    applies to), the relation, tags and library."""
+    refs = [base] if adapter else [base, *models]
+    ids = list(dict.fromkeys(i for i in map(hub_id, refs) if i))
+    meta: dict = {}
+    if ids:
+        meta["base_model"] = ids
+        meta["base_model_relation"] = "adapter" if adapter else "merge"
+    meta["tags"] = ["merge", "mergecli"] + (["lora"] if adapter else [])
+    meta["library_name"] = "peft" if adapter else "transformers"
+    return meta
+
+
+def model_card(title: str, base: str, models: list[tuple[str, str]], recipe_yaml: str, summary: str = "",
+               adapter: bool = False) -> str:
+    """README.md text: front matter, what was merged (name and source of each model), the
+    summary lines the merge stage adds (method, kept density, timing...), and the recipe."""
+    meta = yaml.safe_dump(card_metadata(base, [ref for _, ref in models], adapter), sort_keys=False).strip()
+    rows = "\n".join(f"| {name} | `{ref}` |" for name, ref in models)
+    kind = "a LoRA adapter for the base model" if adapter else "a merge"
+    return f"""---
+{meta}
+---
+# {title}
+
+This is {kind} made with [mergecli](https://pypi.org/project/mergecli/).
+
+Base model: `{base}`
+
+| merged model | source |
+|---|---|
+{rows}
+
+{summary}
+
+## Recipe
+
+```yaml
+{recipe_yaml.strip()}
+```
+"""
