@@ -122,8 +122,8 @@ def translate(data: Mapping[str, Any], root: Path = Path("."), dest: Path | None
         raise RecipeError(f"merge_method: {name!r} is not supported by mergecli",
                           f"supported mergekit methods: {', '.join(METHODS)}")
     method = METHODS[name]
-    _refuse(data, "modules", "mergecli merges one model stack; per-module configs (multimodal models) are not supported")
-    _refuse(data, "chat_template", "mergecli copies the base's tokenizer files as they are; set the template afterwards")
+    _refuse(data, "modules", "mergecli merges one model stack; per-module configs (multimodal) are not supported")
+    _refuse(data, "chat_template", "mergecli copies the base's tokenizer files as they are; set it afterwards")
     extra_tokens = _tokenizer(data, notes)
     dtype = _dtype(data, notes)
     sources, shared_levels = _sources(data, root, layers_of or (lambda ref: read_num_layers(ref, root)))
@@ -144,7 +144,8 @@ def translate(data: Mapping[str, Any], root: Path = Path("."), dest: Path | None
     if method.base == "optional":
         weight = schedule.chain(*(level.get("weight") for level in base_levels))
         if weight is None:
-            raise RecipeError("parameters.weight: mergekit's linear averages the base_model in too and needs its weight")
+            raise RecipeError("parameters.weight: mergekit's linear averages the base_model in too and needs "
+                              "its weight")
         schedule.check(weight, "parameters.weight")
         variant["base_weight"] = weight
 
@@ -305,21 +306,17 @@ def _split_base(name: str, method: MethodMap, base: str | None, sources: list[So
     """The recipe's base, the base's own parameter levels (linear weighs it), and the other models."""
     known = set(method.shared) | set(method.per_model)
     for ref, levels, where in sources:
-        for key in levels[0]:
-            if key not in known:
-                raise RecipeError(f"{where}.parameters.{key}: not a parameter of mergekit's {name} (mergekit would "
-                                  f"ignore it)", f"its parameters: {', '.join(sorted(known)) or 'none'}")
+        for key, value in levels[0].items():
             if key in method.shared:
                 raise RecipeError(f"{where}.parameters.{key}: mergekit reads {key!r} only from the top-level "
                                   "parameters (it would ignore it here)")
+            _check_value(key, value, f"{where}.parameters.{key}", name, known)
     levels_to_check = [(data.get("parameters") or {}, "parameters")]
     if data.get("slices"):
         levels_to_check.append((data["slices"][0].get("parameters") or {}, "slices.0.parameters"))
     for level, where in levels_to_check:
-        for key in level:
-            if key not in known:
-                raise RecipeError(f"{where}.{key}: not a parameter of mergekit's {name} (mergekit would ignore it)",
-                                  f"its parameters: {', '.join(sorted(known)) or 'none'}")
+        for key, value in level.items():
+            _check_value(key, value, f"{where}.{key}", name, known)
     refs = [ref for ref, _, _ in sources]
     for ref, _, where in sources:
         if refs.count(ref) > 1:
@@ -328,6 +325,8 @@ def _split_base(name: str, method: MethodMap, base: str | None, sources: list[So
         if method.base != "optional":
             raise RecipeError(f"base_model: required by mergekit's {name}")
         base, levels, where = sources[0]  # the first model's weights are the reference of the average
+        if all(level.get("weight") is None for level in levels):
+            raise RecipeError(f"{where}.parameters.weight: required by mergekit's linear (it has no default)")
         return _strip_lora_base(base, where), levels, sources[1:]
     if not isinstance(base, str):
         raise RecipeError("base_model: expected a path or hub id")
@@ -374,44 +373,60 @@ def _emit(target: dict[str, Any], key: str, setting: Any, where: str, name: str,
                          + (" (only the dtype of its sign mask)" if key == "int8_mask" else ""))
         return
     if key in BOOLEAN:
-        if not isinstance(setting, bool):
-            raise RecipeError(f"{where}: expected true or false; per-tensor schedules of {key} are not supported")
         target[key] = ("l1" if setting else "none") if key == "rescale" else setting
+    else:
+        target[key] = _numeric(setting)
+
+
+def _check_value(key: str, value: Any, where: str, name: str, known: set[str]) -> None:
+    """One parameter setting as written at one level of the config: a known parameter, booleans
+    as constants, numbers as scalars / gradients / filter lists, densities in (0, 1]."""
+    if key not in known:
+        raise RecipeError(f"{where}: not a parameter of mergekit's {name} (mergekit would ignore it)",
+                          f"its parameters: {', '.join(sorted(known)) or 'none'}")
+    if key in BOOLEAN:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true or false; per-tensor schedules of {key} are not supported")
         return
     try:
-        schedule.check(setting, where)
-        _numbers(setting, where, key)
+        schedule.check(value, where)
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
-    target[key] = setting
-
-
-def _numbers(setting: Any, where: str, key: str) -> None:
-    """Every value of a numeric setting is a number (YAML's "1e-3" is a string: accept it, as
-    mergekit), and densities lie in (0, 1]."""
-    values: list[Any] = []
-    stack = [setting]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Mapping):
-            stack.append(item["value"])
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-        else:
-            values.append(item)
-    for value in values:
-        try:
-            number = float(value) if not isinstance(value, bool) else None
-        except ValueError:
-            number = None
-        if number is None:
-            raise ValueError(f"{where}: expected numbers, got {value!r}")
+    for number in _leaves(_numeric(value, where)):
         if key == "density" and not 0 < number <= 1:
-            raise ValueError(f"{where}: density {value} outside (0, 1]")
+            raise RecipeError(f"{where}: density {number} outside (0, 1]")
+
+
+def _leaves(setting: Any) -> list[Any]:
+    if isinstance(setting, Mapping):
+        return _leaves(setting["value"])
+    if isinstance(setting, (list, tuple)):
+        return [leaf for item in setting for leaf in _leaves(item)]
+    return [setting]
+
+
+def _numeric(setting: Any, where: str = "") -> Any:
+    """The setting with every value a number: YAML reads `1e-3` as a string, which mergekit
+    (pydantic) accepts as a float, so mergecli does too."""
+    if isinstance(setting, Mapping):
+        return {**setting, "value": _numeric(setting["value"], where)}
+    if isinstance(setting, (list, tuple)):
+        return [_numeric(item, where) for item in setting]
+    if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+        return setting
+    try:
+        return float(setting) if isinstance(setting, str) else _not_a_number(setting, where)
+    except ValueError:
+        return _not_a_number(setting, where)
+
+
+def _not_a_number(value: Any, where: str) -> Any:
+    raise RecipeError(f"{where}: expected numbers, got {value!r}")
 
 
 def _where(levels: list[Mapping[str, Any]], key: str) -> str:
-    return "slices.0.parameters." + key if levels and key in levels[0] and len(levels) > 1 else f"parameters.{key}"
+    """Where a shared parameter is set (for notes)."""
+    return "slices.0.parameters." + key if len(levels) > 1 and key in levels[0] else f"parameters.{key}"
 
 
 def _unique(name: str, used: set[str]) -> str:

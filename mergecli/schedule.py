@@ -134,8 +134,8 @@ def chain(*settings: Setting | None) -> Setting | None:
     """
     entries: list[Any] = []
     for setting in settings:
-        if setting is None:
-            continue
+        if setting is None or (isinstance(setting, (list, tuple)) and not setting):
+            continue  # unset, or an empty list, which resolves to nothing in mergekit
         if isinstance(setting, Mapping):
             setting = [setting]
         if _is_scalar(setting) or all(_is_scalar(e) for e in setting):
@@ -184,7 +184,8 @@ def check(setting: Any, field: str = "value") -> None:
             except (re.error, TypeError) as exc:
                 raise ValueError(f"{where}.regex: not a regular expression: {exc}") from None
         value = entry["value"]
-        if not (_is_scalar(value) or (isinstance(value, (list, tuple)) and value and all(_is_scalar(e) for e in value))):
+        gradient = isinstance(value, (list, tuple)) and value and all(_is_scalar(e) for e in value)
+        if not (_is_scalar(value) or gradient):
             raise ValueError(f"{where}.value: expected a number or a list of numbers, got {value!r}")
 
 

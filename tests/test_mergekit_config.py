@@ -249,3 +249,15 @@ def test_import_config_file(tmp_path):
     broken.write_text("merge_method: [ties\n")
     with pytest.raises(RecipeError, match="YAML syntax error"):
         import_config(broken)
+
+
+def test_numeric_strings_become_numbers_and_errors_name_the_level():
+    data = _with("dare_ties", parameters={"density": ["1e-1", 0.5]})
+    for model in data["models"]:
+        del model["parameters"]["density"]
+    merge = run(data).recipe["merges"][0]
+    assert merge["models"][0]["density"] == [0.1, 0.5]
+    with pytest.raises(RecipeError, match=r"^parameters\.density: density 0 outside"):
+        run(_with("dare_ties", parameters={"density": [0, 0.5]}))
+    with pytest.raises(RecipeError, match=r"^models\.0\.parameters\.weight: required by mergekit's linear"):
+        run(_with("linear", models=[{"model": "./ft_a"}, {"model": "./ft_b", "parameters": {"weight": 1}}]))

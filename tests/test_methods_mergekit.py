@@ -112,7 +112,8 @@ def test_model_stock_against_the_paper_on_random_vectors():
     g = torch.Generator().manual_seed(0)
     taus = [torch.randn(50, generator=g) + 1.0 for _ in range(4)]
     x = np.stack([tau.double().numpy() for tau in taus])
-    cos = np.mean([x[i] @ x[j] / np.linalg.norm(x[i]) / np.linalg.norm(x[j]) for i in range(4) for j in range(i + 1, 4)])
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    cos = np.mean([x[i] @ x[j] / np.linalg.norm(x[i]) / np.linalg.norm(x[j]) for i, j in pairs])
     t = 4 * cos / (1 + 3 * cos)
     assert float(stock_ratio(taus)) == pytest.approx(t, rel=1e-5)
 

@@ -117,6 +117,7 @@ def test_chain_equals_precedence():
     assert chain([{"filter": "mlp", "value": 1}], [0.1, 0.2]) == [{"filter": "mlp", "value": 1}, {"value": [0.1, 0.2]}]
     assert chain([{"value": 1}], 2) == [{"value": 1}]  # nothing after an unconditional entry
     assert chain(None, None) is None
+    assert chain([], 0.5) == 0.5  # mergekit: an empty list resolves to nothing
 
 
 def test_non_numeric_gradient_picks_without_interpolating():
