@@ -17,8 +17,9 @@ mergekit config and its translated recipe give every tensor the same value:
 Depth position: a tensor of decoder layer i of L gets t = i / (L - 1) (t = 1 when L = 1, as in
 mergekit); every tensor outside the layer stack (embeddings, final norm, lm_head) gets t = 0,
 the gradient's first value: mergekit plans those tensors with t = 0, before and after the layers.
+Which layer a tensor is in is the architecture's answer (`Architecture.layer_of`), passed in.
 
-Everything here is pure: a setting, a tensor name and a layer count in, a value out.
+Everything here is pure: a setting, a tensor name, its layer and the layer count in, a value out.
 """
 
 from __future__ import annotations
@@ -29,20 +30,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 Scalar = Union[bool, int, float, str]
 Setting = Union[Scalar, Sequence[Any], Mapping[str, Any]]
 
-_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _ENTRY_KEYS = {"filter", "regex", "value"}
-
-
-def layer_index(tensor_name: str) -> int | None:
-    """The decoder layer a tensor belongs to: its first all-digit name component.
-
-    `model.layers.3.mlp.up_proj.weight`, `transformer.h.3.attn.c_attn.weight` and
-    `gpt_neox.layers.3.attention.dense.weight` are all in layer 3; `model.embed_tokens.weight` is in
-    none. This holds for every architecture mergecli tests (the block stack is the only numbered
-    ModuleList); a caller that knows better passes the layer itself to `depth_position`.
-    """
-    match = _LAYER.search(tensor_name)
-    return int(match.group(1)) if match else None
 
 
 def depth_position(layer: int | None, num_layers: int) -> float:
@@ -101,17 +89,14 @@ def evaluate(setting: Setting, tensor_name: str, t: float, coerce: Callable[[Any
     return None
 
 
-def resolve(setting: Setting, tensor_name: str, num_layers: int, coerce: Callable[[Any], Any] = float,
-            layer: int | None = None) -> Any:
-    """The value of `setting` for one tensor of a model with `num_layers` decoder layers.
-
-    `layer` defaults to `layer_index(tensor_name)`.
-    """
-    position = depth_position(layer_index(tensor_name) if layer is None else layer, num_layers)
-    return evaluate(setting, tensor_name, position, coerce)
+def resolve(setting: Setting, tensor_name: str, layer: int | None, num_layers: int,
+            coerce: Callable[[Any], Any] = float) -> Any:
+    """The value of `setting` for one tensor, in decoder layer `layer` (None: outside the stack) of
+    a model with `num_layers` of them."""
+    return evaluate(setting, tensor_name, depth_position(layer, num_layers), coerce)
 
 
-def resolve_first(settings: Sequence[Setting | None], tensor_name: str, num_layers: int,
+def resolve_first(settings: Sequence[Setting | None], tensor_name: str, layer: int | None, num_layers: int,
                   coerce: Callable[[Any], Any] = float, default: Any = None) -> Any:
     """mergekit's precedence: the first place that sets the parameter *for this tensor* wins
     (a per-model setting, then the variant's, ...); a filter list that matches nothing falls
@@ -119,7 +104,7 @@ def resolve_first(settings: Sequence[Setting | None], tensor_name: str, num_laye
     for setting in settings:
         if setting is None:
             continue
-        value = resolve(setting, tensor_name, num_layers, coerce)
+        value = resolve(setting, tensor_name, layer, num_layers, coerce)
         if value is not None:
             return value
     return default
@@ -187,6 +172,19 @@ def check(setting: Any, field: str = "value") -> None:
         gradient = isinstance(value, (list, tuple)) and value and all(_is_scalar(e) for e in value)
         if not (_is_scalar(value) or gradient):
             raise ValueError(f"{where}.value: expected a number or a list of numbers, got {value!r}")
+
+
+def map_values(setting: Setting, field: str, fn: Callable[[Any, str], Any]) -> Setting:
+    """The setting (already `check`ed) with every value v replaced by fn(v, where v is): `field.1`
+    for a gradient's second value, `field.0.value` or `field.0.value.2` inside a filter list, so
+    a value's error names its place."""
+    if _is_scalar(setting):
+        return fn(setting, field)
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if all(_is_scalar(e) for e in setting):
+        return [fn(v, f"{field}.{i}") for i, v in enumerate(setting)]
+    return [{**entry, "value": map_values(entry["value"], f"{field}.{i}.value", fn)} for i, entry in enumerate(setting)]
 
 
 def is_constant(setting: Any) -> bool:

@@ -35,6 +35,17 @@ CASES = [
     ("task_arithmetic", {}),
     ("ties", {"score": "sparsegpt", "density": 0.25}),
     ("ties", {"score": "wanda", "density": 0.25}),
+    ("ties", {"score": "magnitude", "density": 0.3, "rescale": "l1", "normalize": False}),
+    ("dare_ties", {"score": "random", "density": 0.3, "seed": 5, "rescale": "l1"}),
+    ("dare_linear", {"score": "random", "density": 0.4, "rescale": "none", "normalize": True}),
+    ("della", {"density": 0.4, "epsilon": 0.2, "seed": 6}),
+    ("della_linear", {"density": 0.5, "epsilon": 0.1, "seed": 7, "rescale": "l1"}),
+    ("della", {"density": 0.3, "epsilon": 0.1, "score": "wanda", "rescale": "none"}),
+    ("breadcrumbs", {"density": 0.3, "gamma": 0.05}),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1, "rescale": "l1"}),
+    ("breadcrumbs", {"density": 0.2, "gamma": 0.1, "score": "sparsegpt"}),
+    ("soup", {"base_weight": 0.5}),
+    ("soup", {"normalize": False}),
 ]
 
 
@@ -47,12 +58,26 @@ def test_chunked_merge_equals_one_piece(monkeypatch, method, params, transposed)
         x = torch.randn(200, 24, generator=torch.Generator().manual_seed(2))
         stats = [LayerStats(x.T @ x / 200) for _ in t]
     stored = [x.T.contiguous() for x in t] if transposed else t
-    args = (METHODS[method], stored, [1.0, 0.5, 2.0], params, "layer.w", transposed, stats)
+    base = taus(1, stored[0].shape, seed=3)[0] if METHODS[method].needs_base else None
+    args = (METHODS[method], stored, [1.0, 0.5, 2.0], params, "layer.w", transposed, stats, base)
     monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 10**9)
     whole, kept_whole, _ = merge_tensor(*args)
     monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 50)  # 2 rows per chunk: 19 chunks
     chunked, kept_chunked, _ = merge_tensor(*args)
     assert torch.equal(whole, chunked) and kept_whole == kept_chunked
+
+
+@pytest.mark.parametrize("method,params", [("della", {"density": 0.4, "epsilon": 0.2}),
+                                           ("breadcrumbs", {"density": 0.3, "gamma": 0.1})])
+def test_new_trims_of_one_dimensional_tensors_chunk_alike(monkeypatch, method, params):
+    """A 1-D tensor is one row for DELLA's ranks (so the pipeline takes it whole) and one flat band
+    for Breadcrumbs (gathered over chunks)."""
+    t = taus(3, (300,), seed=8, ties=True)
+    monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 10**9)
+    whole, _, _ = merge_tensor(METHODS[method], t, [1.0, 1.0, 1.0], params, "norm.w")
+    monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 16)
+    chunked, _, _ = merge_tensor(METHODS[method], t, [1.0, 1.0, 1.0], params, "norm.w")
+    assert torch.equal(whole, chunked)
 
 
 def test_chunked_ties_matches_peft_on_a_tensor_of_many_chunks(monkeypatch):

@@ -69,11 +69,15 @@ def test_slerp_zero_tensor_counts_as_orthogonal():
 def test_soup_equals_average_of_full_weights():
     base, tau1, tau2 = t_(1, 1), t_(2, 0), t_(0, 4)
     theta1, theta2 = base + tau1, base + tau2  # [3, 1], [1, 5]
-    assert torch.allclose(soup(base, [tau1, tau2], [1, 3]), (1 * theta1 + 3 * theta2) / 4)  # [1.5, 4]
-    assert torch.allclose(soup(base, [tau1, tau2], [1, 3]), t_(1.5, 4))
-    assert torch.allclose(soup(base, [tau1, tau2], [1, 3], base_weight=1), (base + theta1 + 3 * theta2) / 5)
-    assert torch.allclose(soup(base, [tau1, tau2], [0.5, 0.5], normalize=False), t_(2, 3))
-    assert torch.allclose(soup(base, [tau1, tau2], [1, 1], normalize=False), theta1 + theta2)
+
+    def merged(*args, **kwargs):  # soup gives the change from the base
+        return base + soup(base, *args, **kwargs)
+
+    assert torch.allclose(merged([tau1, tau2], [1, 3]), (1 * theta1 + 3 * theta2) / 4)  # [1.5, 4]
+    assert torch.allclose(merged([tau1, tau2], [1, 3]), t_(1.5, 4))
+    assert torch.allclose(merged([tau1, tau2], [1, 3], base_weight=1), (base + theta1 + 3 * theta2) / 5)
+    assert torch.allclose(merged([tau1, tau2], [0.5, 0.5], normalize=False), t_(2, 3))
+    assert torch.allclose(merged([tau1, tau2], [1, 1], normalize=False), theta1 + theta2)
     with pytest.raises(ValueError, match="sum to 0"):
         soup(base, [tau1, tau2], [1, -1])
 
@@ -226,3 +230,21 @@ def test_weighted_mean_and_its_guard():
     t1, t2 = t_(1, 2), t_(3, -2)
     assert torch.allclose(weighted_mean([t1, t2], t_(1, 3)), (t1 + 3 * t2) / 4)
     assert torch.allclose(weighted_mean([t1, t2], t_(1, -1)), t1 - t2)  # sum of weights 0: not divided
+
+
+# -- in the pipeline -----------------------------------------------------------------------------
+def test_a_missing_tensor_is_the_base_for_averages_and_no_voter_for_elections():
+    """`absent` is declared per method: soup/slerp/model_stock see tau = 0 with its weight (a LoRA's
+    untouched weight equals the base's), TIES-like methods leave the model out."""
+    from mergecli.methods import catalog
+    from mergecli.methods.pipeline import merge_tensor
+
+    methods = catalog()
+    g = torch.Generator().manual_seed(3)
+    base, tau = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    averaged, _, offered = merge_tensor(methods["soup"], [tau, None], [1.0, 3.0], {}, "w", base=base)
+    assert torch.allclose(averaged, base + tau / 4) and offered == 40
+    elected, _, offered = merge_tensor(methods["ties"], [tau, None], [1.0, 3.0], {"density": 1.0}, "w")
+    assert torch.allclose(elected, tau) and offered == 20
+    stock, _, _ = merge_tensor(methods["model_stock"], [tau, None], [1.0, 1.0], {}, "w", base=base)
+    assert torch.allclose(stock, base)  # cos(tau, 0) = 0: the ratio is 0

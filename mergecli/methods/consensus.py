@@ -1,9 +1,10 @@
-"""Combining trimmed task vectors without dividing by the weights: mergekit's `normalize: false`.
+"""Combining trimmed task vectors with or without dividing by the weights (`normalize`).
 
 `combine.disjoint_mean` is TIES with `normalize: true` (the weighted mean of the agreeing
 entries); mergekit's dare_ties, breadcrumbs_ties (and any ties config that says
 `normalize: false`) instead *sum* the agreeing weighted entries. Without an election,
-`normalize: true` divides the weighted sum by the sum of the weights.
+`normalize: true` divides the weighted sum by the sum of the weights. `elected` and `added` are
+the two families' combine steps, as the methods call them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .combine import elect_sign, weighted_sum
+from .combine import disjoint_mean, elect_sign, weighted_sum
 
 
 def disjoint_sum(trimmed: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -36,3 +37,13 @@ def weighted_mean(trimmed: Sequence[torch.Tensor], weights: torch.Tensor) -> tor
     total = float(weights.sum())
     merged = weighted_sum(trimmed, weights)
     return merged if abs(total) < 1e-8 else merged.div_(total)
+
+
+def elected(trimmed: Sequence[torch.Tensor], weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Sign election, then the agreeing entries' weighted mean (normalize) or weighted sum."""
+    return (disjoint_mean if normalize else disjoint_sum)(trimmed, weights)
+
+
+def added(trimmed: Sequence[torch.Tensor], weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The weighted sum, divided by the weights' sum with normalize."""
+    return (weighted_mean if normalize else weighted_sum)(trimmed, weights)

@@ -3,7 +3,9 @@ weighted average of models (a "model soup", mergekit's `linear`).
 
 Both need the base tensor itself, not only the task vectors: SLERP's angle is between the two
 weight tensors, and an unnormalised average scales the base. Pure functions on tensors; math in
-fp32 (fp64 when the inputs are fp64).
+fp32 (fp64 when the inputs are fp64). Both methods are registered at the end; a model without a
+tensor counts as the base there (tau = 0, with its weight), as mergekit sees a LoRA's untouched
+weights.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import math
 from typing import Sequence
 
 import torch
+
+from .table import NORMALIZE, Param, register_method
 
 DOT_THRESHOLD = 0.9995
 """Above this |cos| the two tensors are treated as parallel and interpolated linearly (mergekit)."""
@@ -55,25 +59,58 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = DOT
 
 def soup(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: Sequence[float], base_weight: float = 0.0,
          normalize: bool = True) -> torch.Tensor:
-    """Weighted average of the base and the models, written on task vectors (mergekit's `linear`).
+    """The change from the base of the weighted average of the base and the models (mergekit's
+    `linear`), written on task vectors.
 
     The models are theta_i = base + tau_i and the base itself takes part with `base_weight`, so
 
         sum_i w_i theta_i / W = base + sum_i w_i tau_i / W,       W = base_weight + sum_i w_i
 
-    With `normalize=False` the weights are used as given: sum_i w_i theta_i = W * base + sum_i w_i
-    tau_i, which rescales the base whenever W != 1 (mergekit allows it). W = 0 with normalize is an
-    error (mergekit would divide by zero).
+    and the change is sum_i w_i tau_i / W, without the base. With `normalize=False` the weights are
+    used as given: sum_i w_i theta_i = W * base + sum_i w_i tau_i, a change of (W - 1) * base +
+    sum_i w_i tau_i, which rescales the base whenever W != 1 (mergekit allows it). W = 0 with
+    normalize is an error (mergekit would divide by zero).
     """
     total = base_weight + float(sum(weights))
-    out = base.to(_work_dtype(base), copy=True)
+    out = torch.zeros(base.shape, dtype=_work_dtype(base), device=base.device)
     if normalize:
         if total == 0:
             raise ValueError("weights sum to 0: a weighted average is undefined")
         scale = 1.0 / total
     else:
-        out.mul_(total)
+        out.add_(base, alpha=total - 1.0)
         scale = 1.0
     for tau, w in zip(taus, weights):
         out.add_(tau.to(out.dtype), alpha=w * scale)
     return out
+
+
+# -- methods ---------------------------------------------------------------------------------------
+T = Param("t", float, 0.5, "slerp: position on the arc from the base (0) to the model (1)", low=0.0, high=1.0,
+          schedulable=True)
+BASE_WEIGHT = Param("base_weight", float, 0.0, "soup: the base model's own weight in the average", low=-100,
+                    high=100, schedulable=True)
+
+
+def one_model(params, weights) -> None:
+    if len(weights) != 1:
+        raise ValueError(f"models: slerp interpolates between the base and exactly one model, got {len(weights)}")
+
+
+def average_defined(params, weights) -> None:
+    total = params["base_weight"] + sum(weights)
+    if params["normalize"] and total == 0:
+        raise ValueError("weight: the weights (base_weight included) sum to 0; a weighted average is undefined")
+
+
+@register_method("slerp", params=(T,), needs_base=True, elementwise=False, check=one_model, absent="zero")
+def slerp_method(trimmed, weights, *, params, base, **_):
+    """Spherical interpolation between the base (t = 0) and one model (t = 1), per tensor (mergekit's slerp)."""
+    return slerp(base, base + trimmed[0], params["t"]).sub_(base)
+
+
+@register_method("soup", params=(NORMALIZE.with_default(True), BASE_WEIGHT), needs_base=True,
+                 check=average_defined, absent="zero")
+def soup_method(trimmed, weights, *, params, base, **_):
+    """Weighted average of the models' weights, the base's own weight included (mergekit's linear)."""
+    return soup(base, trimmed, weights.tolist(), params["base_weight"], params["normalize"])

@@ -17,6 +17,9 @@ Pure tensor functions, oriented out x in like the rest of `methods/` (rows are o
 - Rescale: the DARE paper divides survivors by their keep-probability (`sparsify`, unbiased per
   entry). mergekit 0.1.5 instead multiplies the trimmed tensor by ||tau||_1 / ||trimmed||_1 (its
   `rescale: true` for dare_*, della*, and any method that sets it): one factor per tensor.
+
+The methods these trims define are registered at the end: the pipeline trims (`plan_trim`), the
+combine step is a sign election (`della`, `breadcrumbs_ties`) or a weighted sum.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .consensus import added, elected
 from .sparsify import RandomStream, TopK, keep_count, topk_threshold
+from .table import (DAMP, DENSITY, LAMBDA, NORMALIZE, RANKING, RESCALE_DRAWN, RESCALE_KEPT, SEED, Param,
+                    register_method, sign_election_needs_positive_weights)
 
 
 def normalized_ranks(scores: torch.Tensor, per_row: bool = True) -> torch.Tensor:
@@ -118,3 +124,50 @@ def breadcrumbs_mask(scores: torch.Tensor, density: float, gamma: float) -> torc
     """Boolean mask of the entries Breadcrumbs keeps, for one whole tensor."""
     flat = scores.reshape(-1)
     return breadcrumbs_band(flat, density, gamma).mask(flat).reshape(scores.shape)
+
+
+# -- methods ---------------------------------------------------------------------------------------
+EPSILON = Param("epsilon", float, 0.15, "della: keep-probabilities run from density - epsilon (smallest) to "
+                "density + epsilon (largest)", low=0.0, high=0.5, per_model=True, schedulable=True)
+GAMMA = Param("gamma", float, 0.01, "breadcrumbs: fraction of the largest entries dropped", low=0.0, high=1.0,
+              per_model=True, schedulable=True)
+TRIM_DELLA = (DENSITY, EPSILON, RANKING, SEED, DAMP, RESCALE_DRAWN)
+TRIM_BAND = (DENSITY, GAMMA, RANKING, DAMP, RESCALE_KEPT)
+
+
+def della_bounds(params, weights) -> None:
+    """DELLA's probabilities must stay inside (0, 1): density - epsilon > 0 and density + epsilon < 1."""
+    d, eps = params["density"], params["epsilon"]
+    if d < 1 and not (d - eps > 0 and d + eps < 1):
+        raise ValueError(f"epsilon: density {d:g} - epsilon {eps:g} must be > 0 and density + epsilon < 1")
+
+
+def della_ties_rules(params, weights) -> None:
+    della_bounds(params, weights)
+    sign_election_needs_positive_weights(params, weights)
+
+
+@register_method("della", params=(*TRIM_DELLA, LAMBDA, NORMALIZE.with_default(True)), trim="della",
+                 check=della_ties_rules)
+def della(trimmed, weights, *, params, **_):
+    """Drop by magnitude-ranked keep-probabilities per row, rescale, TIES' sign election (Deep et al. 2024)."""
+    return elected(trimmed, weights, params["normalize"])
+
+
+@register_method("della_linear", params=(*TRIM_DELLA, LAMBDA, NORMALIZE), trim="della", check=della_bounds)
+def della_linear(trimmed, weights, *, params, **_):
+    """DELLA's drop and rescale, then the weighted sum."""
+    return added(trimmed, weights, params["normalize"])
+
+
+@register_method("breadcrumbs", params=(*TRIM_BAND, LAMBDA, NORMALIZE), trim="breadcrumbs")
+def breadcrumbs(trimmed, weights, *, params, **_):
+    """Keep a band: drop the gamma fraction of largest and the smallest entries (Davari & Belilovsky 2023), sum."""
+    return added(trimmed, weights, params["normalize"])
+
+
+@register_method("breadcrumbs_ties", params=(*TRIM_BAND, LAMBDA, NORMALIZE.with_default(True)), trim="breadcrumbs",
+                 check=sign_election_needs_positive_weights)
+def breadcrumbs_ties(trimmed, weights, *, params, **_):
+    """Breadcrumbs' band, then TIES' sign election."""
+    return elected(trimmed, weights, params["normalize"])

@@ -24,6 +24,7 @@ import torch
 
 from .hessian_math import DegenerateStatistics, obs_trim
 from .scores import SCORES
+from .masks import Band, breadcrumbs_band, della_probabilities, l1_factor, sample_mask
 from .sparsify import TopK, bernoulli_mask, keep_count, random_stream, rank_probabilities, topk_mask, topk_threshold
 from .stats import LayerStats
 from .table import Method, Trim
@@ -101,14 +102,28 @@ def _keep_all(t: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
     return t, t.numel()
 
 
+Select = Callable[[torch.Tensor, int], tuple[torch.Tensor, "torch.Tensor | float"]]
+"""(chunk of tau, index of its first entry) -> (keep mask, each entry's keep-probability or one for all)."""
+
+
 def plan_trim(tau: TaskTensor, trim: Trim, params: Mapping[str, Any], tensor_name: str, model_index: int,
               stats: LayerStats | None) -> TrimPlan:
     """The trim of one model's task vector for one tensor, as the method's `trim` kind and this
     model's parameters for this tensor say. Data-aware scores fall back to magnitude where the
-    tensor has no (usable) statistics."""
-    rescale = trim == "dare"
+    tensor has no (usable) statistics.
+
+    Which entries are kept (`trim`): `topk`, the exact top-k of the score, per tensor (threshold
+    gathered over the chunks first) or per row; `dare`, Bernoulli(d) with the `random` score, else
+    keep-probabilities rising with the score's rank (`rank_probabilities`, whole tensor);
+    `della`, probabilities d - eps .. d + eps by rank within each row (`della_probabilities`;
+    a 1-D tensor is one row, so it is whole); `breadcrumbs`, the band below the `gamma` fraction
+    of highest scores (band gathered over the chunks first). Then `rescale`: `inverse` divides each
+    kept entry by its keep-probability, `l1` scales the tensor so its L1 norm is tau's (a sum over
+    the whole tensor: whole), `none` keeps the values. Random draws are addressed by entry, so
+    every chunked trim equals the whole-tensor one bit for bit.
+    """
     d = float(params.get("density", 1.0))
-    if trim == "none" or (d >= 1.0 and not rescale):
+    if trim == "none" or d >= 1.0:  # every kind keeps everything at density 1 (probabilities of 1, no band)
         return TrimPlan(False, lambda chunks, buffers: _keep_all)
     score = SCORES[params["score"]]
     compensate = bool(params.get("compensate"))
@@ -119,60 +134,90 @@ def plan_trim(tau: TaskTensor, trim: Trim, params: Mapping[str, Any], tensor_nam
             stats = None
     if score.needs_stats and stats is None:
         score = SCORES["magnitude"]
+    rescale = params.get("rescale", "none")
+    l1 = rescale == "l1"
     if compensate and stats is not None:
         def compensated(t: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
             kept = obs_trim(t, stats.gram, d, stats.damp)
-            return kept, int(torch.count_nonzero(kept))
+            return _l1_matched(t, kept) if l1 else kept, int(torch.count_nonzero(kept))
         return TrimPlan(True, lambda chunks, buffers: compensated)
     per_row = params.get("topk") == "row"
     stream = random_stream(int(params.get("seed", 0)), tensor_name, model_index)
-    if score.selection == "bernoulli":
-        def bernoulli(t: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
-            keep = bernoulli_mask(t.shape, d, stream, start).to(t.device)
-            return (t.div_(d) if rescale else t).mul_(keep), count(keep)
-        return TrimPlan(False, lambda chunks, buffers: bernoulli)
-    if rescale:
-        def ranked(t: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
-            keep_p = rank_probabilities(score.fn(t, stats), d, per_row).to(t.device)
-            keep = stream.uniform(t.shape, start).to(t.device) < keep_p
-            return torch.where(keep, t / keep_p, torch.zeros_like(t)).to(t.dtype), count(keep)
-        return TrimPlan(True, lambda chunks, buffers: ranked)
 
     def rank(t: torch.Tensor) -> torch.Tensor:
         return score.fn(t, stats)
 
-    def top(chunks: list[tuple[int, int]], buffers: dict[torch.dtype, torch.Tensor]) -> TrimFn:
-        if per_row and tau.weights.dim() >= 2:
-            def selection(scores: torch.Tensor) -> torch.Tensor:
-                return topk_mask(scores, d, per_row=True)
+    def drawn(probabilities: Callable[[torch.Tensor], torch.Tensor]) -> Select:
+        def select(t: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+            p = probabilities(t).to(t.device)
+            return sample_mask(p, stream, start), p
+        return select
+
+    def gathered(selection: Callable[[torch.Tensor], TopK | Band]) -> Callable[..., Select]:
+        def start(chunks: list[tuple[int, int]], buffers: dict[torch.dtype, torch.Tensor]) -> Select:
+            chosen = selection(_gathered_scores(tau, rank, chunks, buffers)).mask
+            return lambda t, begin: (chosen(rank(t)), 1.0)
+        return start
+
+    if trim == "dare" and score.selection == "bernoulli":
+        plan = _plan(False, lambda t, start: (bernoulli_mask(t.shape, d, stream, start).to(t.device), d))
+    elif trim == "dare":
+        plan = _plan(True, drawn(lambda t: rank_probabilities(rank(t), d, per_row)))
+    elif trim == "della":
+        eps = float(params["epsilon"])
+        plan = _plan(tau.weights.dim() < 2, drawn(lambda t: della_probabilities(rank(t), d, eps)))
+    elif trim == "breadcrumbs":
+        gamma = float(params["gamma"])
+        plan = TrimPlan(False, gathered(lambda flat: breadcrumbs_band(flat, d, gamma)))
+    elif per_row and tau.weights.dim() >= 2:
+        plan = _plan(False, lambda t, start: (topk_mask(rank(t), d, per_row=True), 1.0))
+    else:
+        plan = TrimPlan(False, gathered(lambda flat: topk_threshold(flat, keep_count(flat.numel(), d))))
+    return TrimPlan(plan.whole or l1, lambda chunks, buffers: _applied(plan.start(chunks, buffers), rescale))
+
+
+def _plan(whole: bool, select: Select) -> TrimPlan:
+    return TrimPlan(whole, lambda chunks, buffers: select)
+
+
+def _applied(select: Select, rescale: str) -> TrimFn:
+    """The trim of a chunk: entries `select` keeps, rescaled as `rescale` says."""
+    def trim_chunk(t: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+        keep, p = select(t, start)
+        if rescale == "inverse" and isinstance(p, torch.Tensor):
+            kept = torch.where(keep, t / p, torch.zeros_like(t)).to(t.dtype)
+        elif rescale == "inverse":
+            kept = t.div_(p).mul_(keep)
+        elif rescale == "l1":  # the chunk is the whole tensor (see plan_trim)
+            kept = _l1_matched(t, t * keep)
         else:
-            selection = _threshold(tau, rank, d, chunks, buffers).mask
-
-        def keep_top(t: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
-            keep = selection(rank(t))
-            return t.mul_(keep), count(keep)
-        return keep_top
-    return TrimPlan(False, top)
+            kept = t.mul_(keep)
+        return kept, count(keep)
+    return trim_chunk
 
 
-def _threshold(tau: TaskTensor, score: Callable[[torch.Tensor], torch.Tensor], density: float,
-               chunks: list[tuple[int, int]], buffers: dict[torch.dtype, torch.Tensor]) -> TopK:
-    """Per-tensor top-k: scores of every chunk gathered into one flat buffer, threshold found once.
-    The buffer has the score's dtype (float64 for data-aware scores, so phase 2 compares exactly)
-    and is shared by the models of one tensor."""
+def _l1_matched(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    return kept.mul_(l1_factor(float(tau.abs().sum()), float(kept.abs().sum())))
+
+
+def _gathered_scores(tau: TaskTensor, score: Callable[[torch.Tensor], torch.Tensor],
+                     chunks: list[tuple[int, int]], buffers: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
+    """The scores of the whole tensor, flat, gathered chunk by chunk into one buffer, so a per-tensor
+    selection (top-k threshold, breadcrumbs band) is found once. The buffer has the score's dtype
+    (float64 for data-aware scores, so phase 2 compares exactly) and is shared by the models of
+    one tensor."""
     first = score(tau.rows(*chunks[0])).reshape(-1)
     if len(chunks) == 1:
-        flat = first
-    else:
-        numel = tau.weights.numel()
-        cols = numel // max(tau.weights.shape[0], 1)
-        flat = buffers.get(first.dtype)
-        if flat is None:
-            flat = buffers[first.dtype] = torch.empty(numel, dtype=first.dtype, device=first.device)
-        flat[: first.numel()] = first
-        for start, stop in chunks[1:]:
-            flat[start * cols: stop * cols] = score(tau.rows(start, stop)).reshape(-1)
-    return topk_threshold(flat, keep_count(flat.numel(), density))
+        return first
+    numel = tau.weights.numel()
+    cols = numel // max(tau.weights.shape[0], 1)
+    flat = buffers.get(first.dtype)
+    if flat is None:
+        flat = buffers[first.dtype] = torch.empty(numel, dtype=first.dtype, device=first.device)
+    flat[: first.numel()] = first
+    for start, stop in chunks[1:]:
+        flat[start * cols: stop * cols] = score(tau.rows(start, stop)).reshape(-1)
+    return flat
 
 
 def _chunks(rows: int, cols: int, whole: bool) -> list[tuple[int, int]]:
@@ -201,16 +246,22 @@ def merge_tensor(method: Method, taus: Iterable[TaskTensor | torch.Tensor | None
 
     `params` are the variant's values for this tensor (missing ones take the method's defaults);
     `model_params[i]` overrides them for model i's trim. A model without this tensor (None, e.g. a
-    LoRA that did not target it) contributes nothing: it neither votes in TIES nor counts in a
-    mean. `transposed` marks weights stored in x out (GPT-2's Conv1D); all math sees them out x
-    in. A task vector with NaN/Inf raises NonFiniteTaskVector naming the model; a merged value
-    that is not finite, or beyond the range of `dtype`, raises OutOfRange (with `clamp`, values
-    beyond the range are clamped to it instead; NaN is never clamped).
+    LoRA that did not target it) is what the method's `absent` says: skipped (it neither votes in
+    TIES nor counts in a mean) or a zero task vector with its weight. `transposed` marks weights
+    stored in x out (GPT-2's Conv1D); all math sees them out x in. A task vector with NaN/Inf
+    raises NonFiniteTaskVector naming the model; a merged value that is not finite, or beyond the
+    range of `dtype`, raises OutOfRange (with `clamp`, values beyond the range are clamped to it
+    instead; NaN is never clamped).
     """
     values = {**method.defaults(), **(params or {})}
-    present = [(i, t if isinstance(t, TaskTensor) else TaskTensor(t)) for i, t in enumerate(taus) if t is not None]
-    if not present:
+    given = [t if t is None or isinstance(t, TaskTensor) else TaskTensor(t) for t in taus]
+    like = next((t.weights for t in given if t is not None), None)
+    if like is None:
         raise ValueError(f"{tensor_name}: no task vector has this tensor")
+    if method.absent == "zero":  # a zero of the tensor's shape that costs no memory
+        zero = TaskTensor(torch.zeros((), dtype=torch.float32, device=like.device).expand(like.shape))
+        given = [zero if t is None else t for t in given]
+    present = [(i, t) for i, t in enumerate(given) if t is not None]
     if method.needs_base and base is None:
         raise ValueError(f"{method.name} needs the base weights of {tensor_name}")
     shape = present[0][1].weights.shape

@@ -1,46 +1,51 @@
 """The classic merge methods: task arithmetic, trimmed linear, TIES, DARE, RegMean.
 
 Each is one registered combine function over trimmed task vectors (the pipeline trims first, as
-its declaration says) returning the merged delta; the math itself lives in `combine.py` and
-`hessian_math.py`.
+its declaration says) returning the merged delta; the math itself lives in `combine.py`,
+`consensus.py` and `hessian_math.py`. `normalize` divides by the weights: methods with a sign
+election average the agreeing models by default, the others sum.
 """
 
 from __future__ import annotations
 
-from .combine import disjoint_mean, weighted_sum
+from .combine import weighted_sum
+from .consensus import added, elected
 from .hessian_math import regmean_delta
-from .table import (ALPHA, DAMP, DENSITY, LAMBDA, SCORE, TOPK, TRIM_DARE, TRIM_TOPK, compensate_needs_sparsegpt,
-                    register_method, sign_election_needs_positive_weights)
+from .table import (ALPHA, DAMP, DENSITY, LAMBDA, NORMALIZE, SCORE, TOPK, TRIM_DARE, TRIM_TOPK,
+                    compensate_needs_sparsegpt, register_method, sign_election_needs_positive_weights)
+
+MEAN = NORMALIZE.with_default(True)
 
 
-@register_method("task_arithmetic", params=(LAMBDA,))
-def task_arithmetic(trimmed, weights, **_):
+@register_method("task_arithmetic", params=(LAMBDA, NORMALIZE))
+def task_arithmetic(trimmed, weights, *, params, **_):
     """theta_base + lambda * sum_i w_i tau_i (whole task vectors)."""
-    return weighted_sum(trimmed, weights)
+    return added(trimmed, weights, params["normalize"])
 
 
-@register_method("linear", params=(*TRIM_TOPK, LAMBDA), trim="topk", check=compensate_needs_sparsegpt)
-def linear(trimmed, weights, **_):
+@register_method("linear", params=(*TRIM_TOPK, LAMBDA, NORMALIZE), trim="topk", check=compensate_needs_sparsegpt)
+def linear(trimmed, weights, *, params, **_):
     """Trimmed task arithmetic: keep the top-k by score, then sum_i w_i t_i (no rescale)."""
-    return weighted_sum(trimmed, weights)
+    return added(trimmed, weights, params["normalize"])
 
 
-@register_method("ties", params=(*TRIM_TOPK, LAMBDA), trim="topk", check=sign_election_needs_positive_weights)
-def ties(trimmed, weights, **_):
+@register_method("ties", params=(*TRIM_TOPK, LAMBDA, MEAN), trim="topk", check=sign_election_needs_positive_weights)
+def ties(trimmed, weights, *, params, **_):
     """Trim to density, elect signs, disjoint weighted mean (Yadav et al. 2023)."""
-    return disjoint_mean(trimmed, weights)
+    return elected(trimmed, weights, params["normalize"])
 
 
-@register_method("dare_linear", params=(*TRIM_DARE, LAMBDA), trim="dare")
-def dare_linear(trimmed, weights, **_):
+@register_method("dare_linear", params=(*TRIM_DARE, LAMBDA, NORMALIZE), trim="dare")
+def dare_linear(trimmed, weights, *, params, **_):
     """Drop, rescale survivors by 1/keep-probability, weighted sum (Yu et al. 2023)."""
-    return weighted_sum(trimmed, weights)
+    return added(trimmed, weights, params["normalize"])
 
 
-@register_method("dare_ties", params=(*TRIM_DARE, LAMBDA), trim="dare", check=sign_election_needs_positive_weights)
-def dare_ties(trimmed, weights, **_):
+@register_method("dare_ties", params=(*TRIM_DARE, LAMBDA, MEAN), trim="dare",
+                 check=sign_election_needs_positive_weights)
+def dare_ties(trimmed, weights, *, params, **_):
     """Drop and rescale as DARE, then TIES' sign election and disjoint mean."""
-    return disjoint_mean(trimmed, weights)
+    return elected(trimmed, weights, params["normalize"])
 
 
 @register_method("regmean", params=(ALPHA, DENSITY.with_default(1.0), SCORE, TOPK, DAMP, LAMBDA), trim="topk",

@@ -10,7 +10,8 @@ so the method needs only the task vectors (the base cancels), but whole tensors:
 the mean over all pairs i < j of cos(tau_i, tau_j), over the tensor (or per row, `filter_wise`).
 Details as mergekit 0.1.5 (`merge_methods/model_stock.py`): each pair's cosine divides by
 max(|tau_i| |tau_j|, 1e-6) and is clamped to [-1, 1]; where |1 + (N - 1) cos| < 1e-6 the ratio has
-no finite value and the base is kept (t = 0). The weights of the models play no part.
+no finite value and the base is kept (t = 0). The weights of the models play no part. A model
+without a tensor has tau = 0 there (mergekit sees a LoRA's untouched weights as the base's).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from .table import Param, register_method
 
 
 def stock_ratio(taus: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
@@ -50,3 +53,17 @@ def model_stock(taus: Sequence[torch.Tensor], filter_wise: bool = False) -> torc
     for tau in taus:
         total.add_(tau)
     return total.mul_(t / len(taus))
+
+
+FILTER_WISE = Param("filter_wise", bool, False, "model_stock: one ratio per output row instead of per tensor")
+
+
+def two_models(params, weights) -> None:
+    if len(weights) < 2:
+        raise ValueError(f"models: model_stock needs at least 2 models, got {len(weights)}")
+
+
+@register_method("model_stock", params=(FILTER_WISE,), elementwise=False, check=two_models, absent="zero")
+def model_stock_method(trimmed, weights, *, params, **_):
+    """Move from the base towards the models' average by the ratio their angle gives (Jang et al. 2024)."""
+    return model_stock(trimmed, params["filter_wise"])

@@ -18,6 +18,8 @@ import pkgutil
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol, Sequence
 
+from .. import schedule
+
 if TYPE_CHECKING:
     import torch
 
@@ -44,8 +46,27 @@ class Param:
     per_model: bool = False  # may differ per model (a variant's `models: [{name: ..., density: ...}]`)
     schedulable: bool = False  # may vary over depth (a list) or by tensor-name filters
 
-    def check(self, value: Any) -> Any:
-        """The value as this parameter's type; ValueError saying what is allowed otherwise."""
+    def check(self, value: Any, field: str | None = None) -> Any:
+        """The value as this parameter's type; ValueError("<field>: what is allowed") otherwise.
+
+        A schedulable parameter also takes a per-tensor setting (a gradient over depth or a list of
+        {filter | regex, value} entries, see `schedule`): each of its values is checked, and an
+        error names its place (`t.1.value: must be in [0, 1], got 2`)."""
+        field = field or self.name
+        if self.schedulable and not schedule.is_constant(value):
+            schedule.check(value, field)
+            return schedule.map_values(value, field, self._checked)
+        if isinstance(value, (list, tuple, dict)):
+            raise ValueError(f"{field}: is the same for every tensor (no gradient or filter list), got {value!r}")
+        return self._checked(value, field)
+
+    def _checked(self, value: Any, field: str) -> Any:
+        try:
+            return self._scalar(value)
+        except ValueError as exc:
+            raise ValueError(f"{field}: {exc}") from None
+
+    def _scalar(self, value: Any) -> Any:
         if self.type is bool:
             if not isinstance(value, bool):
                 raise ValueError(f"must be true or false, got {value!r}")
@@ -77,7 +98,8 @@ class Param:
         return replace(self, default=default)
 
 
-Trim = Literal["none", "topk", "dare"]
+Trim = Literal["none", "topk", "dare", "della", "breadcrumbs"]
+Absent = Literal["skip", "zero"]
 
 
 @dataclass(frozen=True)
@@ -85,12 +107,19 @@ class Method:
     name: str
     combine: CombineFn
     params: tuple[Param, ...]
-    trim: Trim  # none: whole task vectors; topk: exact top-k by score; dare: drop at random, rescale
+    # none: whole task vectors; topk: exact top-k by score; dare: drop at random, rescale; della:
+    # keep-probabilities rising with the rank of the score within a row; breadcrumbs: drop the
+    # largest and the smallest scores (see `pipeline.plan_trim`)
+    trim: Trim
     needs_stats: bool  # calibration statistics (H) for its linear layers
     needs_base: bool  # the base weights, not only task vectors
     elementwise: bool  # each merged entry depends only on the same entry of the inputs (chunkable)
     doc: str
     check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = field(default=None, repr=False)
+    # a model without a tensor (a LoRA that did not target it) -- skip: it neither votes nor counts
+    # (a consensus over the models that changed it); zero: its task vector is 0 with its weight (an
+    # average of the models' weights, which equal the base's there)
+    absent: Absent = "skip"
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -104,8 +133,8 @@ METHODS: dict[str, Method] = {}
 
 def register_method(name: str, *, params: Sequence[Param], trim: Trim = "none", needs_stats: bool = False,
                     needs_base: bool = False, elementwise: bool = True,
-                    check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None
-                    ) -> Callable[[CombineFn], CombineFn]:
+                    check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None,
+                    absent: Absent = "skip") -> Callable[[CombineFn], CombineFn]:
     """Register `fn` as the combine step of method `name`; its docstring is the method's help.
 
     `check(params, weights)` is a rule across parameters (or over the models' weights), raising
@@ -115,7 +144,7 @@ def register_method(name: str, *, params: Sequence[Param], trim: Trim = "none", 
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         METHODS[name] = Method(name, fn, tuple(params), trim, needs_stats, needs_base, elementwise,
-                               (fn.__doc__ or "").strip(), check)
+                               (fn.__doc__ or "").strip(), check, absent)
         return fn
     return decorate
 
@@ -142,13 +171,22 @@ SCORE = Param("score", str, "magnitude", "which entries matter: magnitude | rand
               choices=SCORE_NAMES)
 TOPK = Param("topk", str, "tensor", "exact top-k per tensor or per output row", choices=("tensor", "row"))
 SEED = Param("seed", int, 0, "seed of the random draws (with the tensor name and model index)", low=0, high=2**63 - 1)
-DAMP = Param("damp", float, 0.01, "Hessian damping, relative to mean(diag H)", low=0.0, high=10.0, low_open=True,
-             schedulable=True)
+DAMP = Param("damp", float, 0.01, "Hessian damping, relative to mean(diag H)", low=0.0, high=10.0, low_open=True)
 COMPENSATE = Param("compensate", bool, False, "sparsegpt only: OBS error compensation of the kept entries")
 ALPHA = Param("alpha", float, 0.9, "regmean: G~ = alpha G + (1 - alpha) diag G", low=0.0, high=1.0,
               schedulable=True)
-TRIM_TOPK = (DENSITY, SCORE, TOPK, COMPENSATE, DAMP)
-TRIM_DARE = (DENSITY, SCORE.with_default("random"), TOPK, SEED, DAMP)
+NORMALIZE = Param("normalize", bool, False, "divide by the weights: a weighted mean (with a sign election: of the "
+                  "agreeing models) instead of a weighted sum")
+RESCALE_KEPT = Param("rescale", str, "none", "none | l1: scale the kept entries so |t|_1 = |tau|_1 per tensor "
+                     "(mergekit's rescale)", choices=("none", "l1"))
+RESCALE_DRAWN = Param("rescale", str, "inverse", "inverse: divide each kept entry by its keep-probability "
+                      "(unbiased, as the DARE paper) | l1: scale so |t|_1 = |tau|_1 per tensor (mergekit) | none",
+                      choices=("inverse", "l1", "none"))
+RANKING = replace(SCORE, doc="which entries matter: magnitude | sparsegpt | wanda",
+                  choices=tuple(s for s in SCORE_NAMES if s != "random"))
+WEIGHT = Param("weight", float, 1.0, "a model's weight", low=-100, high=100, per_model=True, schedulable=True)
+TRIM_TOPK = (DENSITY, SCORE, TOPK, COMPENSATE, DAMP, RESCALE_KEPT)
+TRIM_DARE = (DENSITY, SCORE.with_default("random"), TOPK, SEED, DAMP, RESCALE_DRAWN)
 
 
 def compensate_needs_sparsegpt(params: Mapping[str, Any], weights: Sequence[float]) -> None:
