@@ -9,26 +9,27 @@ merge` (the Hub's own relation for merges; `adapter` for a LoRA of one base), `t
 
 from __future__ import annotations
 
-import re
+from pathlib import Path
+from typing import Any, Sequence
 
 import yaml
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from .models.reference import HUB_ID, is_local_reference
 
 
-def hub_id(ref: str) -> str | None:
-    """`org/name` for a hub reference (`org/name@revision` too), None for a local path."""
-    name = ref.split("@", 1)[0]
-    if ref.startswith((".", "/", "~")) or not HUB_ID.match(name):
+def hub_id(ref: str, root: Path | None = None) -> str | None:
+    """`org/name` for a hub reference (`org/name@revision` too), None for a local path (one that
+    exists under `root`, when given, or that starts like a path)."""
+    if ref.startswith((".", "/", "~")) or not HUB_ID.match(ref) or (root and is_local_reference(ref, root)):
         return None
-    return name
+    return ref.split("@", 1)[0]
 
 
-def card_metadata(base: str, models: list[str], adapter: bool = False) -> dict:
+def card_metadata(base: str, models: list[str], adapter: bool = False, root: Path | None = None) -> dict:
     """The front matter: hub ids of the base and the merged models (for an adapter: the base it
     applies to), the relation, tags and library."""
     refs = [base] if adapter else [base, *models]
-    ids = list(dict.fromkeys(i for i in map(hub_id, refs) if i))
+    ids = list(dict.fromkeys(i for i in (hub_id(r, root) for r in refs) if i))
     meta: dict = {}
     if ids:
         meta["base_model"] = ids
@@ -38,12 +39,21 @@ def card_metadata(base: str, models: list[str], adapter: bool = False) -> dict:
     return meta
 
 
-def model_card(title: str, base: str, models: list[tuple[str, str]], recipe_yaml: str, summary: str = "",
-               adapter: bool = False) -> str:
-    """README.md text: front matter, what was merged (name and source of each model), the
+def setting_text(value: Any) -> str:
+    """A parameter or weight as the card shows it: a number, or its gradient / filter list inline."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
+    return str(value)
+
+
+def model_card(title: str, base: str, models: Sequence[tuple[str, str, str]], recipe_yaml: str, summary: str = "",
+               adapter: bool = False, root: Path | None = None) -> str:
+    """README.md text: front matter, what was merged (name, source and weight of each model), the
     summary lines the merge stage adds (method, kept density, timing...), and the recipe."""
-    meta = yaml.safe_dump(card_metadata(base, [ref for _, ref in models], adapter), sort_keys=False).strip()
-    rows = "\n".join(f"| {name} | `{ref}` |" for name, ref in models)
+    meta = yaml.safe_dump(card_metadata(base, [ref for _, ref, _ in models], adapter, root), sort_keys=False).strip()
+    rows = "\n".join(f"| {name} | `{ref}` | {weight} |" for name, ref, weight in models)
     kind = "a LoRA adapter for the base model" if adapter else "a merge"
     return f"""---
 {meta}
@@ -54,8 +64,8 @@ This is {kind} made with [mergecli](https://pypi.org/project/mergecli/).
 
 Base model: `{base}`
 
-| merged model | source |
-|---|---|
+| merged model | source | weight |
+|---|---|---|
 {rows}
 
 {summary}

@@ -5,9 +5,11 @@ its SVD truncated to the r largest singular values; the error is sqrt(sum of the
 and `energy_kept` = sum of the kept sigma^2 / sum of all: the fraction of ||dW||^2 the adapter
 holds. The factors split sqrt(S) between them (B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T), so neither
 is much larger than the other (fp16/bf16 adapters, further training), and lora_alpha = r makes
-peft's scaling exactly 1. When dW is known as a product B @ A of rank <= R (a weighted sum of
-LoRA adapters: the factors side by side), the SVD comes from two thin QR decompositions and an
-R x R SVD, never the full matrix.
+peft's scaling exactly 1.
+
+The merge stage streams: `write_merged_adapter` takes each merged tensor as the merge engine
+computes it (`merging.merged_tensors`), keeps only its factors (or, for the few tensors saved
+whole, the tensor), and writes the folder at the end.
 
 What goes where, in peft's own format (`adapter_config.json`, `adapter_model.safetensors`), so
 `PeftModel.from_pretrained(base, folder)` loads it and `merge_and_unload()` gives the merged model:
@@ -31,9 +33,14 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import torch
+
+if TYPE_CHECKING:
+    from .merging import VariantPlan, Written
+    from .models.architecture import Architecture
+    from .progress import Reporter
 
 PREFIX = "base_model.model."
 KINDS = ("linear", "conv1d", "embedding")
@@ -70,18 +77,6 @@ def truncate(delta: torch.Tensor, rank: int) -> Factors:
     return _from_svd(u, s, vh, rank)
 
 
-def truncate_product(b: torch.Tensor, a: torch.Tensor, rank: int) -> Factors:
-    """`truncate(b @ a, rank)` without forming b @ a: b (out x R), a (R x in), R small.
-
-    b = Q_b R_b and a^T = Q_a R_a (thin QR), so b @ a = Q_b (R_b R_a^T) Q_a^T, and the SVD of the
-    R x R core U' S V'^T gives b @ a = (Q_b U') S (Q_a V')^T.
-    """
-    qb, rb = torch.linalg.qr(b.float())
-    qa, ra = torch.linalg.qr(a.float().T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
-    return _from_svd(qb @ u, s, vh @ qa.T, rank)
-
-
 @dataclass(frozen=True)
 class ModuleReport:
     """What the adapter holds for one module."""
@@ -109,51 +104,46 @@ def module_kinds(model: torch.nn.Module) -> dict[str, str]:
     return kinds
 
 
-def plan_adapter(deltas: Mapping[str, torch.Tensor], kinds: Mapping[str, str], rank: int,
-                 base: Callable[[str], torch.Tensor],
-                 factored: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+def plan_adapter(deltas: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], kinds: Mapping[str, str],
+                 rank: int, base: Callable[[str], torch.Tensor]
                  ) -> tuple[dict[str, torch.Tensor], dict[str, ModuleReport], dict]:
     """The adapter's tensors (peft keys), a report per module, and the LoraConfig arguments.
 
-    `deltas`: merged delta per weight name, in the checkpoint's layout; `kinds`: see
-    `module_kinds`; `base(name)`: the base tensor (for what is saved whole); `factored`: for some
-    linear weights, dW as (B, A) with B @ A in out x in orientation (skips the dense SVD).
+    `deltas`: merged delta per weight name, in the checkpoint's layout (a mapping, or pairs read
+    one at a time: only factors and the tensors saved whole are kept); `kinds`: see
+    `module_kinds`; `base(name)`: the base tensor (for what is saved whole).
     """
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
-    factored = factored or {}
     state: dict[str, torch.Tensor] = {}
     report: dict[str, ModuleReport] = {}
     targets: dict[str, int] = {}
-    changed = {n: d for n, d in deltas.items() if n in factored or bool(d.ne(0).any())}
-    lora_modules = {n.removesuffix(".weight") for n in changed if kinds.get(n) in KINDS}
-    saved_whole: set[str] = set()
-    for name, delta in sorted(changed.items()):
+    whole: dict[str, torch.Tensor] = {}
+    for name, delta in deltas.items() if isinstance(deltas, Mapping) else deltas:
+        if not bool(delta.ne(0).any()):
+            continue
         module, _, param = name.rpartition(".")
         kind = kinds.get(name) if param == "weight" else None
-        if kind in KINDS:
-            if kind == "embedding":
-                f = truncate(delta.T, rank)  # peft: dW = (B A)^T
-                state[f"{PREFIX}{module}.lora_embedding_A"] = f.A.contiguous()
-                state[f"{PREFIX}{module}.lora_embedding_B"] = f.B.contiguous()
-            else:
-                if name in factored:
-                    f = truncate_product(*factored[name], rank)
-                else:
-                    f = truncate(delta.T if kind == "conv1d" else delta, rank)
-                state[f"{PREFIX}{module}.lora_A.weight"] = f.A.contiguous()
-                state[f"{PREFIX}{module}.lora_B.weight"] = f.B.contiguous()
-            targets[module] = f.rank
-            report[module] = ModuleReport("embedding" if kind == "embedding" else "lora", f.rank, f.energy_kept,
-                                          f.error, f.norm)
+        if kind not in KINDS:
+            whole[name] = (base(name).float() + delta.float()).contiguous()
+            report[name] = ModuleReport("full", 0, 1.0, 0.0, float(delta.float().norm()))
             continue
-        full = (base(name).float() + delta.float()).contiguous()
-        if module in lora_modules:
+        f = truncate(delta if kind == "linear" else delta.T, rank)  # peft: embedding and Conv1D are (B A)^T
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else \
+            ("lora_A.weight", "lora_B.weight")
+        state[f"{PREFIX}{module}.{a_key}"] = f.A.contiguous()
+        state[f"{PREFIX}{module}.{b_key}"] = f.B.contiguous()
+        targets[module] = f.rank
+        report[module] = ModuleReport("embedding" if kind == "embedding" else "lora", f.rank, f.energy_kept,
+                                      f.error, f.norm)
+    saved_whole: set[str] = set()
+    for name, full in whole.items():  # a changed bias of a LoRA-targeted layer goes under its base_layer
+        module, _, param = name.rpartition(".")
+        if module in targets:
             state[f"{PREFIX}{module}.base_layer.{param}"] = full
         else:
             state[f"{PREFIX}{name}"] = full
             saved_whole.add(module)
-        report[name] = ModuleReport("full", 0, 1.0, 0.0, float(delta.float().norm()))
     if not targets and not saved_whole:
         raise ValueError("every delta is zero: there is nothing to write as an adapter")
     patterns = {re.escape(m): r for m, r in sorted(targets.items()) if r != rank}
@@ -163,18 +153,18 @@ def plan_adapter(deltas: Mapping[str, torch.Tensor], kinds: Mapping[str, str], r
         "fan_in_fan_out": any(kinds.get(f"{m}.weight") == "conv1d" for m in targets),
         "task_type": "CAUSAL_LM", "bias": "none",
     }
-    return state, report, config
+    return state, dict(sorted(report.items())), config
 
 
-def write_adapter(folder: Path, deltas: Mapping[str, torch.Tensor], kinds: Mapping[str, str], rank: int,
-                  base_model: str, base: Callable[[str], torch.Tensor], dtype: torch.dtype = torch.float32,
-                  factored: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, ModuleReport]:
+def write_adapter(folder: Path, deltas: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                  kinds: Mapping[str, str], rank: int, base_model: str, base: Callable[[str], torch.Tensor],
+                  dtype: torch.dtype = torch.float32) -> dict[str, ModuleReport]:
     """Write a peft LoRA folder for `base_model` into `folder`; return the per-module report (also
     saved as `mergecli_lora.json`). See `plan_adapter` for the arguments."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    state, report, config = plan_adapter(deltas, kinds, rank, base, factored)
+    state, report, config = plan_adapter(deltas, kinds, rank, base)
     folder.mkdir(parents=True, exist_ok=True)
     LoraConfig(base_model_name_or_path=base_model, **config).save_pretrained(str(folder))
     save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
@@ -182,3 +172,45 @@ def write_adapter(folder: Path, deltas: Mapping[str, torch.Tensor], kinds: Mappi
     (folder / "mergecli_lora.json").write_text(json.dumps(
         {"rank": rank, "modules": {m: asdict(r) for m, r in report.items()}}, indent=1))
     return report
+
+
+def base_kinds(base: Path) -> dict[str, str]:
+    """`module_kinds` of the base model, built on the meta device from its config (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    return module_kinds(model)
+
+
+def write_merged_adapter(folder: Path, plan: "VariantPlan", base: Path, base_model: str, arch: "Architecture",
+                         device: torch.device, workers: int, reporter: "Reporter", label: str, rank: int,
+                         dtype: torch.dtype) -> tuple["Written", dict[str, ModuleReport]]:
+    """A merge variant written as an adapter of `base_model` (the base at `base`): each tensor is
+    merged in fp32 by the merge engine (`plan.dtype` must be float32), its change from the base
+    factored as it comes, the factors written in `dtype`."""
+    import time
+
+    from .merging import Written, merged_tensors, output_infos
+    from .models.safetensors_io import Checkpoint
+
+    start = time.perf_counter()
+    kinds = base_kinds(base)
+    totals = {"kept": 0, "offered": 0, "without_stats": 0}
+    with Checkpoint.open(base) as ckpt:
+        infos = output_infos(plan, ckpt, arch, {})
+        with reporter.track(label, len(infos)) as advance:
+            def deltas() -> Iterable[tuple[str, torch.Tensor]]:
+                for info, (tensor, kept, offered, missing), first in merged_tensors(plan, ckpt, infos, arch, device,
+                                                                                     workers, label):
+                    advance(1)
+                    if first and tensor.dtype.is_floating_point:  # a tied alias follows its canonical tensor
+                        totals["kept"] += kept
+                        totals["offered"] += offered
+                        totals["without_stats"] += missing
+                        yield info.name, tensor - ckpt.get(info.name).float()
+            report = write_adapter(folder, deltas(), kinds, rank, base_model, ckpt.get, dtype)
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    return Written(round(time.perf_counter() - start, 3), totals["kept"], totals["offered"], len(infos),
+                   totals["without_stats"], files), report

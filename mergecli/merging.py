@@ -17,14 +17,14 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
 from .errors import MergeCliError
 from .hessians import HessianReader
 from .methods.pipeline import NonFiniteTaskVector, OutOfRange, fit, merge_tensor
-from .methods.table import Method
+from .methods.settings import VariantSettings
 from .models.architecture import Architecture
 from .models.safetensors_io import Checkpoint, ShardedWriter, TensorInfo
 from .progress import Reporter
@@ -41,10 +41,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class VariantPlan:
     """Everything one variant's tensors are computed from."""
 
-    method: Method
-    params: dict[str, Any]
-    model_params: list[dict[str, Any]]  # per merged model: its own overrides (density, ...)
-    weights: list[float]
+    settings: VariantSettings  # the method, its parameters and the models' weights, resolved per tensor
     vectors: list[TaskVector]
     readers: list[HessianReader] | None
     dtype: torch.dtype | None  # None: each tensor keeps the base's dtype
@@ -71,61 +68,78 @@ def write_variant(folder: Path, plan: VariantPlan, base: Path, arch: Architectur
                   device: torch.device, workers: int, reporter: Reporter, label: str) -> Written:
     """Compute every tensor of the variant into `folder` (weights, config, tokenizer files)."""
     start = time.perf_counter()
-    vectors = plan.vectors
     kept = offered = without_stats = 0
     with Checkpoint.open(base) as ckpt:
-        extra = _extra_rows(vectors) if plan.extra_tokens == "union" else {}
-        infos = [TensorInfo(n, _grown(i.shape, extra.get(arch.canonical(n))),
-                            plan.dtype if plan.dtype and i.dtype.is_floating_point else i.dtype)
-                 for n, i in ((n, ckpt.info(n)) for n in ckpt.names())]
-
-        def merged(info: TensorInfo) -> tuple[torch.Tensor, int, int, bool]:
-            """One output tensor, entries kept and offered, and whether some statistics were missing."""
-            canonical = arch.canonical(info.name)
-            theta = ckpt.get(info.name)
-            k = n = 0
-            missing = False
-            if theta.dtype.is_floating_point and any(canonical in v for v in vectors):
-                theta = theta.to(device)
-                stats = [r.stats(canonical) for r in plan.readers] if plan.readers else None
-                missing = bool(plan.readers) and any(s is None for s in stats)
-                sources_ = [v.tensor(canonical, theta) for v in vectors]
-                sources_ = [None if t is None else t.to(device) for t in sources_]
-                try:
-                    theta, k, n = merge_tensor(plan.method, sources_, plan.weights, plan.params, canonical,
-                                               canonical in arch.transposed, stats, base=theta, dtype=info.dtype,
-                                               model_params=plan.model_params, clamp=plan.clamp)
-                except NonFiniteTaskVector as exc:
-                    raise MergeCliError(f"{vectors[exc.index].model}: tensor {canonical} has NaN/Inf entries in its "
-                                        "task vector", "the checkpoint (or the base) is corrupt") from None
-                except OutOfRange as exc:
-                    raise out_of_range(exc, label) from None
-                theta = theta.cpu()
-            elif theta.dtype.is_floating_point:  # copied from the base: still finite and representable
-                theta = _fitted(theta, info.dtype, plan.clamp, canonical, label)
-            if canonical in extra:
-                index, _ = extra[canonical]
-                theta = torch.cat([theta.to(info.dtype), vectors[index].extra(canonical).to(info.dtype)])
-            return theta.to(info.dtype), k, n, missing
-
+        extra = _extra_rows(plan.vectors) if plan.extra_tokens == "union" else {}
+        infos = output_infos(plan, ckpt, arch, extra)
         writer = ShardedWriter(folder, infos, plan.shard_bytes)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // workers))
-        try:
-            with writer, reporter.track(label, len(infos)) as advance:
-                for info, (tensor, k, n, missing), first in in_order(list(writer.order), arch.canonical, merged,
-                                                                      workers):
-                    if first:  # a tied pair is merged once: count it once
-                        kept, offered, without_stats = kept + k, offered + n, without_stats + missing
-                    writer.write(info.name, tensor)
-                    advance(1)
-        finally:
-            torch.set_num_threads(threads)
+        with writer, reporter.track(label, len(infos)) as advance:
+            for info, (tensor, k, n, missing), first in merged_tensors(plan, ckpt, list(writer.order), arch, device,
+                                                                      workers, label, extra):
+                if first:  # a tied pair is merged once: count it once
+                    kept, offered, without_stats = kept + k, offered + n, without_stats + missing
+                writer.write(info.name, tensor)
+                advance(1)
     copy_side_files(base, folder, None if plan.dtype is None else str(plan.dtype).removeprefix("torch."))
     if extra:
         adopt_vocabulary(folder, extra, sources, infos, arch)
     return Written(round(time.perf_counter() - start, 3), kept, offered, len(infos), without_stats,
                    writer.filenames)
+
+
+def output_infos(plan: VariantPlan, ckpt: Checkpoint, arch: Architecture,
+                 extra: dict[str, tuple[int, int]]) -> list[TensorInfo]:
+    """Name, shape and dtype of every output tensor: the base's, grown by added tokens, in the
+    variant's dtype."""
+    return [TensorInfo(n, _grown(i.shape, extra.get(arch.canonical(n))),
+                       plan.dtype if plan.dtype and i.dtype.is_floating_point else i.dtype)
+            for n, i in ((n, ckpt.info(n)) for n in ckpt.names())]
+
+
+def merged_tensors(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo], arch: Architecture,
+                   device: torch.device, workers: int, label: str, extra: dict[str, tuple[int, int]] | None = None
+                   ) -> Iterator[tuple[TensorInfo, tuple[torch.Tensor, int, int, bool], bool]]:
+    """Every output tensor of `infos`, in that order, `workers` at a time: (info, (tensor, entries
+    kept, entries offered, whether some statistics were missing), first time for its tied group).
+    Every parameter and weight is resolved for the tensor (name and layer) before it is merged."""
+    vectors = plan.vectors
+    extra = extra or {}
+
+    def merged(info: TensorInfo) -> tuple[torch.Tensor, int, int, bool]:
+        canonical = arch.canonical(info.name)
+        theta = ckpt.get(info.name)
+        k = n = 0
+        missing = False
+        if theta.dtype.is_floating_point and any(canonical in v for v in vectors):
+            theta = theta.to(device)
+            stats = [r.stats(canonical) for r in plan.readers] if plan.readers else None
+            missing = bool(plan.readers) and any(s is None for s in stats)
+            sources_ = [v.tensor(canonical, theta) for v in vectors]
+            sources_ = [None if t is None else t.to(device) for t in sources_]
+            values = plan.settings.at(canonical, arch.layer_of(canonical), arch.num_layers)
+            try:
+                theta, k, n = merge_tensor(plan.settings.method, sources_, values.weights, values.params,
+                                           canonical, canonical in arch.transposed, stats, base=theta,
+                                           dtype=info.dtype, model_params=values.model_params, clamp=plan.clamp)
+            except NonFiniteTaskVector as exc:
+                raise MergeCliError(f"{vectors[exc.index].model}: tensor {canonical} has NaN/Inf entries in its "
+                                    "task vector", "the checkpoint (or the base) is corrupt") from None
+            except OutOfRange as exc:
+                raise out_of_range(exc, label) from None
+            theta = theta.cpu()
+        elif theta.dtype.is_floating_point:  # copied from the base: still finite and representable
+            theta = _fitted(theta, info.dtype, plan.clamp, canonical, label)
+        if canonical in extra:
+            index, _ = extra[canonical]
+            theta = torch.cat([theta.to(info.dtype), vectors[index].extra(canonical).to(info.dtype)])
+        return theta.to(info.dtype), k, n, missing
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // workers))
+    try:
+        yield from in_order(infos, arch.canonical, merged, workers)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def out_of_range(exc: OutOfRange, label: str) -> MergeCliError:

@@ -16,14 +16,15 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
                       model_validator)
 
 from .errors import RecipeError
-from .methods.table import Method, catalog
+from .methods.settings import settings_of
+from .methods.table import WEIGHT, Method, catalog
 from .models.reference import resolve_reference
 
 MAX_RECIPE_BYTES = 1 << 20
@@ -111,12 +112,13 @@ class ModelSpec(_Strict):
 
     name: str = Field("", description="default: the last component of `model`")
     model: str = Field(min_length=1, description="local folder, or hub id with optional @revision")
-    weight: float = Field(1.0, ge=-100, le=100)
+    weight: Any = Field(1.0, description="a number, or a gradient / filter list (per tensor)")
     dataset: DatasetSpec | None = None
     check_base: bool = Field(True, description="LoRA only: require the adapter's recorded base to match")
 
     @model_validator(mode="after")
     def _default_name(self) -> "ModelSpec":
+        self.weight = WEIGHT.check(self.weight)
         if "name" in self.model_fields_set and not self.name:
             raise ValueError(f"name: must not be empty ({NAME_RULE})")
         self.name = self.name or default_model_name(self.model)
@@ -143,6 +145,17 @@ class MergeSpec(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     overflow: Literal["error", "clamp"] = Field(
         "error", description="values beyond the output dtype's range: an error naming the tensor, or clamped")
+    output: Literal["model", "lora"] = Field("model", description="a full model folder, or a peft LoRA adapter "
+                                                                  "of the base (the merged change, SVD-truncated)")
+    rank: int | None = Field(None, ge=1, le=65536, description="output: lora only: the adapter's rank")
+
+    @model_validator(mode="after")
+    def _lora_rank(self) -> "MergeSpec":
+        if self.output == "lora" and self.rank is None:
+            raise ValueError("rank: required with output: lora (the adapter's rank, e.g. 16)")
+        if self.output != "lora" and self.rank is not None:
+            raise ValueError("rank: only with output: lora")
+        return self
 
     @field_validator("method")
     @classmethod
@@ -156,8 +169,7 @@ class MergeSpec(BaseModel):
     def _method_params(self) -> "MergeSpec":
         method = catalog()[self.method]
         given = dict(self.__pydantic_extra__ or {})
-        self.__pydantic_extra__ = {p.name: _check_param(p.name, p, given.pop(p.name, p.default))
-                                   for p in method.params}
+        self.__pydantic_extra__ = {p.name: p.check(given.pop(p.name, p.default)) for p in method.params}
         if given:
             field = next(iter(given))
             names = [p.name for p in method.params] + list(MergeSpec.model_fields)
@@ -170,9 +182,7 @@ class MergeSpec(BaseModel):
                     if key not in allowed:
                         raise ValueError(f"models.{i}.{key}: not a per-model parameter of {self.method} "
                                          f"(per model: {', '.join(sorted(allowed))})")
-                    param = method.param(key)
-                    entry.__pydantic_extra__[key] = _check_param(f"models.{i}.{key}", param, value) if param \
-                        else _check_weight(f"models.{i}.{key}", value)
+                    entry.__pydantic_extra__[key] = (method.param(key) or WEIGHT).check(value, f"models.{i}.{key}")
         return self
 
     @property
@@ -201,19 +211,6 @@ class MergeSpec(BaseModel):
 
         score = self.params.get("score")
         return self.method_spec.needs_stats or (score is not None and SCORES[score].needs_stats)
-
-
-def _check_param(field: str, param, value: Any) -> Any:
-    try:
-        return param.check(value)
-    except ValueError as exc:
-        raise ValueError(f"{field}: {exc}") from None
-
-
-def _check_weight(field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
-        raise ValueError(f"{field}: must be a number in [-100, 100], got {value!r}")
-    return float(value)
 
 
 class Recipe(_Strict):
@@ -252,9 +249,10 @@ class Recipe(_Strict):
                 if ref not in known:
                     raise ValueError(f"merges.{i}.models.{j}: {ref!r} is not a model of this recipe "
                                      f"({', '.join(sorted(known))})")
-            if merge.method_spec.check:
+            settings = settings_of(merge, self.models_of(merge))
+            if settings.constant():  # else the merge checks each tensor's values
                 try:
-                    merge.method_spec.check(merge.params, self.weights_of(merge))
+                    settings.check(settings.at("", None, 0))
                 except ValueError as exc:
                     raise ValueError(f"merges.{i}.{exc}") from None
             if merge.needs_stats:
@@ -299,10 +297,6 @@ class Recipe(_Strict):
     def models_of(self, merge: MergeSpec) -> list[ModelSpec]:
         names = merge.model_names
         return [m for m in self.models if names is None or m.name in names]
-
-    def weights_of(self, merge: MergeSpec) -> list[float]:
-        """Each merged model's weight in this variant (the variant's own, else the model's)."""
-        return [merge.model_params(m.name).get("weight", m.weight) for m in self.models_of(merge)]
 
     def to_yaml(self) -> str:
         """The resolved recipe, as saved beside every output."""
@@ -396,10 +390,21 @@ def read_yaml_file(path: Path, what: str = "recipe") -> Any:
     return parse_yaml(text, str(path))
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
-    """Read, override and validate a recipe file; every problem becomes one RecipeError."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True,
+                log: Callable[[str], None] | None = None) -> Recipe:
+    """Read, override and validate a recipe file; every problem becomes one RecipeError.
+
+    A mergekit config (`merge_method:`) is translated first (`mergekit_config`); `log` gets the
+    translation's notes (what was dropped or defaulted, and why)."""
+    from .mergekit_config import import_config, is_mergekit_config
+
     path = Path(path)
     data = read_yaml_file(path)
+    if is_mergekit_config(data):
+        translation = import_config(path, data=data)
+        for note in translation.notes:
+            (log or (lambda _: None))(note)
+        data = translation.recipe
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (base, models, merges, ...)")
     for override in overrides or []:

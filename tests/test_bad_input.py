@@ -95,7 +95,7 @@ CASES = [
     ("yaml-syntax", "merge", {}, "base: [unclosed\n", [], "YAML syntax error at line"),
     ("not-a-mapping", "merge", {}, "- just\n- a list\n", [], "a recipe is a YAML mapping"),
     ("unknown-key", "merge", {"merges.0.densty": 0.3}, None, [], "unknown field (did you mean 'density'?)"),
-    ("wrong-type", "merge", {"models.0.weight": "heavy"}, None, [], "models.0.weight: Input should be a valid number"),
+    ("wrong-type", "merge", {"models.0.weight": "heavy"}, None, [], "models.0.weight: must be a number, got 'heavy'"),
     ("density-high", "merge", {"merges.0.density": 1.2}, None, [], "merges.0.density: must be in (0, 1]"),
     ("density-zero", "merge", {"merges.0.density": 0.0}, None, [], "merges.0.density: must be in (0, 1]"),
     ("zero-finetunes", "merge", {"models": []}, None, [], "models: List should have at least 1 item"),

@@ -19,12 +19,13 @@ def test_hub_ids_and_local_paths():
 
 
 def test_merge_card_lists_hub_models_and_the_recipe():
-    text = model_card("code-and-verse: ties", "org/base@main", [("code", "org/code-ft"), ("verse", "./lora-verse")],
+    text = model_card("code-and-verse: ties", "org/base@main", [("code", "org/code-ft", "1"),
+                                                                 ("verse", "./lora-verse", "[0, 1]")],
                       "name: code-and-verse\nbase: org/base@main\n", summary="method ties")
     meta = front_matter(text)
     assert meta == {"base_model": ["org/base", "org/code-ft"], "base_model_relation": "merge",
                     "tags": ["merge", "mergecli"], "library_name": "transformers"}
-    assert "| verse | `./lora-verse` |" in text
+    assert "| verse | `./lora-verse` | [0, 1] |" in text
     assert "```yaml\nname: code-and-verse\nbase: org/base@main\n```" in text
 
 
@@ -33,3 +34,9 @@ def test_adapter_card_and_all_local():
         "base_model": ["org/base"], "base_model_relation": "adapter", "tags": ["merge", "mergecli", "lora"],
         "library_name": "peft"}
     assert card_metadata("./base", ["./a"]) == {"tags": ["merge", "mergecli"], "library_name": "transformers"}
+
+
+def test_a_local_folder_shaped_like_a_hub_id_is_not_one(tmp_path):
+    (tmp_path / "models" / "ft").mkdir(parents=True)
+    assert hub_id("models/ft", tmp_path) is None
+    assert hub_id("models/ft") == "models/ft"  # without a root it cannot tell

@@ -57,7 +57,7 @@ BAD = [
     ("base", {"base": None}, "valid string"),
     ("merges.0.score", {"merges": [{"name": "t", "method": "ties", "score": "magnitud"}]}, "did you mean 'magnitude'"),
     ("merges.0.density", {"merges": [{"name": "t", "method": "task_arithmetic", "density": 0.2}]},
-     "unknown field (task_arithmetic takes: lambda)"),
+     "unknown field (task_arithmetic takes: lambda, normalize)"),
     ("models.0.model", {"models": [{"model": "./nope"}]}, "path does not exist"),
     ("models.0.model", {"models": [{"model": "./base"}]}, "is the base model itself"),
     ("merges.0.models", {"merges": [{"name": "t", "method": "ties", "models": ["zz"]}]}, "'zz' is not a model"),

@@ -1,4 +1,5 @@
-"""merge stage: every variant of the recipe, written as a Hugging Face model folder.
+"""merge stage: every variant of the recipe, written as a Hugging Face model folder (or, with
+`output: lora`, a peft adapter of the base: same ownership, atomic build and stamp).
 
 The spec of a merged folder holds the base's fingerprint, each merged model's recipe entry with
 the keys of its task vector (and Hessians, when the method or score uses them), every field of the
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..artifacts import ArtifactSpec
-from ..errors import MergeCliError, WorkspaceBusyError
+from ..errors import MergeCliError, RecipeError, WorkspaceBusyError
 from ..fsutil import OWNER_MARKER, building, file_record, is_owned, leftovers, locked, publish, record_problem
 from ..recipe import MergeSpec, Recipe, key_view
 from .base import Context, Option, Stage, View
@@ -55,6 +56,8 @@ class MergeResult:
     tensors: int
     key: str
     models: list[str] = field(default_factory=list)
+    output: str = "model"
+    adapter: dict[str, Any] | None = None  # output: lora: the rank, and per module its rank and kept energy
 
     def as_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -88,6 +91,7 @@ def run(ctx: Context, only: list[str] | None = None, overwrite: bool = False, wo
         out = recipe.output_path / merge.name
         ctx.guard(out, "output folder")
         check_replaceable(out, read_stamp(out))
+    check_settings(ctx, variants)
     vectors = {c.vector.model: c.vector for c in ctx.need("taskvec")}
     hessians: dict[str, "HessianSet"] = {}
     results = []
@@ -101,6 +105,25 @@ def run(ctx: Context, only: list[str] | None = None, overwrite: bool = False, wo
                                      [hessians[m.name] for m in models] if merge.needs_stats else None,
                                      overwrite, workers))
     return results
+
+
+def check_settings(ctx: Context, variants: list[MergeSpec]) -> None:
+    """A variant whose parameters or weights vary per tensor is checked on every tensor of the base
+    before any work (the recipe could only check one-value settings)."""
+    from ..methods.settings import settings_of
+    from ..models.safetensors_io import Checkpoint
+
+    for merge in variants:
+        settings = settings_of(merge, ctx.recipe.models_of(merge))
+        if settings.constant():
+            continue
+        with Checkpoint.open(ctx.base.path) as ckpt:
+            names = sorted({ctx.arch.canonical(n) for n in ckpt.names()})
+        try:
+            settings.check_tensors(names, ctx.arch.layer_of, ctx.arch.num_layers)
+        except ValueError as exc:
+            index = ctx.recipe.merges.index(merge)
+            raise RecipeError(f"merges.{index}.{exc}") from None
 
 
 def merge_variant(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["HessianSet"] | None,
@@ -134,32 +157,47 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
     import torch
 
     from ..hessians import HessianReader
+    from ..lora_out import write_merged_adapter
     from ..merging import VariantPlan, write_variant
+    from ..methods.settings import settings_of
 
     recipe = ctx.recipe
     models = recipe.models_of(merge)
+    lora = merge.output == "lora"
+    dtype = getattr(torch, merge.dtype) if merge.dtype else None
     plan = VariantPlan(
-        method=merge.method_spec, params=merge.params,
-        model_params=[{k: v for k, v in merge.model_params(m.name).items() if k != "weight"} for m in models],
-        weights=recipe.weights_of(merge), vectors=vectors,
+        settings=settings_of(merge, models), vectors=vectors,
         readers=[HessianReader(h.artifact.path, merge.params.get("damp", 0.01), ctx.torch_device) for h in hessians]
         if hessians else None,
-        dtype=getattr(torch, merge.dtype) if merge.dtype else None, clamp=merge.overflow == "clamp",
+        dtype=torch.float32 if lora else dtype, clamp=merge.overflow == "clamp",
         extra_tokens=recipe.extra_tokens, shard_bytes=recipe.shard_bytes)
+    label = f"merge {merge.name}"
+    adapter = None
     with building(out, ROLE) as tmp:
-        written = write_variant(tmp, plan, ctx.base.path, ctx.arch, [ctx.source(m.model).path for m in models],
-                                ctx.torch_device, workers, ctx.reporter, f"merge {merge.name}")
+        if lora:
+            written, modules = write_merged_adapter(tmp, plan, ctx.base.path, recipe.resolve(recipe.base), ctx.arch,
+                                                    ctx.torch_device, workers, ctx.reporter, label, merge.rank,
+                                                    dtype or torch.float32)
+            adapter = {"rank": merge.rank, "modules": {m: asdict(r) for m, r in modules.items()}}
+            for module, r in modules.items():
+                ctx.reporter.log(f"merge [bold]{merge.name}[/]: {module}: {r.kind}" + (
+                    f" rank {r.rank}, energy kept {r.energy_kept:.4f}" if r.kind != "full" else " (saved whole)"))
+        else:
+            written = write_variant(tmp, plan, ctx.base.path, ctx.arch, [ctx.source(m.model).path for m in models],
+                                    ctx.torch_device, workers, ctx.reporter, label)
         if written.without_stats:
             ctx.reporter.log(f"merge [bold]{merge.name}[/]: {written.without_stats} tensors have no calibration "
                              "statistics (embeddings, norms, biases, lm_head) and used "
                              + ("a weighted mean" if merge.method_spec.needs_stats else "magnitude scores"))
         result = MergeResult(merge.name, merge.method, merge.params, out, False, written.seconds,
-                             written.kept_density, written.tensors, spec.key(), [m.name for m in models])
+                             written.kept_density, written.tensors, spec.key(), [m.name for m in models],
+                             merge.output, adapter)
         (tmp / "mergecli_recipe.yaml").write_text(recipe.to_yaml())
-        (tmp / "README.md").write_text(model_card(recipe, merge, result))
+        (tmp / "README.md").write_text(card_of(recipe, merge, result))
         files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != OWNER_MARKER}
-        (tmp / STAMP).write_text(json.dumps({"mergecli": __version__, "kind": "merged-model", "key": spec.key(),
-                                             "files": files, "result": result.as_dict()}, indent=1))
+        (tmp / STAMP).write_text(json.dumps({"mergecli": __version__, "kind": f"merged-{merge.output}",
+                                             "key": spec.key(), "files": files, "result": result.as_dict()},
+                                            indent=1))
         publish(tmp, out, owned=_ours)
     return result
 
@@ -208,47 +246,26 @@ def check_replaceable(out: Path, stamp: dict | None) -> None:
                             "move those files elsewhere, then rerun")
 
 
-def model_card(recipe: Recipe, merge: MergeSpec, result: MergeResult) -> str:
-    """A README the hub shows: the standard metadata block, the method and its parameters, the models."""
-    from ..models.reference import HUB_ID
+def card_of(recipe: Recipe, merge: MergeSpec, result: MergeResult) -> str:
+    """The README of a merged folder (`card.model_card`): what was merged with which weights, the
+    method and its parameters, what was kept, and the recipe."""
+    from ..card import model_card, setting_text
+    from ..methods.settings import settings_of
 
-    base = recipe.base.split("@")[0]
     models = recipe.models_of(merge)
-    meta = {"library_name": "transformers", "tags": ["merge", "mergecli"]}
-    if HUB_ID.match(recipe.base):
-        meta["base_model"] = base
-    merged = [m.model.split("@")[0] for m in models if HUB_ID.match(m.model)]
-    if merged:
-        meta["base_model_relation"] = "merge"
-        meta["base_model"] = [base, *merged] if HUB_ID.match(recipe.base) else merged
-    params = ", ".join(f"{k} {v}" for k, v in merge.params.items())
-    rows = "\n".join(f"| {m.name} | `{m.model}` | {w:g} |" for m, w in zip(models, recipe.weights_of(merge)))
-    return f"""---
-{_yaml_block(meta)}---
-# {recipe.name}: {merge.name}
-
-Merged with [mergecli](https://pypi.org/project/mergecli/) {__version__}: method `{merge.method}`
-({params or 'no parameters'}).
-
-Base model: `{recipe.base}`
-
-| fine-tune | source | weight |
-|---|---|---|
-{rows}
-
-Fraction of task-vector entries kept: {result.kept_density:.4f}. Merge time: {result.seconds:.1f} s.
-
-## Recipe
-
-```yaml
-{recipe.to_yaml()}```
-"""
-
-
-def _yaml_block(data: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False)
+    settings = settings_of(merge, models)
+    rows = [(m.name, m.model, setting_text(next(w for w in levels if w is not None)))
+            for m, levels in zip(models, settings.weights)]
+    params = ", ".join(f"{k} {setting_text(v)}" for k, v in merge.params.items())
+    summary = [f"Merged with mergecli {__version__}: method `{merge.method}` ({params or 'no parameters'}).", "",
+               f"Fraction of task-vector entries kept: {result.kept_density:.4f}. Merge time: {result.seconds:.1f} s."]
+    if result.adapter:
+        energies = sorted(m["energy_kept"] for m in result.adapter["modules"].values() if m["kind"] != "full")
+        if energies:
+            summary += ["", f"LoRA rank {merge.rank}: energy of the merged change kept per module "
+                            f"{energies[0]:.4f} (lowest) to {energies[-1]:.4f}; per module in `mergecli_lora.json`."]
+    return model_card(f"{recipe.name}: {merge.name}", recipe.base, rows, recipe.to_yaml(), "\n".join(summary),
+                      adapter=merge.output == "lora", root=recipe.root)
 
 
 def show(results: list[MergeResult]) -> View:
