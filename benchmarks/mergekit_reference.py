@@ -1,7 +1,7 @@
 """mergecli's mergekit-compatible math against mergekit 0.1.5 itself.
 
     python benchmarks/mergekit_reference.py --work /tmp/mergekit-ref --out benchmarks/mergekit-reference.json
-    python benchmarks/mergekit_reference.py ... --mergecli-out ties=/path/to/merged/ties   # compare real outputs too
+    python benchmarks/mergekit_reference.py --configs ties slerp ...   # only these configs
 
 Two comparisons, both against mergekit 0.1.5 running in its own virtual environment
 (`bench_merge.ensure_mergekit`):
@@ -13,14 +13,13 @@ Two comparisons, both against mergekit 0.1.5 running in its own virtual environm
    made equal by replacing `torch.bernoulli` in that subprocess with `u < p` on mergecli's own
    uniforms, so DARE and DELLA compare exactly too.
 2. Configs, on tiny local LLaMA models (4 layers, untied): every file in
-   `tests/mergekit_configs/` runs through `mergekit-yaml`, and through `mergecli.mergekit_config`
-   + `mergecli.schedule` + the pure functions of `mergecli.methods` (a stand-in for the merge
-   stage until the methods are registered; with `--mergecli-out NAME=DIR` a real mergecli output
-   folder is compared as well). Tensor by tensor: the largest absolute difference, and the same
-   with mergekit's top-k rounding (int(d n) instead of round(d n)) emulated, which shows whether
-   the rounding explains all of it. Random methods (dare_*, della*) cannot match mergekit's global
-   torch RNG: for them the distance to mergekit is set beside the distance between two mergecli
-   seeds.
+   `tests/mergekit_configs/` runs through `mergekit-yaml` and through `mergecli merge` (the config
+   as it is). Tensor by tensor: the largest absolute difference, and the same between mergekit
+   and `tests/mergekit_oracle.py` (mergecli's pure functions composed directly) with mergekit's
+   top-k rounding (int(d n) instead of round(d n)), dtype and tie order emulated, which shows
+   whether those explain all of the difference. Random methods (dare_*, della*) cannot match
+   mergekit's global torch RNG: for them the distance to mergekit is set beside the distance
+   between two mergecli seeds.
 """
 
 from __future__ import annotations
@@ -31,11 +30,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from string import Template
 from typing import Any
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,164 +41,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 from bench_merge import ensure_mergekit  # noqa: E402
 
 from mergecli import schedule  # noqa: E402
-from mergecli.mergekit_config import translate  # noqa: E402
+from mergecli.mergekit_config import import_config  # noqa: E402
 from mergecli.methods.combine import disjoint_mean, weighted_sum  # noqa: E402
 from mergecli.methods.consensus import disjoint_sum, weighted_mean  # noqa: E402
 from mergecli.methods.interpolate import slerp, soup  # noqa: E402
-from mergecli.methods.masks import breadcrumbs_mask, della_probabilities, l1_rescale, sample_mask  # noqa: E402
+from mergecli.methods.masks import breadcrumbs_mask, della_probabilities, l1_rescale  # noqa: E402
 from mergecli.methods.sparsify import random_stream, topk_mask  # noqa: E402
 from mergecli.methods.stock import model_stock  # noqa: E402
-
-CONFIGS = ROOT / "tests" / "mergekit_configs"
-LAYERS = 4
-RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
-
-
-# -- tiny models -------------------------------------------------------------------------------
-def build_models(work: Path) -> dict[str, Path]:
-    """An untied 4-layer LLaMA base; ft_a/b/c = base + a shared update + their own (so their task
-    vectors meet at a real angle, as fine-tunes of one base do); ft_far = base + a large update
-    (SLERP's spherical branch); lora_c = a rank-4 adapter on q/v."""
-    from helpers import make_llama, make_lora
-    from transformers import AutoModelForCausalLM
-
-    paths = {name: work / "models" / name for name in ("base", "ft_a", "ft_b", "ft_c", "ft_far", "lora_c")}
-    if all((p / "config.json").is_file() or (p / "adapter_config.json").is_file() for p in paths.values()):
-        return paths
-    make_llama(paths["base"], seed=0, layers=LAYERS, tie=False)
-    shared = torch.Generator().manual_seed(100)
-    base = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
-    common = {n: torch.randn(p.shape, generator=shared) * 0.01 for n, p in base.named_parameters()}
-    for index, name in enumerate(("ft_a", "ft_b", "ft_c", "ft_far")):
-        model = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
-        g = torch.Generator().manual_seed(index + 1)
-        with torch.no_grad():
-            for param_name, param in model.named_parameters():
-                if name == "ft_far":
-                    param.add_(torch.randn(param.shape, generator=g) * 0.3)
-                else:
-                    param.add_(common[param_name] + torch.randn(param.shape, generator=g) * 0.01)
-        model.save_pretrained(paths[name])
-    make_lora(paths["base"], paths["lora_c"], seed=3)
-    for name in ("ft_a", "ft_b", "ft_c", "ft_far"):  # mergekit copies the tokenizer from the base
-        for file in paths["base"].glob("tokenizer*"):
-            (paths[name] / file.name).write_bytes(file.read_bytes())
-    return paths
-
-
-def load_folder(folder: Path) -> dict[str, torch.Tensor]:
-    from mergecli.models.safetensors_io import Checkpoint
-
-    ckpt = Checkpoint.open(folder)
-    return {name: ckpt.get(name) for name in ckpt.names()}
-
-
-def model_tensors(ref: str, base: dict[str, torch.Tensor], base_folder: Path) -> dict[str, torch.Tensor]:
-    """A recipe model's full weights: a checkpoint, or base + mergecli's LoRA task vector."""
-    folder = Path(ref)
-    if not (folder / "adapter_config.json").is_file():
-        return load_folder(folder)
-    from mergecli.models.architecture import describe
-    from mergecli.models.lora import LoraAdapter
-    from mergecli.models.safetensors_io import Checkpoint
-
-    adapter, arch, ckpt = LoraAdapter(folder), describe(base_folder), Checkpoint.open(base_folder)
-    out = dict(base)
-    for name in adapter.tensor_names(arch):
-        out[name] = base[name] + adapter.delta(name, ckpt, arch)
-    return out
-
-
-# -- a stand-in merge stage: translation + schedule + pure functions ---------------------------
-def _param(variant: dict, entry: Any, key: str, name: str, default: Any = None) -> Any:
-    """Per-model value (the model entry first, then the variant), resolved for tensor `name`."""
-    own = entry.get(key) if isinstance(entry, dict) else None
-    coerce = bool if isinstance(default, bool) else float
-    return schedule.resolve_first([own, variant.get(key)], name, LAYERS, coerce=coerce, default=default)
-
-
-def _keep_fraction(fraction: float, n: int, mergekit_rounding: bool) -> float:
-    """A fraction whose round(f n) is mergekit's int(f n) when emulating its rounding."""
-    return int(fraction * n) / n if mergekit_rounding else fraction
-
-
-def _mergekit_order_mask(tau: torch.Tensor, start: int, count: int) -> torch.Tensor:
-    """Entries ranked [start, start + count) by |tau| descending in the order torch.argsort gives
-    (the ranking mergekit uses, which breaks ties its own way); for the explanation only."""
-    mask = torch.zeros(tau.numel(), dtype=torch.bool)
-    mask[torch.argsort(tau.abs().reshape(-1).float(), descending=True)[start:start + count]] = True
-    return mask.reshape(tau.shape)
-
-
-def reference_tensor(variant: dict, name: str, base: torch.Tensor, thetas: list[torch.Tensor], seed: int = 0,
-                     mergekit_rounding: bool = False, mergekit_ties: bool = False) -> torch.Tensor:
-    """One merged tensor, composed from mergecli's pure functions as the merge stage will.
-
-    `mergekit_rounding`: keep int(d n) entries as mergekit; `mergekit_ties`: also rank TIES'
-    entries by torch.argsort as mergekit does (its own order among equal magnitudes)."""
-    method = variant["method"]
-    entries = variant["models"]
-    b = base.float()
-    taus = [(theta - base).float() for theta in thetas]  # in the inputs' dtype, as mergekit subtracts
-    n = b.numel()
-    lam = _param(variant, None, "lambda", name, 1.0)
-    weights = torch.tensor([_param(variant, e, "weight", name, 1.0) for e in entries], dtype=torch.float32)
-    if method == "slerp":
-        return slerp(b, thetas[0].float(), _param(variant, None, "t", name))
-    if method == "soup":
-        return soup(b, taus, weights.tolist(), _param(variant, None, "base_weight", name, 0.0),
-                    _param(variant, None, "normalize", name, True))
-    if method == "model_stock":
-        return b + model_stock(taus, _param(variant, None, "filter_wise", name, False))
-    trimmed = []
-    for index, (entry, tau) in enumerate(zip(entries, taus)):
-        density = _param(variant, entry, "density", name, 1.0)
-        stream = random_stream(seed, name, index)
-        if method == "task_arithmetic" or density >= 1:
-            kept = tau
-        elif method == "ties" and mergekit_ties:
-            kept = tau * _mergekit_order_mask(tau, 0, max(1, int(density * n)))
-        elif method == "ties":
-            kept = tau * topk_mask(tau.abs(), _keep_fraction(density, n, mergekit_rounding))
-        elif method.startswith("breadcrumbs"):
-            gamma = _param(variant, entry, "gamma", name, 0.01)
-            kept = tau * breadcrumbs_mask(tau.abs(), _keep_fraction(density, n, mergekit_rounding),
-                                          _keep_fraction(gamma, n, mergekit_rounding))
-        elif method.startswith("dare"):
-            kept = tau * sample_mask(torch.full(tau.shape, density, dtype=torch.float64), stream)
-        elif method.startswith("della"):
-            probabilities = della_probabilities(tau.abs(), density, _param(variant, entry, "epsilon", name, 0.15))
-            kept = tau * sample_mask(probabilities, stream)
-        else:
-            raise ValueError(method)
-        if variant.get("rescale") == "l1" and method != "task_arithmetic" and density < 1:
-            kept = l1_rescale(tau, kept)
-        trimmed.append(kept)
-    normalize = variant.get("normalize", False)
-    if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
-        delta = disjoint_mean(trimmed, weights) if normalize else disjoint_sum(trimmed, weights)
-    else:
-        delta = weighted_mean(trimmed, weights) if normalize else weighted_sum(trimmed, weights)
-    return b + lam * delta
-
-
-def reference_merge(recipe: dict, seed: int = 0, mergekit_rounding: bool = False,
-                    input_dtype: torch.dtype | None = None, mergekit_ties: bool = False) -> dict[str, torch.Tensor]:
-    """Every merged tensor; `input_dtype` rounds the inputs to it first and the outputs to it last
-    (what mergekit's `dtype:` does before and after its math)."""
-    base_folder = Path(recipe["base"])
-    base = load_folder(base_folder)
-    variant = recipe["merges"][0]
-    names = [e["name"] if isinstance(e, dict) else e for e in variant["models"]]
-    refs = {m["name"]: m["model"] for m in recipe["models"]}
-    models = [model_tensors(refs[n], base, base_folder) for n in names]
-
-    def rounded(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if input_dtype is None else tensor.to(input_dtype)
-
-    return {name: rounded(reference_tensor(variant, name, rounded(tensor), [rounded(m[name]) for m in models], seed,
-                                           mergekit_rounding, mergekit_ties)).float()
-            for name, tensor in base.items()}
+from mergekit_oracle import CONFIGS, RANDOM, build_models, load_folder, reference_merge, render  # noqa: E402
 
 
 # -- comparison --------------------------------------------------------------------------------
@@ -239,14 +86,25 @@ def ulps(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], base: d
     return {"max_ulps": worst, "entries_beyond_4_ulps": beyond, "entries": total}
 
 
-def run_configs(work: Path, mergekit_exe: Path, paths: dict[str, Path], extra: dict[str, Path]) -> dict:
+def mergecli_merge(config: Path, out_dir: Path) -> tuple[dict, Path]:
+    """`mergecli merge CONFIG` in its own process (the mergekit config as it is, outputs under
+    `out_dir`); its --json result and the output folder."""
+    done = subprocess.run([sys.executable, "-m", "mergecli", "--json", "merge", str(config),
+                           f"output_dir={out_dir}", f"workspace={out_dir.parent / 'mergecli-ws'}"],
+                          capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"mergecli merge {config} failed:\n{done.stderr[-2000:]}")
+    (result,) = json.loads(done.stdout)
+    return result, Path(result["path"])
+
+
+def run_configs(work: Path, mergekit_exe: Path, paths: dict[str, Path], only: list[str] | None = None) -> dict:
     results = {}
     for config_path in sorted(CONFIGS.glob("*.yml")):
         name = config_path.stem
-        text = Template(config_path.read_text()).substitute({k: str(v) for k, v in paths.items()})
-        rendered = work / "configs" / f"{name}.yml"
-        rendered.parent.mkdir(parents=True, exist_ok=True)
-        rendered.write_text(text)
+        if only and name not in only:
+            continue
+        rendered = render(name, paths, work / "configs")
         out = work / "mergekit-out" / name
         start = time.time()
         if not (out / "config.json").is_file():
@@ -257,28 +115,31 @@ def run_configs(work: Path, mergekit_exe: Path, paths: dict[str, Path], extra: d
                 print(f"{name}: mergekit failed\n{done.stderr[-2000:]}", flush=True)
                 continue
         theirs = load_folder(out)
-        translation = translate(yaml.safe_load(text), rendered.parent)
-        recipe = translation.recipe
-        base = load_folder(Path(recipe["base"]))
-        entry: dict[str, Any] = {"method": recipe["merges"][0]["method"], "notes": translation.notes,
+        translation = import_config(rendered)
+        recipe, root = translation.recipe, rendered.parent
+        base = load_folder(root / recipe["base"])
+        method = recipe["merges"][0]["method"]
+        entry: dict[str, Any] = {"method": method, "notes": translation.notes,
                                  "mergekit_seconds": round(time.time() - start, 1)}
-        ours = reference_merge(recipe)
+        start = time.time()
+        _, folder = mergecli_merge(rendered, work / "mergecli-out")
+        entry["mergecli_seconds"] = round(time.time() - start, 1)
+        ours = load_folder(folder)
         entry["mergecli_vs_mergekit"] = difference(ours, theirs, base)
-        if recipe["merges"][0]["method"] in RANDOM:
-            entry["mergecli_seed0_vs_seed1"] = difference(ours, reference_merge(recipe, seed=1), base)
-        elif recipe["merges"][0]["method"] in ("ties", "breadcrumbs", "breadcrumbs_ties"):
-            entry["with_mergekit_rounding"] = difference(reference_merge(recipe, mergekit_rounding=True), theirs, base)
+        entry["mergecli_vs_reference"] = difference(ours, reference_merge(recipe, root), base)
+        if method in RANDOM:
+            entry["mergecli_seed0_vs_seed1"] = difference(ours, reference_merge(recipe, root, seed=1), base)
+        elif method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+            entry["with_mergekit_rounding"] = difference(reference_merge(recipe, root, mergekit_rounding=True), theirs,
+                                                         base)
         dtype = recipe["merges"][0].get("dtype", "float32")
         if dtype != "float32":
             low = getattr(torch, dtype)
-            emulated = reference_merge(recipe, mergekit_rounding=True, input_dtype=low)
+            emulated = reference_merge(recipe, root, mergekit_rounding=True, input_dtype=low)
             entry[f"with_inputs_in_{dtype}"] = difference(emulated, theirs, base) | ulps(emulated, theirs, base, low)
-            emulated = reference_merge(recipe, mergekit_rounding=True, input_dtype=low, mergekit_ties=True)
+            emulated = reference_merge(recipe, root, mergekit_rounding=True, input_dtype=low, mergekit_ties=True)
             entry[f"with_inputs_in_{dtype}_and_mergekit_tie_order"] = (difference(emulated, theirs, base)
                                                                        | ulps(emulated, theirs, base, low))
-        if name in extra:
-            entry["mergecli_output_vs_mergekit"] = difference(load_folder(extra[name]), theirs, base)
-            entry["mergecli_output_vs_reference"] = difference(load_folder(extra[name]), ours, base)
         results[name] = entry
         print(name, json.dumps({k: v for k, v in entry.items() if k != "notes"}), flush=True)
     return results
@@ -393,7 +254,7 @@ def function_inputs() -> tuple[dict, dict]:
          base + 0.5 * weighted_sum(taus, wt)),
         ("model_stock", "model_stock", {}, base + model_stock(taus)),
         ("model_stock filter_wise", "model_stock", {"filter_wise": True}, base + model_stock(taus, True)),
-        ("linear (base weighted 0.2)", "linear", {"weight": [0.2] + w}, soup(base, taus, w, base_weight=0.2)),
+        ("linear (base weighted 0.2)", "linear", {"weight": [0.2] + w}, base + soup(base, taus, w, base_weight=0.2)),
     ):
         inputs["group"][key] = (method, thetas, params)
         ours["group", key] = expected
@@ -473,11 +334,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/mergekit-reference"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/mergekit-reference.json"))
-    parser.add_argument("--mergecli-out", action="append", default=[], metavar="CONFIG=DIR",
-                        help="a mergecli output folder to compare with mergekit's for that config (repeatable)")
+    parser.add_argument("--configs", nargs="*", default=None, metavar="NAME",
+                        help="only these configs of tests/mergekit_configs (default: all)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    extra = dict(item.split("=", 1) for item in args.mergecli_out)
     exe = ensure_mergekit(args.work)
     functions = run_functions(args.work, exe.parent / "python")
     print("| function | case | max abs diff | kept (mergecli / mergekit) | why |\n|---|---|---:|---:|---|")
@@ -485,7 +345,7 @@ def main() -> None:
         kept = f"{row['kept_mergecli']} / {row['kept_mergekit']}" if "kept_mergecli" in row else ""
         print(f"| {row['function']} | {row['case']} | {row['max_abs']:.3g} | {kept} | {row.get('why', '')} |")
     paths = build_models(args.work)
-    configs = run_configs(args.work, exe, paths, {k: Path(v) for k, v in extra.items()})
+    configs = run_configs(args.work, exe, paths, args.configs)
     print("\n| config | method | max abs diff | relative (Frobenius) | after emulating mergekit | why |\n"
           "|---|---|---:|---:|---:|---|")
     for name, entry in configs.items():

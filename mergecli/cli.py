@@ -34,7 +34,7 @@ from .stages.base import Context, Stage, View
 
 app = typer.Typer(help="Merge fine-tuned language models: task vectors, Hessians, merges, evaluation.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-recipes_app = typer.Typer(help="List and copy the built-in recipes.", no_args_is_help=True)
+recipes_app = typer.Typer(help="List and copy the built-in recipes; import mergekit configs.", no_args_is_help=True)
 ws_app = typer.Typer(help="Inspect and clean the workspace cache.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(ws_app, name="ws")
@@ -66,7 +66,7 @@ class Options:
 
     def recipe(self, path: Path, overrides: list[str] | None, check_paths: bool = True) -> Recipe:
         extra = [f"workspace={self.workspace.absolute()}"] if self.workspace else []
-        return load_recipe(path, list(overrides or []) + extra, check_paths=check_paths)
+        return load_recipe(path, list(overrides or []) + extra, check_paths=check_paths, log=self.reporter.log)
 
     def context(self, recipe: Recipe) -> Context:
         return Context(recipe, self.reporter, self.device, self.wait)
@@ -221,6 +221,37 @@ def recipes_cp(name: str = typer.Argument(..., help="built-in recipe name"),
         raise MergeCliError(f"cannot copy to {target}: folder {target.parent} does not exist", "create it first")
     target.write_bytes(found[name].read_bytes())
     OPTIONS.reporter.log(f"copied {name} to {target}")
+
+
+@recipes_app.command("import")
+@command
+def recipes_import(config: Path = typer.Argument(..., help="mergekit YAML config (merge_method: ...)"),
+                   output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                                         help="recipe file to write (default: print it)")) -> None:
+    """Translate a mergekit config into a mergecli recipe (any command also takes the config itself)."""
+    import yaml
+
+    from .mergekit_config import import_config
+    from .recipe import validate_recipe
+
+    dest = (output.absolute().parent if output else config.absolute().parent)
+    translation = import_config(config, dest)
+    recipe = validate_recipe(translation.recipe, dest, source=str(config), path=config.absolute())
+    for note in translation.notes:
+        OPTIONS.reporter.log(note)
+    text = f"# imported from the mergekit config {config.name} by mergecli {__version__}\n" + \
+        yaml.safe_dump(translation.recipe, sort_keys=False)
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    if output.exists() or output.is_symlink():
+        raise MergeCliError(f"{output} already exists; it is left untouched", "choose another --output")
+    if not output.parent.is_dir():
+        raise MergeCliError(f"cannot write {output}: folder {output.parent} does not exist", "create it first")
+    OPTIONS.context(recipe).guard(output, "recipe file")
+    with open(output, "x") as handle:  # exclusive: never replaces a file that appeared meanwhile
+        handle.write(text)
+    OPTIONS.reporter.log(f"wrote {output}; run it with `mergecli merge {output}`")
 
 
 def _description(path: Path) -> str:

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from . import schedule
 from .errors import RecipeError
-from .recipe import default_model_name, is_local_reference
+from .models.reference import is_local_reference
+from .recipe import default_model_name
 
 REQUIRED = object()
 """A parameter mergekit refuses to run without."""
@@ -69,8 +71,10 @@ METHODS: dict[str, MethodMap] = {
     "ties": _gta("ties", "magnitude", normalize=True, rescale=False),
     "dare_ties": _gta("dare_ties", "random", normalize=False, rescale=True),
     "dare_linear": _gta("dare_linear", "random", normalize=False, rescale=True),
-    "breadcrumbs": _gta("breadcrumbs", "magnitude", normalize=False, rescale=False, extra={"gamma": 0.01}),
-    "breadcrumbs_ties": _gta("breadcrumbs_ties", "magnitude", normalize=False, rescale=False, extra={"gamma": 0.01}),
+    "breadcrumbs": _gta("breadcrumbs", "magnitude", normalize=False, rescale=False, extra={"gamma": 0.01},
+                        topk=False),
+    "breadcrumbs_ties": _gta("breadcrumbs_ties", "magnitude", normalize=False, rescale=False, extra={"gamma": 0.01},
+                             topk=False),
     "della": _gta("della", "magnitude", normalize=True, rescale=True, extra={"epsilon": 0.15}, topk=False),
     "della_linear": _gta("della_linear", "magnitude", normalize=False, rescale=True, extra={"epsilon": 0.15},
                          topk=False),
@@ -102,13 +106,18 @@ def is_mergekit_config(data: Any) -> bool:
 
 
 def translate(data: Mapping[str, Any], root: Path = Path("."), dest: Path | None = None,
-              layers_of: Callable[[str], int | None] | None = None) -> Translation:
+              layers_of: Callable[[str], int | None] | None = None, label: str | None = None) -> Translation:
     """The mergecli recipe equivalent to the mergekit config `data`.
 
     `root`: the folder the config's relative paths are read from; `dest`: the folder the recipe
     will live in (relative local paths are rewritten for it; default `root`). `layers_of(ref)`:
     the number of decoder layers of a model (default: read its config.json), used only to check
-    `slices`.
+    `slices`. `label`: the merge's name when the config gives none (the config file's name, so
+    configs side by side write side-by-side folders; default: the method's name).
+
+    mergekit configs name no cache and no output folder (mergekit-yaml takes the output on its
+    command line): the recipe gets mergecli's defaults, `workspace` and `merged/<name>` next to
+    the recipe, and a note says so.
     """
     notes: list[str] = []
     if not isinstance(data, Mapping):
@@ -134,7 +143,8 @@ def translate(data: Mapping[str, Any], root: Path = Path("."), dest: Path | None
                 else f"at least {method.min_models}")
         raise RecipeError(f"models: mergekit's {name} needs {want} model(s) besides the base, got {len(models)}")
 
-    variant: dict[str, Any] = {"name": str(data.get("name") or name), "method": method.mergecli, **method.fixed}
+    merge_name = str(data.get("name") or label or name)
+    variant: dict[str, Any] = {"name": merge_name, "method": method.mergecli, **method.fixed}
     for key, default in method.shared.items():
         setting = schedule.chain(*(level.get(key) for level in shared_levels))
         where = _where(shared_levels, key)
@@ -170,9 +180,12 @@ def translate(data: Mapping[str, Any], root: Path = Path("."), dest: Path | None
         variant["dtype"] = dtype
 
     recipe: dict[str, Any] = {"name": str(data.get("name") or f"mergekit-{name}"),
-                              "base": _rebase(base_ref, root, dest), "models": recipe_models, "merges": [variant]}
+                              "base": _rebase(base_ref, root, dest), "models": recipe_models, "merges": [variant],
+                              "workspace": "workspace", "output_dir": "merged"}
     if extra_tokens:
         recipe["extra_tokens"] = extra_tokens
+    notes.append(f"workspace, output_dir: not in mergekit configs; the cache goes to workspace/ and the merge to "
+                 f"merged/{merge_name}/ next to the recipe (override with workspace=DIR output_dir=DIR)")
     return Translation(recipe, notes)
 
 
@@ -461,22 +474,15 @@ def read_num_layers(ref: str, root: Path) -> int | None:
     return None
 
 
-def import_config(path: Path, dest: Path | None = None) -> Translation:
-    """Read a mergekit YAML file and translate it (`mergecli recipes import`, and `merge` /
-    `validate` given a mergekit config); paths in the recipe are relative to `dest` (default: the
-    config's folder)."""
-    import yaml
+def import_config(path: Path, dest: Path | None = None, data: Any = None) -> Translation:
+    """Read a mergekit YAML file (unless `data` is given: its contents, already read) and translate
+    it (`mergecli recipes import`, and any command given a mergekit config); paths in the recipe
+    are relative to `dest` (default: the config's folder)."""
+    from .recipe import read_yaml_file
 
-    path = Path(path)
-    try:
-        documents = list(yaml.safe_load_all(path.read_text()))
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read {path}: {exc}") from None
-    documents = [d for d in documents if d is not None]
-    if len(documents) != 1:
-        raise RecipeError(f"{path}: {len(documents)} YAML documents; mergecli imports one mergekit config "
-                          "(mergekit-multi files chain several merges)")
-    root = path.resolve().parent
-    return translate(documents[0], root, dest if dest is not None else root)
+    path = Path(os.path.abspath(path))
+    data = read_yaml_file(path, "mergekit config") if data is None else data
+    if not is_mergekit_config(data):
+        raise RecipeError(f"{path}: not a mergekit config (it has no merge_method)")
+    label = re.sub(r"[^A-Za-z0-9._+-]", "-", path.stem).lstrip("._+-") or None
+    return translate(data, path.parent, dest if dest is not None else path.parent, label=label)
