@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .card import setting_text
+
 if TYPE_CHECKING:
     from .stages.evaluate import Evaluated
 
@@ -67,10 +69,10 @@ def method_label(merge: dict) -> str:
     """The method as a reader wants it: `ties/sparsegpt + OBS`, `task_arithmetic (λ 0.5)`."""
     params = merge.get("params", {})
     extras = []
-    if params.get("lambda", 1.0) != 1.0:
-        extras.append(f"λ {params['lambda']:g}")
+    if params.get("lambda", 1.0) != 1.0:  # a number, or a schedule shown inline
+        extras.append(f"λ {setting_text(params['lambda'])}")
     if "alpha" in params:
-        extras.append(f"α {params['alpha']:g}")
+        extras.append(f"α {setting_text(params['alpha'])}")
     label = method_name(merge) + (" + OBS" if params.get("compensate") else "")
     return label + (f" ({', '.join(extras)})" if extras else "")
 
