@@ -41,7 +41,7 @@ class VariantSettings:
 
     def constant(self) -> bool:
         settings = [*self.params.values(), *(v for own in self.model_params for v in own.values()),
-                    *(w for levels in self.weights for w in levels)]
+                    *(w for levels in self.weights for w in levels if w is not None)]
         return all(schedule.is_constant(s) for s in settings)
 
     def at(self, tensor_name: str, layer: int | None, num_layers: int) -> Resolved:
