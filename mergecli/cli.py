@@ -77,7 +77,7 @@ class Options:
         elif self.json:
             typer.echo(json.dumps(shown.data, indent=2, default=str, allow_nan=False))
         elif not self.quiet:
-            self.out.print(table(shown.title, shown.columns, shown.rows))
+            self.out.print(table(shown.title, shown.columns, shown.rows, width=self.out.width))
 
 
 OPTIONS = Options()
@@ -266,14 +266,14 @@ def demo(workdir: Path = typer.Option(Path("mergecli-demo"), "--workdir", help="
          overrides: Optional[list[str]] = OVERRIDES) -> None:
     """The whole pipeline on SmolLM2-135M-Instruct with three home-made fine-tunes; no model hub needed."""
     from .demo import run_demo
-    from .report import comparison, plot, render
+    from .report import comparison, comparison_text, plot
     from .stages.compare import comparison_view
 
     recipe, results = run_demo(workdir, OPTIONS.reporter, OPTIONS.device, OPTIONS.wait, overrides)
     rows = comparison(results)
-    (workdir / "compare.json").write_text(render(rows, "json"))
-    (workdir / "compare.md").write_text(render(rows, "markdown"))
-    plot(results, workdir / "compare.png")
+    (workdir / "compare.json").write_text(comparison_text(rows, "json"))
+    (workdir / "compare.md").write_text(comparison_text(rows, "markdown"))
+    plot(rows, workdir / "compare.png")
     OPTIONS.emit(comparison_view(rows))
     if not OPTIONS.json:
         OPTIONS.err.print(f"results in {workdir}/compare.(json|md|png); rerun any stage with "

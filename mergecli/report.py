@@ -1,6 +1,10 @@
-"""The comparison table: rows = models, columns = perplexity per dataset, mean, how much of each
-specialist's gain a model keeps, density kept, merge time; exported as json/csv/markdown and a
-grouped bar chart."""
+"""The comparison: rows = models, columns = perplexity per dataset, mean, how much of each
+specialist's gain a model keeps, density kept, merge time.
+
+Two audiences: programs get every raw field at full precision (json/csv); people get one table
+(`comparison_table`: four significant digits, percentages, method labels, ★ on the best merge)
+that the terminal and markdown both show, and a grouped bar chart.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -35,11 +40,11 @@ def comparison(results: Sequence["Evaluated"]) -> list[dict[str, Any]]:
         changes = [r.perplexity[d] / ref - 1 for d, ref in own.items() if d in r.perplexity]
         gains = {d: gain for d in own if (gain := _gain(base, r, d, own[d])) is not None}
         rows.append({
-            "model": r.model, "role": r.role, **{f"ppl_{d}": round(v, 4) for d, v in r.perplexity.items()},
-            "ppl_mean": round(r.mean, 4), **{k: round(v, 4) for k, v in r.scores.items()},
-            "vs_own_finetune": round(sum(changes) / len(changes), 4) if changes else None,
-            "gain_retained": round(sum(gains.values()) / len(gains), 4) if gains else None,
-            "kept_density": round(r.merge["kept_density"], 4) if r.merge else None,
+            "model": r.model, "role": r.role, **{f"ppl_{d}": v for d, v in r.perplexity.items()},
+            "ppl_mean": r.mean, **r.scores,
+            "vs_own_finetune": sum(changes) / len(changes) if changes else None,
+            "gain_retained": sum(gains.values()) / len(gains) if gains else None,
+            "kept_density": r.merge["kept_density"] if r.merge else None,
             "merge_seconds": r.merge["seconds"] if r.merge else None,
             "method": method_name(r.merge) if r.merge else None,
             "label": method_label(r.merge) if r.merge else None,
@@ -77,7 +82,67 @@ def method_label(merge: dict) -> str:
     return label + (f" ({', '.join(extras)})" if extras else "")
 
 
+ROLE_LABELS = {"finetune": "fine-tune"}
+NUMBER = re.compile(r"[+-]?[\d.,]+(e[+-]?\d+)?%?")
+
+
+def perplexity_text(value: float) -> str:
+    """Four significant digits, never an exponent (1.788, 14.48, 160.1, 2437): perplexities of one
+    table span decades, and a fixed number of decimals gives 160.123 next to 1.788."""
+    if not math.isfinite(value) or value == 0:
+        return str(value)
+    return f"{value:.{max(0, 3 - math.floor(math.log10(abs(value))))}f}"
+
+
+def _percent(value: float | None, sign: str = "") -> str:
+    return "" if value is None else f"{100 * value:{sign}.1f}%"
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(columns, cells) as people read the comparison, shared by the terminal and markdown so that
+    the README shows what the terminal shows. Results come first and how each merge was made last,
+    so that a narrow terminal splits the table between the two (`display.table`)."""
+    datasets = [k for k in rows[0] if k.startswith("ppl_") and k != "ppl_mean"]
+    harness = [k for k in rows[0] if ":" in k]
+    columns = ["model", *(d[4:] for d in datasets), "mean", *harness, "gain kept", "vs own FT", "method", "kept",
+               "merge s"]
+    cells = [[("★ " if row["best"] else "") + row["model"],
+              *(perplexity_text(row[d]) for d in datasets), perplexity_text(row["ppl_mean"]),
+              *(f"{row[k]:.4f}" for k in harness),
+              _percent(row["gain_retained"]), _percent(row["vs_own_finetune"], "+"),
+              row["label"] or ROLE_LABELS.get(row["role"], row["role"]), _percent(row["kept_density"]),
+              "" if row["merge_seconds"] is None else f"{row['merge_seconds']:.1f}"]
+             for row in rows]
+    return columns, cells
+
+
+def numeric_columns(cells: list[list[Any]]) -> list[bool]:
+    """Which columns hold only numbers (and blanks): those are right-aligned, in the terminal and in
+    markdown alike."""
+    def numeric(column: tuple[Any, ...]) -> bool:
+        filled = [str(c) for c in column if c not in ("", None)]
+        return bool(filled) and all(NUMBER.fullmatch(c) for c in filled)
+
+    return [numeric(column) for column in zip(*cells)]
+
+
+def markdown(columns: list[str], cells: list[list[Any]]) -> str:
+    """A GitHub markdown table, numbers right-aligned."""
+    def line(values):
+        return "| " + " | ".join("" if v is None else str(v).replace("|", "\\|") for v in values) + " |"
+
+    align = ["---:" if right else "---" for right in numeric_columns(cells)] or ["---"] * len(columns)
+    return "\n".join([line(columns), "|" + "|".join(align) + "|", *map(line, cells)]) + "\n"
+
+
+def comparison_text(rows: list[dict[str, Any]], fmt: str) -> str:
+    """The comparison as a file: json/csv hold every raw field at full precision (for programs),
+    markdown the table people read, as the terminal shows it (for a README)."""
+    return markdown(*comparison_table(rows)) if fmt == "markdown" else render(rows, fmt)
+
+
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
+    """Dict rows as json, csv or a markdown table, the values as they are."""
     if fmt == "json":
         return json.dumps(rows, indent=2, allow_nan=False)
     if fmt == "csv":
@@ -87,33 +152,89 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
         writer.writerows(rows)
         return buffer.getvalue()
     if fmt == "markdown":
-        header = list(rows[0])
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join("" if row[h] is None else str(row[h]) for h in header) + " |" for row in rows]
-        return "\n".join(lines) + "\n"
+        return markdown(list(rows[0]), [list(row.values()) for row in rows])
     raise ValueError(f"unknown format {fmt!r}")
 
 
-def plot(results: Sequence["Evaluated"], path: Path):
-    """Grouped bars: one group per dataset, one bar per model, log-scaled perplexity."""
+def _bar_styles(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One look per model: the base dark grey, fine-tunes lighter greys each with its own hatch (the
+    references), merges in a qualitative palette without its greys (the candidates), the best one
+    outlined in black."""
+    from matplotlib import colormaps
+
+    qualitative = [c for name in ("tab10", "tab20", "Set3") for c in colormaps[name].colors
+                   if len({round(x, 2) for x in c}) > 1]  # greys would read as references
+    unique = list(dict.fromkeys(qualitative))
+    finetunes = [r for r in rows if r["role"] == "finetune"]
+    hatches = ["//", "\\\\", "..", "xx", "++", "oo", "--", "||"]
+    styles, merges = [], 0
+    for row in rows:
+        if row["role"] == "merge":
+            style = {"color": unique[merges % len(unique)], "edgecolor": "black" if row["best"] else "none",
+                     "linewidth": 1.2 if row["best"] else 0}
+            merges += 1
+        elif row["role"] == "finetune":
+            i = finetunes.index(row)
+            shade = 0.45 + 0.25 * i / max(1, len(finetunes) - 1)
+            style = {"color": str(round(shade, 3)), "hatch": hatches[i % len(hatches)], "edgecolor": "white",
+                     "linewidth": 0}
+        else:
+            style = {"color": "0.2", "edgecolor": "none", "linewidth": 0}
+        styles.append(style)
+    return styles
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """Tick values on a log axis that show numbers: whole decades when there are enough of them,
+    else 1-2-5 steps, else every multiple, else even steps (a range inside one decade)."""
+    from matplotlib.ticker import MaxNLocator
+
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    for mantissas in ((1,), (1, 2, 5), range(1, 10)):
+        ticks = [m * 10.0 ** e for e in decades for m in mantissas if low <= m * 10.0 ** e <= high]
+        if len(ticks) >= 4:
+            return ticks
+    return [float(t) for t in MaxNLocator(5).tick_values(low, high) if low <= t <= high]
+
+
+def plot(rows: list[dict[str, Any]], path: Path):
+    """Grouped bars of the comparison rows: one group per dataset and one for the mean, one bar per
+    model (log-scaled perplexity), the best merge starred. Returns the figure (tests inspect it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-    datasets = list(results[0].perplexity)
-    width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(datasets) * len(results) / 3), 4.5))
-    for i, r in enumerate(results):
-        xs = [d + (i - (len(results) - 1) / 2) * width for d in range(len(datasets))]
-        ax.bar(xs, [r.perplexity[d] for d in datasets], width, label=f"{r.model} ({r.role})")
-    ax.set_xticks(range(len(datasets)), datasets)
-    ax.set_xlabel("evaluation dataset (held-out text)")
-    ax.set_ylabel("perplexity (log scale, lower is better)")
+    keys = [k for k in rows[0] if k.startswith("ppl_") and k != "ppl_mean"] + ["ppl_mean"]
+    width = 0.84 / len(rows)
+    values = [row[k] for row in rows for k in keys]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.16 * len(rows) * len(keys)), 4.6), layout="constrained")
+    for i, (row, style) in enumerate(zip(rows, _bar_styles(rows))):
+        xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(keys))]
+        ys = [row[k] for k in keys]
+        ax.bar(xs, ys, width, label=row["model"] + ("  ★ best" if row["best"] else ""), **style)
+        if row["best"]:
+            ax.plot(xs, [y * 1.15 for y in ys], linestyle="none", marker="*", markersize=12,
+                    color=style["color"], markeredgecolor="black", markeredgewidth=0.8, gid="best")
+    ax.axvline(len(keys) - 1.5, color="0.6", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(keys)), [k[4:] for k in keys])
+    ax.get_xticklabels()[-1].set_fontweight("bold")
+    ax.set_xlim(-0.5, len(keys) - 0.5)
+    # bars start at perplexity 1 (no loss) where the data allows: a bar's height is then the loss
+    low, high = min(1.0, min(values) / 1.3), max(values) * 1.4
     ax.set_yscale("log")
-    ax.set_title("mergecli compare")
-    ax.legend(fontsize="small", ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
+    ax.set_ylim(low, high)
+    ax.yaxis.set_major_locator(FixedLocator(log_ticks(low, high)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(axis="y", which="major", color="0.88", linewidth=0.8)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_ylabel("perplexity (log scale, lower is better)")
+    ax.set_title("perplexity on held-out text per dataset, and the mean", loc="left")
+    fig.legend(loc="outside lower center", ncol=min(len(rows), 6), frameon=False, fontsize="small",
+               handlelength=1.6, columnspacing=1.2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=130)
     return fig

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import CODE, VERSE, cli, write_jsonl, write_recipe
 from mergecli.calibration import make_windows
-from mergecli.report import plot
+from mergecli.report import comparison, plot
 from mergecli.perplexity import nll_sum
 from mergecli.stages.evaluate import Evaluated
 
@@ -47,10 +47,13 @@ def recipe(tmp_path, models):
         calibration={"samples": 4, "seq_len": 16}, evaluation={"samples": 3, "seq_len": 16})
 
 
-def test_compare_runs_missing_stages_and_every_format_parses_back(tmp_path, recipe):
+def test_compare_runs_missing_stages_and_every_format_parses_back(tmp_path, recipe, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
     result = cli("compare", str(recipe), "--plot", str(tmp_path / "chart.png"), code=None)
     assert result.exit_code == 0, result.stderr
-    assert "★" in result.stdout and "vs own" in result.stdout
+    assert "★ ties-sg" in result.stdout or "★ ta" in result.stdout
+    assert "vs own" in result.stdout and "ties/sparsegpt" in result.stdout
+    assert max(map(len, result.stdout.splitlines())) <= 80
     assert (tmp_path / "chart.png").stat().st_size > 10_000
     rows = json.loads(cli("compare", str(recipe), "--format", "json", code=None).stdout)
     assert [r["model"] for r in rows] == ["base", "code", "verse", "ta", "ties-sg"]
@@ -66,7 +69,10 @@ def test_compare_runs_missing_stages_and_every_format_parses_back(tmp_path, reci
     assert float(parsed[0]["ppl_code"]) == pytest.approx(rows[0]["ppl_code"])
     md = cli("compare", str(recipe), "--format", "markdown", "--output", str(tmp_path / "t.md"), code=None)
     lines = md.stdout.strip().splitlines()
-    assert len(lines) == 2 + len(rows) and lines[0].startswith("| model | role | ppl_code")
+    assert lines[0] == "| model | code | verse | mean | gain kept | vs own FT | method | kept | merge s |"
+    by_model = {line.split(" | ")[0].removeprefix("| ").removeprefix("★ "): line for line in lines[2:]}
+    assert list(by_model) == [r["model"] for r in rows] and by_model[best["model"]].startswith("| ★ ")
+    assert "| task_arithmetic (λ 0.5) | 100.0% |" in by_model["ta"] and "%" in by_model["code"]
     assert (tmp_path / "t.md").read_text() == md.stdout
     # eval results are cached: the entries did not multiply
     entries = json.loads((tmp_path / "ws" / "manifest.json").read_text())["entries"]
@@ -79,10 +85,10 @@ def test_eval_json_and_the_chart_has_one_bar_per_model_and_dataset(tmp_path, rec
     assert {d["model"] for d in data} == {"base", "code", "verse", "ta", "ties-sg"}
     assert all(d["perplexity"]["code"] > 1 for d in data)
     results = [Evaluated(d["model"], d["role"], d["perplexity"]) for d in data]
-    fig = plot(results, tmp_path / "c.png")
+    fig = plot(comparison(results), tmp_path / "c.png")
     ax = fig.axes[0]
-    assert len(ax.patches) == 5 * 2 and ax.get_yscale() == "log"
-    assert ax.get_ylabel() and ax.get_xlabel() and len(ax.get_legend().get_texts()) == 5
+    assert len(ax.patches) == 5 * (2 + 1) and ax.get_yscale() == "log"  # a group per dataset and the mean
+    assert ax.get_ylabel() and len(fig.legends[0].get_texts()) == 5
 
 
 def test_gc_keeps_everything_the_recipe_uses(tmp_path, recipe):

@@ -27,7 +27,7 @@ def check_output_file(ctx: Context, path: Path, what: str) -> None:
 def run(ctx: Context, fmt: str = "table", output: Path | None = None, plot_path: Path | None = None
         ) -> tuple[str, list[dict[str, Any]]]:
     """Run what is missing, write the requested files; returns (format, comparison rows)."""
-    from ..report import comparison, plot, render
+    from ..report import comparison, comparison_text, plot
 
     if fmt not in FORMATS:
         raise MergeCliError(f"unknown --format {fmt!r}", f"use {', '.join(FORMATS)}")
@@ -37,36 +37,25 @@ def run(ctx: Context, fmt: str = "table", output: Path | None = None, plot_path:
     results = ctx.need("eval")
     rows = comparison(results)
     if output:
-        output.write_text(render(rows, "json" if fmt == "table" else fmt))
+        output.write_text(comparison_text(rows, "json" if fmt == "table" else fmt))
     if plot_path:
-        plot(results, plot_path)
+        plot(rows, plot_path)
         ctx.reporter.log(f"chart written to {plot_path}")
     return fmt, rows
 
 
 def show(result: tuple[str, list[dict[str, Any]]]) -> View | str:
-    from ..report import render
+    from ..report import comparison_text
 
     fmt, rows = result
-    return comparison_view(rows) if fmt == "table" else render(rows, fmt)
+    return comparison_view(rows) if fmt == "table" else comparison_text(rows, fmt)
 
 
 def comparison_view(rows: list[dict[str, Any]]) -> View:
-    datasets = [k for k in rows[0] if k.startswith("ppl_") and k != "ppl_mean"]
-    harness = [k for k in rows[0] if ":" in k]
-    columns = ["model", "method", *(d[4:] for d in datasets), "mean", *harness, "gain kept", "vs own FT", "kept",
-               "merge s"]
-    body = []
-    for row in rows:
-        change, gain = row["vs_own_finetune"], row["gain_retained"]
-        body.append([("★ " if row["best"] else "") + row["model"], row["label"] or row["role"],
-                     *(f"{row[d]:.3f}" for d in datasets), f"{row['ppl_mean']:.3f}",
-                     *(f"{row[k]:.4f}" for k in harness),
-                     "" if gain is None else f"{100 * gain:.1f}%",
-                     "" if change is None else f"{100 * change:+.1f}%",
-                     "" if row["kept_density"] is None else f"{row['kept_density']:.3f}",
-                     "" if row["merge_seconds"] is None else f"{row['merge_seconds']:.1f}"])
-    return View("perplexity on held-out text (lower is better; ★ best merge by mean)", columns, body, rows)
+    from ..report import comparison_table
+
+    columns, cells = comparison_table(rows)
+    return View("perplexity on held-out text (lower is better; ★ best merge by mean)", columns, cells, rows)
 
 
 STAGE = Stage(
