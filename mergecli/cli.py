@@ -28,6 +28,7 @@ from rich.markup import escape
 from . import __version__
 from .display import RichReporter, size_text, table
 from .errors import MergeCliError
+from .fsutil import folder_bytes
 from .recipe import Recipe, load_recipe, recipes_dir
 from .stages import stages
 from .stages.base import Context, Stage, View
@@ -276,8 +277,9 @@ def demo(workdir: Path = typer.Option(Path("mergecli-demo"), "--workdir", help="
     plot(rows, workdir / "compare.png")
     OPTIONS.emit(comparison_view(rows))
     if not OPTIONS.json:
-        OPTIONS.err.print(f"results in {workdir}/compare.(json|md|png); rerun any stage with "
-                          f"`mergecli <stage> {workdir / 'recipe.yaml'}`")
+        OPTIONS.err.print(f"results in {workdir}/compare.(json|md|png) (the folder holds "
+                          f"{size_text(folder_bytes(workdir))}); rerun any stage with "
+                          f"`mergecli <stage> {workdir / 'recipe.yaml'}`", soft_wrap=True)
 
 
 @app.command()

@@ -17,6 +17,9 @@ from .calibration import make_windows
 from .progress import Reporter
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every linear layer
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     steps: int
@@ -30,20 +33,24 @@ class TrainSettings:
         return dict(self.__dict__)
 
 
-def train(base: Path, texts: list[str], out: Path, settings: TrainSettings, reporter: Reporter, label: str,
-          base_ref: str | None = None) -> list[float]:
-    """Fine-tune `base` on `texts` and save a full model or a LoRA adapter to `out`; returns the losses."""
+def train(base: Path, texts: list[str], out: Path, settings: TrainSettings, reporter: Reporter, label: str
+          ) -> list[float]:
+    """Fine-tune `base` on `texts` and save a full model or a LoRA adapter to `out`; returns the losses.
+
+    Training runs in fp32; a full fine-tune is saved in the dtype its base is stored in (as real
+    fine-tunes are: a bf16 model's fine-tunes are bf16), a LoRA adapter in fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", trust_remote_code=False)
+    stored = model.dtype
+    model = model.float()
     if settings.lora_rank:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
-                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                            base_model_name_or_path=base_ref or str(base))
+                            target_modules=list(LORA_TARGETS), base_model_name_or_path=str(base))
         model = get_peft_model(model, config)
     model.train()
     windows = make_windows(texts, tokenizer, settings.steps * settings.batch_size, settings.seq_len,
@@ -64,7 +71,8 @@ def train(base: Path, texts: list[str], out: Path, settings: TrainSettings, repo
                 reporter.log(f"  {label} step {step + 1}/{settings.steps}: loss {losses[-1]:.3f} "
                              f"({time.perf_counter() - start:.0f} s)")
     model.eval()
-    model.save_pretrained(out)
     if not settings.lora_rank:
+        model.to(stored)
         tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
     return losses

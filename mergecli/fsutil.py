@@ -99,6 +99,11 @@ def fsync_tree(folder: Path) -> None:
         os.close(dir_fd)
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (links not followed)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
 def real(path: Path | str) -> Path:
     """The path with every symlink resolved; a symlink loop is the user's error, named."""
     try:

@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator
 
 from .artifacts import KEY, ArtifactSpec
 from .errors import MergeCliError, WorkspaceBusyError
-from .fsutil import OWNER_MARKER, building, file_record, is_owned, leftovers, locked, publish, record_problem
+from .fsutil import (OWNER_MARKER, building, file_record, folder_bytes, is_owned, leftovers, locked, publish,
+                     record_problem)
 
 MANIFEST_FORMAT = 3
 ROLE = "workspace artifact"  # the marker inside every artifact folder
@@ -201,7 +202,7 @@ class Workspace:
         """Remove garbage; returns (folders removed, bytes freed)."""
         freed = count = 0
         for folder in self.garbage(keep):
-            freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+            freed += folder_bytes(folder)
             count += 1
             if KEY.match(folder.name):
                 self.remove(folder.name)

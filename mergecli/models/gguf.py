@@ -9,7 +9,9 @@ fingerprint, built atomically under a lock and checked against its file list bef
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import shutil
 from pathlib import Path
@@ -50,10 +52,11 @@ def _convert(file: Path, folder: Path, log: Callable[[str], None]) -> None:
 
     quiet_libraries()
     log(f"dequantizing {file.name} (once; cached in {cache_root()})")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, trust_remote_code=False)
-        loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32,
-                                                      trust_remote_code=False)
+    try:  # transformers' GGUF reader draws its own tqdm bar, whatever its verbosity says
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, trust_remote_code=False)
+            loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32,
+                                                          trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - the gguf reader raises many kinds
         raise MergeCliError(f"cannot read GGUF file {file}: {str(exc).splitlines()[0]}",
                             "is the `gguf` package installed and the architecture supported by transformers?") from None
