@@ -11,7 +11,7 @@ from peft.utils import merge_utils
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import cli, fine_tune, make_llama, make_lora, write_recipe
+from helpers import cli, digests, fine_tune, make_llama, make_lora, write_recipe
 
 
 
@@ -378,6 +378,12 @@ def test_a_gguf_file_is_a_base_model(tmp_path, models, monkeypatch):
     assert all(torch.allclose(merged[k], loaded[k] + 0.005, atol=1e-6) for k in loaded)
     again = cli("merge", recipe)
     assert "reused" in again.stderr and len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
+    # a folder at the cache's name that mergecli did not mark (an older version's) is left alone
+    (converted / ".mergecli-owned").unlink()
+    before = digests(converted)
+    cli("merge", recipe, "--overwrite")
+    assert digests(converted) == before
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 2
 
 
 def test_the_number_of_workers_does_not_change_a_single_byte(tmp_path, models, recipe):

@@ -22,6 +22,9 @@ from ..fsutil import building, is_owned, locked, publish, seal, unsealed
 
 
 ROLE = "converted gguf"
+# Part of every cache key: folders an older mergecli left here (without ownership markers) are
+# never read or replaced, a new format simply lands beside them.
+FORMAT = "2"
 
 
 def cache_root() -> Path:
@@ -30,9 +33,9 @@ def cache_root() -> Path:
 
 def gguf_folder(file: Path, fingerprint: str, log: Callable[[str], None] = lambda message: None) -> Path:
     """The converted folder for a GGUF file (converted now unless cached)."""
-    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:20]
-    final = cache_root() / "gguf" / key
+    key = hashlib.sha256(f"{FORMAT}:{fingerprint}".encode()).hexdigest()[:20]
     with locked(cache_root() / "locks" / f"gguf-{key}.lock"):
+        final = _slot(cache_root() / "gguf", key)
         if is_owned(final, ROLE) and unsealed(final) is None:
             return final
         if is_owned(final, ROLE):
@@ -42,6 +45,18 @@ def gguf_folder(file: Path, fingerprint: str, log: Callable[[str], None] = lambd
             seal(tmp)
             publish(tmp, final, owned=lambda f: is_owned(f, ROLE))
     return final
+
+
+def _slot(parent: Path, key: str) -> Path:
+    """`key`, or `key-1`, `key-2`...: the first name that is free or holds our conversion. A folder
+    at the name that mergecli did not mark (an older version's, or anyone's) is passed over, never
+    read as a model or replaced."""
+    for n in range(100):
+        candidate = parent / (key if n == 0 else f"{key}-{n}")
+        if not (candidate.exists() or candidate.is_symlink()) or is_owned(candidate, ROLE):
+            return candidate
+    raise MergeCliError(f"{parent} holds 100 folders named {key}* that mergecli did not make",
+                        "remove them or set MERGECLI_CACHE to another folder")
 
 
 def _convert(file: Path, folder: Path, log: Callable[[str], None]) -> None:
