@@ -57,7 +57,8 @@ from mergecli.methods.hessian_math import regmean_delta  # noqa: E402
 from mergecli.methods.regmean_extra import (count_weighted_delta, folded_regmean, norm_given_weights,  # noqa: E402
                                             tied_embedding_delta)
 
-TESTBEDS = {"A": ["code", "drama", "arith"], "B": ["fortune", "cheader", "manpage"]}
+TESTBEDS = {"A": ["code", "drama", "arith"], "B": ["fortune", "cheader", "manpage"],
+            "C": ["code", "drama", "arith", "fortune"]}  # C: A plus fortune, a four-way merge
 GENERAL = "general"
 STEPS, LR = 40, 1e-4
 WINDOWS = {"calib": (32, 0, "train"), "holdout": (16, 1, "train"), "eval": (32, 1, "eval")}
@@ -76,6 +77,7 @@ VARIANTS: dict[str, tuple] = {
     "rmpp": ("pp", {}),
     "rmpp-count": ("pp", {"emb": "count"}),
     "regmean-auto": ("auto", "regmean"),
+    "regmean-auto-narrow": ("auto", "regmean", (0.8, 1.6)),
     "rm-count-auto": ("auto", "rm-emb-count"),
     "rmpp-auto": ("auto", "rmpp"),
 }
@@ -412,7 +414,7 @@ class Runner:
         if spec[0] == "auto":
             sd0, secs, info = self.build(spec[1])
             start = time.time()
-            lam, trace = self.choose_lambda(base, sd0)
+            lam, trace = self.choose_lambda(base, sd0, *spec[2:])
             info = {**info, "lambda": lam, "trace": trace}
             return {k: base[k].float() + lam * (sd0[k] - base[k].float()) for k in base}, secs + time.time() - start, info
         if spec[0] == "mk":
