@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .card import setting_text
+from .gain import difference_with_se, gain_with_se
 
 if TYPE_CHECKING:
     from .stages.evaluate import Evaluated
@@ -29,37 +30,54 @@ def comparison(results: Sequence["Evaluated"]) -> list[dict[str, Any]]:
     this model's perplexity against that fine-tune's own. `gain_retained`: the mean over those
     domains d of (log PPL_base,d - log PPL_model,d) / (log PPL_base,d - log PPL_specialist,d):
     1.0 = as good as every specialist on its own domain at once (domains where the specialist
-    did not beat the base are left out).
+    did not beat the base are left out), with `gain_retained_se`, its jackknife standard error over
+    the evaluation windows (`gain`), and for merges `gain_vs_best` +- `gain_vs_best_se`, the paired
+    difference to the best merge (same windows: the noise they share cancels). Datasets no
+    fine-tune owns (general text) get a perplexity column and count in the mean, never in the gain.
     """
     own = {r.model: r.perplexity[r.model] for r in results if r.role == "finetune" and r.model in r.perplexity}
     base = next((r for r in results if r.role == "base"), None)
     merges = [r for r in results if r.role == "merge"]
-    best = min(merges, key=lambda r: r.mean).model if merges else None
+    best = min(merges, key=lambda r: r.mean) if merges else None
+    domains = [d for d in own if base is not None and d in base.perplexity and base.perplexity[d] > own[d]]
+    specialists = {r.model: r for r in results if r.model in domains and r.role == "finetune"}
     rows = []
     for r in results:
         changes = [r.perplexity[d] / ref - 1 for d, ref in own.items() if d in r.perplexity]
-        gains = {d: gain for d in own if (gain := _gain(base, r, d, own[d])) is not None}
+        gain = se = versus = versus_se = None
+        if base is not None and domains and all(d in r.perplexity for d in domains):
+            gain, se = _gain_with_se(base, specialists, r, None)
+            if best is not None and r.role == "merge":
+                versus, versus_se = _gain_with_se(base, specialists, r, best)
         rows.append({
             "model": r.model, "role": r.role, **{f"ppl_{d}": v for d, v in r.perplexity.items()},
             "ppl_mean": r.mean, **r.scores,
             "vs_own_finetune": sum(changes) / len(changes) if changes else None,
-            "gain_retained": sum(gains.values()) / len(gains) if gains else None,
+            "gain_retained": gain, "gain_retained_se": se, "gain_vs_best": versus, "gain_vs_best_se": versus_se,
             "kept_density": r.merge["kept_density"] if r.merge else None,
             "merge_seconds": r.merge["seconds"] if r.merge else None,
             "method": method_name(r.merge) if r.merge else None,
             "label": method_label(r.merge) if r.merge else None,
-            "best": r.model == best,
+            "best": best is not None and r.model == best.model,
         })
     return rows
 
 
-def _gain(base: "Evaluated | None", r: "Evaluated", domain: str, specialist: float) -> float | None:
-    if base is None or domain not in base.perplexity or domain not in r.perplexity:
-        return None
-    reachable = math.log(base.perplexity[domain]) - math.log(specialist)
-    if reachable <= 0:
-        return None
-    return (math.log(base.perplexity[domain]) - math.log(r.perplexity[domain])) / reachable
+def _gain_with_se(base: "Evaluated", specialists: dict[str, "Evaluated"], model: "Evaluated",
+                  reference: "Evaluated | None") -> tuple[float, float | None]:
+    """The model's gain retained (minus the reference's, when given) and its jackknife SE, from the
+    per-window losses the eval stage keeps. Results without them (made by hand) count as one window
+    each: the value is the same, the SE unknown (None)."""
+    involved = [base, *specialists.values(), model, *([reference] if reference else [])]
+    per_window = all(d in e.windows for e in involved for d in specialists)
+
+    def windows(e: "Evaluated", d: str) -> list[tuple[float, int]]:
+        return list(e.windows[d]) if per_window else [(math.log(e.perplexity[d]), 1)]
+    sets = [{d: windows(e, d) for d in specialists} for e in (base, model, *([reference] if reference else []))]
+    own = {d: windows(s, d) for d, s in specialists.items()}
+    value, se = (difference_with_se(sets[0], own, sets[1], sets[2]) if reference
+                 else gain_with_se(sets[0], own, sets[1]))
+    return value, se if per_window and math.isfinite(se) else None
 
 
 def method_name(merge: dict) -> str:
@@ -78,12 +96,14 @@ def method_label(merge: dict) -> str:
         extras.append(f"λ {setting_text(params['lambda'])}")
     if "alpha" in params:
         extras.append(f"α {setting_text(params['alpha'])}")
+    if params.get("embedding", "count") != "count":
+        extras.append(f"embedding {params['embedding']}")
     label = method_name(merge) + (" + OBS" if params.get("compensate") else "")
     return label + (f" ({', '.join(extras)})" if extras else "")
 
 
 ROLE_LABELS = {"finetune": "fine-tune"}
-NUMBER = re.compile(r"[+-]?[\d.,]+(e[+-]?\d+)?%?")
+NUMBER = re.compile(r"[+-]?[\d.,]+(e[+-]?\d+)?%?( ± [\d.]+)?")
 
 
 def perplexity_text(value: float) -> str:
@@ -98,6 +118,12 @@ def _percent(value: float | None, sign: str = "") -> str:
     return "" if value is None else f"{100 * value:{sign}.1f}%"
 
 
+def _gain_text(row: dict[str, Any]) -> str:
+    """`93.4% ± 0.7`: the gain retained and its standard error, in points."""
+    text = _percent(row["gain_retained"])
+    return text + (f" ± {100 * row['gain_retained_se']:.1f}" if text and row["gain_retained_se"] is not None else "")
+
+
 def comparison_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """(columns, cells) as people read the comparison, shared by the terminal and markdown so that
     the README shows what the terminal shows. Results come first and how each merge was made last,
@@ -109,7 +135,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[s
     cells = [[("★ " if row["best"] else "") + row["model"],
               *(perplexity_text(row[d]) for d in datasets), perplexity_text(row["ppl_mean"]),
               *(f"{row[k]:.4f}" for k in harness),
-              _percent(row["gain_retained"]), _percent(row["vs_own_finetune"], "+"),
+              _gain_text(row), _percent(row["vs_own_finetune"], "+"),
               row["label"] or ROLE_LABELS.get(row["role"], row["role"]), _percent(row["kept_density"]),
               "" if row["merge_seconds"] is None else f"{row['merge_seconds']:.1f}"]
              for row in rows]

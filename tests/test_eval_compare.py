@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import CODE, VERSE, cli, write_jsonl, write_recipe
+from helpers import CODE, TEXT, VERSE, cli, write_jsonl, write_recipe
 from mergecli.calibration import make_windows
 from mergecli.report import comparison, plot
 from mergecli.perplexity import nll_sum
@@ -39,12 +39,14 @@ def test_perplexity_equals_transformers_loss_on_the_same_windows(models):
 def recipe(tmp_path, models):
     write_jsonl(tmp_path / "code.jsonl", CODE)
     write_jsonl(tmp_path / "verse.jsonl", VERSE)
+    write_jsonl(tmp_path / "general.jsonl", TEXT * 10)  # text no fine-tune trained on: a column, no gain
     return write_recipe(tmp_path / "r.yaml", str(models / "base"), [
         {"name": "code", "model": str(models / "ft_a"), "dataset": {"path": "./code.jsonl"}},
         {"name": "verse", "model": str(models / "lora_c"), "dataset": {"path": "./verse.jsonl"}},
     ], [{"name": "ta", "method": "task_arithmetic", "lambda": 0.5},
         {"name": "ties-sg", "method": "ties", "score": "sparsegpt"}],
-        calibration={"samples": 4, "seq_len": 16}, evaluation={"samples": 3, "seq_len": 16})
+        calibration={"samples": 4, "seq_len": 16},
+        evaluation={"samples": 3, "seq_len": 16, "datasets": {"general": {"path": "./general.jsonl"}}})
 
 
 def test_compare_runs_missing_stages_and_every_format_parses_back(tmp_path, recipe, monkeypatch):
@@ -69,14 +71,34 @@ def test_compare_runs_missing_stages_and_every_format_parses_back(tmp_path, reci
     assert float(parsed[0]["ppl_code"]) == pytest.approx(rows[0]["ppl_code"])
     md = cli("compare", str(recipe), "--format", "markdown", "--output", str(tmp_path / "t.md"), code=None)
     lines = md.stdout.strip().splitlines()
-    assert lines[0] == "| model | code | verse | mean | gain kept | vs own FT | method | kept | merge s |"
+    assert lines[0] == "| model | code | verse | general | mean | gain kept | vs own FT | method | kept | merge s |"
     by_model = {line.split(" | ")[0].removeprefix("| ").removeprefix("★ "): line for line in lines[2:]}
     assert list(by_model) == [r["model"] for r in rows] and by_model[best["model"]].startswith("| ★ ")
     assert "| task_arithmetic (λ 0.5) | 100.0% |" in by_model["ta"] and "%" in by_model["code"]
     assert (tmp_path / "t.md").read_text() == md.stdout
     # eval results are cached: the entries did not multiply
     entries = json.loads((tmp_path / "ws" / "manifest.json").read_text())["entries"]
-    assert sum(e["kind"] == "eval" for e in entries.values()) == 5 * 2
+    assert sum(e["kind"] == "eval" for e in entries.values()) == 5 * 3
+
+
+def test_gain_has_a_jackknife_se_and_general_text_only_a_perplexity(recipe):
+    from mergecli.gain import gain_with_se
+
+    rows = json.loads(cli("compare", str(recipe), "--format", "json", code=None).stdout)
+    data = {d["model"]: d for d in json.loads(cli("--json", "eval", str(recipe), code=None).stdout)}
+    assert all(r["ppl_general"] > 1 for r in rows)
+    assert rows[0]["ppl_mean"] == pytest.approx(sum(rows[0][f"ppl_{d}"] for d in ("code", "verse", "general")) / 3)
+    domains = [d for d in ("code", "verse") if data["base"]["perplexity"][d] > data[d]["perplexity"][d]]
+    for row in rows:
+        if not domains:
+            assert row["gain_retained"] is None
+            continue
+        windows = {name: {d: [tuple(w) for w in data[name]["windows"][d]] for d in domains}
+                   for name in ("base", row["model"], *domains)}
+        value, se = gain_with_se(windows["base"], {d: windows[d][d] for d in domains}, windows[row["model"]])
+        assert row["gain_retained"] == pytest.approx(value) and row["gain_retained_se"] == pytest.approx(se)
+    merges = [r for r in rows if r["role"] == "merge"]
+    assert all(r["gain_vs_best"] == 0 and r["gain_vs_best_se"] == 0 for r in merges if r["best"])
 
 
 def test_eval_json_and_the_chart_has_one_bar_per_model_and_dataset(tmp_path, recipe):
@@ -87,7 +109,7 @@ def test_eval_json_and_the_chart_has_one_bar_per_model_and_dataset(tmp_path, rec
     results = [Evaluated(d["model"], d["role"], d["perplexity"]) for d in data]
     fig = plot(comparison(results), tmp_path / "c.png")
     ax = fig.axes[0]
-    assert len(ax.patches) == 5 * (2 + 1) and ax.get_yscale() == "log"  # a group per dataset and the mean
+    assert len(ax.patches) == 5 * (3 + 1) and ax.get_yscale() == "log"  # a group per dataset and the mean
     assert ax.get_ylabel() and len(fig.legends[0].get_texts()) == 5
 
 

@@ -136,3 +136,34 @@ def test_chart_every_model_its_colour_references_grey_mean_group_best_starred(tm
     assert key[1] >= figure[1] and key[3] <= axes[1]  # the legend lies under the axes, inside the figure
     assert (axes[2] - axes[0]) * (axes[3] - axes[1]) > 0.6 * fig.bbox.width * fig.bbox.height
     assert (tmp_path / "c.png").stat().st_size > 20_000
+
+
+def test_gain_cell_carries_the_jackknife_se_when_windows_are_kept():
+    from mergecli.gain import difference_with_se, gain_with_se
+
+    def windows(level, wobble):
+        return [(level * 100 * (1 + wobble * ((k * 7) % 5 - 2) / 10), 100) for k in range(8)]
+    ppl = {"base": (2.0, 3.0), "a": (1.5, 3.1), "b": (2.1, 2.2), "m1": (1.6, 2.4), "m2": (1.7, 2.3)}
+    results = []
+    for name, (code, verse) in ppl.items():
+        w = {"code": windows(code, 0.1 if name != "m2" else 0.12), "verse": windows(verse, 0.2),
+             "general": windows(3.5, 0.1)}
+        role = "base" if name == "base" else "finetune" if name in ("a", "b") else "merge"
+        merge = {"method": "regmean", "params": {"alpha": 0.9}, "seconds": 1.0, "kept_density": 1.0} \
+            if role == "merge" else None
+        results.append(Evaluated(name, role, {d: math.exp(sum(s for s, _ in v) / 800) for d, v in w.items()}, merge,
+                                 windows=w))
+    rows = comparison([Evaluated(r.model if r.model not in ("a", "b") else {"a": "code", "b": "verse"}[r.model],
+                                 r.role, r.perplexity, r.merge, windows=r.windows) for r in results])
+    by = {r["model"]: r for r in rows}
+    w = {r.model: r.windows for r in results}
+    spec = {"code": w["a"]["code"], "verse": w["b"]["verse"]}
+    value, se = gain_with_se(w["base"], spec, w["m1"])
+    assert by["m1"]["gain_retained"] == pytest.approx(value) and by["m1"]["gain_retained_se"] == pytest.approx(se)
+    assert se > 0 and by["base"]["gain_retained"] == pytest.approx(0) and by["code"]["gain_retained"] is not None
+    best, other = ("m1", "m2") if by["m1"]["best"] else ("m2", "m1")
+    diff, diff_se = difference_with_se(w["base"], spec, w[other], w[best])
+    assert by[other]["gain_vs_best"] == pytest.approx(diff) and by[other]["gain_vs_best_se"] == pytest.approx(diff_se)
+    cells = dict(zip(*[comparison_table(rows)[0], comparison_table(rows)[1][3]]))
+    assert cells["gain kept"] == f"{100 * value:.1f}% ± {100 * se:.1f}"
+    assert comparison_text(rows, "markdown").splitlines()[1].split("|")[6] == "---:"  # still a number column

@@ -210,7 +210,8 @@ def _perplexities(ctx: Context, candidate: Candidate, windows: dict[str, tuple[D
 def show(results: list[Evaluated]) -> View:
     datasets = list(results[0].perplexity)
     rows = [[r.model, r.role, *(f"{r.perplexity[d]:.3f}" for d in datasets), f"{r.mean:.3f}"] for r in results]
-    data = [{"model": r.model, "role": r.role, "perplexity": r.perplexity, "mean": r.mean} for r in results]
+    data = [{"model": r.model, "role": r.role, "perplexity": r.perplexity, "mean": r.mean, "windows": r.windows}
+            for r in results]
     return View("perplexity (lower is better)", ["model", "role", *datasets, "mean"], rows, data)
 
 

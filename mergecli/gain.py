@@ -1,0 +1,107 @@
+"""Gain retained, and its standard error over evaluation windows (the quality score of a merge).
+
+gain retained of a model on domain d, from mean next-token NLLs L (= log perplexities) on the same
+held-out windows:
+    g_d = (L_base,d - L_model,d) / (L_base,d - L_specialist_d,d)
+1 means the model is as good on d as the fine-tune trained on d; 0, no better than the base. The
+score of a merge is the mean over domains. `compare`, `lambda: auto` and the quality benchmark all
+compute it here, from the (NLL sum, tokens) pairs the eval stage stores per window.
+
+Standard error: leave-one-window-out jackknife. Every model is evaluated on exactly the same
+windows, so removing window k removes it for the base, the specialists and the merges alike:
+the SE of one model's gain includes the noise of its base and specialist references, and the SE
+of a *difference* between two merges is paired (a hard window moves both, and cancels). Datasets
+are independent samples, so their variances add. With 32 windows per dataset a difference of
+one point is typically 2-4 SE on the quality benchmark (README).
+
+Pure Python, no torch: the report imports it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+Windows = Sequence[tuple[float, int]]  # per window: (NLL sum, predicted tokens)
+
+
+def gain_retained(base: float, specialist: float, merged: float) -> float:
+    """(L_base - L_model) / (L_base - L_specialist) for mean NLLs; ValueError if the specialist is
+    not better than the base (the score is undefined there)."""
+    if not base > specialist:
+        raise ValueError(f"specialist NLL {specialist:.4f} is not below the base's {base:.4f}: gain undefined")
+    return (base - merged) / (base - specialist)
+
+
+def mean_nll(windows: Windows) -> float:
+    """Token-weighted mean NLL of windows (the log of their perplexity)."""
+    return sum(s for s, _ in windows) / sum(n for _, n in windows)
+
+
+Totals = tuple[float, int]  # (NLL sum, tokens) of a set of windows: mean NLL = sum / tokens
+
+
+def _gain_of(totals: Mapping[str, Sequence[Totals]], i: int) -> float:
+    """Mean gain of model i from per-domain totals [base, specialist, model 1, model 2, ...].
+
+    Not `gain_retained`: a leave-one-out sample may put a specialist that barely beats the base
+    level with it, and its wild ratio is the honest sign that the gain is ill-determined there (a
+    large SE), not an error. The full-data value is checked by the callers."""
+    gains = []
+    for t in totals.values():
+        base, specialist, model = (s / n for s, n in (t[0], t[1], t[i]))
+        gains.append((base - model) / (base - specialist) if base != specialist else math.nan)
+    return sum(gains) / len(gains)
+
+
+def _checked(base: Mapping[str, Windows], specialists: Mapping[str, Windows]) -> None:
+    for d, windows in specialists.items():
+        gain_retained(mean_nll(base[d]), mean_nll(windows), 0.0)  # raises where the gain is undefined
+
+
+def jackknife(fn: Callable[[Mapping[str, Sequence[Totals]]], float],
+              sets: Mapping[str, Sequence[Windows]]) -> tuple[float, float]:
+    """fn of every model's totals per dataset, and its leave-one-window-out jackknife SE.
+
+    `sets[d]` holds, per model, its windows of dataset d (all models the same windows, in the same
+    order); `fn` receives each model's (NLL sum, tokens) over them. Window k of d is left out of
+    every model at once (paired); variances of independent datasets add:
+    var = sum_d (n_d - 1)/n_d * sum_k (f_(d,-k) - mean_k f_(d,-k))^2. Each leave-one-out value
+    costs one call of fn on totals, so the whole is linear in the number of windows.
+    """
+    totals = {d: [(sum(s for s, _ in m), sum(n for _, n in m)) for m in models] for d, models in sets.items()}
+    value = fn(totals)
+    var = 0.0
+    for d, models in sets.items():
+        n = len(models[0])
+        if any(len(m) != n for m in models):
+            raise ValueError(f"{d}: the models were evaluated on different numbers of windows")
+        if n < 2:
+            return value, math.nan
+        loo = [fn({**totals, d: [(s - m[k][0], t - m[k][1]) for (s, t), m in zip(totals[d], models)]})
+               for k in range(n)]
+        mean = sum(loo) / n
+        var += (n - 1) / n * sum((v - mean) ** 2 for v in loo)
+    return value, math.sqrt(var)
+
+
+def gain_with_se(base: Mapping[str, Windows], specialists: Mapping[str, Windows],
+                 model: Mapping[str, Windows]) -> tuple[float, float]:
+    """Mean over the specialists' domains of `gain_retained`, and its jackknife SE (the noise of
+    the base and specialist references included)."""
+    _checked(base, specialists)
+    return jackknife(lambda t: _gain_of(t, 2), {d: [base[d], specialists[d], model[d]] for d in specialists})
+
+
+def difference_with_se(base: Mapping[str, Windows], specialists: Mapping[str, Windows],
+                       model: Mapping[str, Windows], reference: Mapping[str, Windows]) -> tuple[float, float]:
+    """Mean gain of `model` minus that of `reference`, and its paired jackknife SE."""
+    _checked(base, specialists)
+    return jackknife(lambda t: _gain_of(t, 2) - _gain_of(t, 3),
+                     {d: [base[d], specialists[d], model[d], reference[d]] for d in specialists})
+
+
+def log_ratio_with_se(model: Windows, reference: Windows) -> tuple[float, float]:
+    """log PPL(model) - log PPL(reference) on one dataset's windows, with its paired SE (how much
+    more a merge forgets general text than another, told from window noise)."""
+    return jackknife(lambda t: t["d"][0][0] / t["d"][0][1] - t["d"][1][0] / t["d"][1][1], {"d": [model, reference]})
