@@ -5,10 +5,10 @@ import torch
 
 from mergecli.methods import catalog
 from mergecli.methods.pipeline import merge_tensor
-from mergecli.methods.hessian_math import (DegenerateStatistics, damped_cholesky, inverse_diagonal, obs_saliency,
-                                           obs_trim, regmean_delta, wanda_score)
+from mergecli.methods.hessian_math import (DegenerateStatistics, count_weighted_delta, damped_cholesky,
+                                           inverse_diagonal, obs_saliency, obs_trim, regmean_delta, wanda_score)
 from mergecli.methods.sparsify import rank_probabilities, topk_mask
-from mergecli.methods.stats import LayerStats
+from mergecli.methods.stats import LayerStats, TokenCounts
 
 METHODS = catalog()
 
@@ -140,3 +140,43 @@ def test_upper_gram_accumulation_then_symmetrize_is_x_transpose_x(d):
     x = torch.cat(batches)
     assert torch.allclose(symmetrize(h), x.T @ x, rtol=1e-5, atol=1e-3)
     assert torch.equal(h, h.T)
+
+
+def test_count_weighted_embedding_rows_by_hand():
+    # token 0: model A saw it 3 times, model B once -> (3*1 + 1*5) / 4 = 2; token 1: only B -> 7;
+    # token 2: nobody -> the plain mean (10 + 20) / 2 = 15
+    a = torch.tensor([[1.0], [2.0], [10.0]])
+    b = torch.tensor([[5.0], [7.0], [20.0]])
+    out = count_weighted_delta([a, b], [torch.tensor([3.0, 0, 0]), torch.tensor([1.0, 2, 0])], torch.ones(2))
+    assert torch.allclose(out, torch.tensor([[2.0], [7.0], [15.0]]))
+
+
+def test_count_weighted_is_regmean_of_a_one_hot_lookup():
+    """Reference: min_E sum_i w_i / n_i ||X_i E - X_i E_i||^2 with one-hot X_i, stacked for lstsq."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, d = 6, 4
+    base = torch.randn(vocab, d, generator=gen, dtype=torch.float64)
+    taus = [torch.randn(vocab, d, generator=gen, dtype=torch.float64) for _ in range(3)]
+    tokens = [torch.randint(0, vocab - 1, (n,), generator=gen) for n in (20, 9, 14)]  # token vocab-1 unseen
+    weights = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    one_hot = [torch.nn.functional.one_hot(t, vocab).to(torch.float64) for t in tokens]
+    a = torch.cat([(w / len(t)) ** 0.5 * x for t, x, w in zip(tokens, one_hot, weights)])
+    y = torch.cat([(w / len(t)) ** 0.5 * x @ (base + tau) for t, x, tau, w in zip(tokens, one_hot, taus, weights)])
+    seen = a.abs().sum(0) > 0
+    ref = torch.linalg.lstsq(a[:, seen], y).solution - base[seen]
+    freqs = [torch.bincount(t, minlength=vocab).to(torch.float64) / len(t) for t in tokens]
+    out = count_weighted_delta(taus, freqs, weights)
+    assert torch.allclose(out[seen], ref, atol=1e-10)
+    assert torch.allclose(out[~seen], (sum(w * t for t, w in zip(taus, weights)) / weights.sum())[~seen])
+    # through the registered method: embedding stats select it, `embedding: mean` and linear stats do not
+    stats = [TokenCounts(f) for f in freqs]
+    merged, _, _ = merge_tensor(METHODS["regmean"], taus, weights.tolist(), {}, "embed", stats=stats)
+    assert torch.allclose(merged.double(), out, atol=1e-6)
+    plain, _, _ = merge_tensor(METHODS["regmean"], taus, weights.tolist(), {"embedding": "mean"}, "embed", stats=stats)
+    assert torch.allclose(plain.double(), sum(w * t for t, w in zip(taus, weights)) / weights.sum(), atol=1e-6)
+    # data-aware scores do not rank embedding rows by token counts: magnitude, as without statistics
+    trimmed, _, _ = merge_tensor(METHODS["ties"], taus, weights.tolist(), {"score": "wanda", "density": 0.5}, "embed",
+                                 stats=stats)
+    unscored, _, _ = merge_tensor(METHODS["ties"], taus, weights.tolist(), {"score": "magnitude", "density": 0.5},
+                                  "embed")
+    assert torch.equal(trimmed, unscored)

@@ -111,6 +111,41 @@ def test_hessian_cli_caches_reports_size_and_feeds_activation_aware_merges(tmp_p
     assert not torch.equal(sg[name], base[name])
 
 
+def test_embedding_token_counts_are_stored_and_regmean_merges_embedding_rows_by_them(tmp_path, models, data):
+    from safetensors.torch import load_file
+
+    from mergecli.calibration import load_texts
+    from mergecli.recipe import DatasetSpec
+
+    recipe = recipe_with_data(tmp_path, models, data, [{"name": "rm", "method": "regmean"},
+                                                       {"name": "rm-mean", "method": "regmean", "embedding": "mean"}])
+    rows = {r["model"]: r for r in json.loads(cli("--json", "hessian", recipe).stdout)}
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    emb = "model.embed_tokens.weight"
+    freqs = {}
+    for name, path in (("a", data / "code.jsonl"), ("b", data / "verse.txt")):
+        stored = load_file(Path(rows[name]["path"]) / "hessian.safetensors")[f"{emb}.counts"]
+        windows = make_windows(load_texts(DatasetSpec(path=str(path)), tmp_path, tok), tok, 4, 16, 0)
+        reference = torch.zeros(stored.shape[0], dtype=torch.int64)
+        for token in windows.input_ids[windows.attention_mask.bool()].tolist():
+            reference[token] += 1
+        assert torch.equal(stored, reference) and int(stored.sum()) == rows[name]["tokens"]
+        freqs[name] = stored.double() / stored.sum()
+    cli("merge", recipe)
+    base = AutoModelForCausalLM.from_pretrained(models / "base").state_dict()[emb].double()
+    taus = {n: AutoModelForCausalLM.from_pretrained(models / f"ft_{n}").state_dict()[emb].double() - base
+            for n in "ab"}  # the LoRA c does not touch the embedding: it is absent there
+    merged = {v: AutoModelForCausalLM.from_pretrained(tmp_path / "out" / v).state_dict()[emb].double() - base
+              for v in ("rm", "rm-mean")}
+    for v in range(base.shape[0]):  # row by row: RegMean of a one-hot input
+        c = torch.tensor([freqs["a"][v], freqs["b"][v]])
+        expected = (c[0] * taus["a"][v] + c[1] * taus["b"][v]) / c.sum() if c.sum() > 0 else \
+            (taus["a"][v] + taus["b"][v]) / 2
+        assert torch.allclose(merged["rm"][v], expected, atol=1e-6), v
+    assert torch.allclose(merged["rm-mean"], (taus["a"] + taus["b"]) / 2, atol=1e-6)
+    assert (freqs["a"] > 0).sum() < base.shape[0]  # some rows unseen: the fallback is exercised
+
+
 def test_different_calibration_settings_are_different_cache_entries(tmp_path, models, data):
     recipe = recipe_with_data(tmp_path, models, data, [])
     cli("hessian", recipe)

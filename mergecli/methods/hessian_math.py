@@ -111,3 +111,22 @@ def regmean_delta(taus: Sequence[torch.Tensor], grams: list[torch.Tensor], weigh
         factor, _ = damped_cholesky(total)
         solution = torch.cholesky_solve(rhs.T, factor)
     return solution.T.to(taus[0].dtype)
+
+
+def count_weighted_delta(taus: Sequence[torch.Tensor], freqs: Sequence[torch.Tensor],
+                         weights: torch.Tensor) -> torch.Tensor:
+    """RegMean for an embedding lookup (rows = tokens): row v of the merged delta is
+    sum_i w_i c_iv tau_iv / sum_i w_i c_iv, c_iv = model i's frequency of token v.
+
+    Why: a lookup's input is one-hot, so its Gram G_i = X_i^T X_i / n_i is diag(c_i), and
+    RegMean's (sum w_i tau_i G_i)(sum w_i G_i)^-1 becomes this per-row mean; the dense V x V
+    matrix never exists. A row no model's calibration data contains has no data term at all and
+    keeps the weighted mean (what the limit of equal counts gives), never 0/0.
+    """
+    w = weights.tolist()
+    num = sum(wi * c.to(torch.float64).unsqueeze(1) * t.to(torch.float64) for t, c, wi in zip(taus, freqs, w))
+    den = sum(wi * c.to(torch.float64) for c, wi in zip(freqs, w))
+    mean = sum(wi * t.to(torch.float64) for t, wi in zip(taus, w)) / float(weights.sum())
+    seen = den != 0
+    out = torch.where(seen.unsqueeze(1), num / torch.where(seen, den, 1.0).unsqueeze(1), mean)
+    return out.to(taus[0].dtype)

@@ -26,7 +26,7 @@ from .hessian_math import DegenerateStatistics, obs_trim
 from .scores import SCORES
 from .masks import Band, breadcrumbs_band, della_probabilities, l1_factor, sample_mask
 from .sparsify import TopK, bernoulli_mask, keep_count, random_stream, rank_probabilities, topk_mask, topk_threshold
-from .stats import LayerStats
+from .stats import LayerStats, TokenCounts
 from .table import Method, Trim
 
 CHUNK_ELEMENTS = 1 << 18
@@ -107,7 +107,7 @@ Select = Callable[[torch.Tensor, int], tuple[torch.Tensor, "torch.Tensor | float
 
 
 def plan_trim(tau: TaskTensor, trim: Trim, params: Mapping[str, Any], tensor_name: str, model_index: int,
-              stats: LayerStats | None) -> TrimPlan:
+              stats: LayerStats | TokenCounts | None) -> TrimPlan:
     """The trim of one model's task vector for one tensor, as the method's `trim` kind and this
     model's parameters for this tensor say. Data-aware scores fall back to magnitude where the
     tensor has no (usable) statistics.
@@ -127,6 +127,8 @@ def plan_trim(tau: TaskTensor, trim: Trim, params: Mapping[str, Any], tensor_nam
         return TrimPlan(False, lambda chunks, buffers: _keep_all)
     score = SCORES[params["score"]]
     compensate = bool(params.get("compensate"))
+    if not isinstance(stats, LayerStats):  # an embedding's token counts rank no entries
+        stats = None
     if stats is not None and (score.name == "sparsegpt" or compensate):
         try:
             stats.hinv_diag  # computed once per input group; raises if the statistics are unusable
@@ -238,7 +240,7 @@ def trim(tau: torch.Tensor, method: Method, params: Mapping[str, Any], tensor_na
 
 def merge_tensor(method: Method, taus: Iterable[TaskTensor | torch.Tensor | None], weights: Sequence[float],
                  params: Mapping[str, Any] | None = None, tensor_name: str = "", transposed: bool = False,
-                 stats: Sequence[LayerStats | None] | None = None, base: torch.Tensor | None = None,
+                 stats: Sequence[LayerStats | TokenCounts | None] | None = None, base: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None, model_params: Sequence[Mapping[str, Any]] | None = None,
                  clamp: bool = False) -> tuple[torch.Tensor, int, int]:
     """Merged delta for one tensor (or, given `base`, the merged weight `base + lambda * delta` in

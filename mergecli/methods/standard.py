@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from .combine import weighted_sum
 from .consensus import added, elected
-from .hessian_math import regmean_delta
-from .table import (ALPHA, DAMP, DENSITY, LAMBDA, NORMALIZE, SCORE, TOPK, TRIM_DARE, TRIM_TOPK,
+from .hessian_math import count_weighted_delta, regmean_delta
+from .stats import LayerStats, TokenCounts
+from .table import (ALPHA, DAMP, DENSITY, LAMBDA, NORMALIZE, SCORE, TOPK, TRIM_DARE, TRIM_TOPK, Param,
                     compensate_needs_sparsegpt, register_method, sign_election_needs_positive_weights)
 
 MEAN = NORMALIZE.with_default(True)
@@ -48,10 +49,18 @@ def dare_ties(trimmed, weights, *, params, **_):
     return elected(trimmed, weights, params["normalize"])
 
 
-@register_method("regmean", params=(ALPHA, DENSITY.with_default(1.0), SCORE, TOPK, DAMP, LAMBDA), trim="topk",
-                 needs_stats=True, elementwise=False)
+EMBEDDING = Param("embedding", str, "count", "regmean: input-embedding rows weighted by each model's calibration "
+                  "token counts (count: RegMean's solution for a lookup) or the plain weighted mean (mean)",
+                  choices=("count", "mean"))
+
+
+@register_method("regmean", params=(ALPHA, EMBEDDING, DENSITY.with_default(1.0), SCORE, TOPK, DAMP, LAMBDA),
+                 trim="topk", needs_stats=True, elementwise=False)
 def regmean(trimmed, weights, *, params, stats, **_):
-    """Linear layers: (sum w_i W_i G~_i)(sum w_i G~_i)^-1 (Jin et al. 2023); other tensors: weighted mean."""
-    if all(s is not None for s in stats):
+    """Linear layers: (sum w_i W_i G~_i)(sum w_i G~_i)^-1 (Jin et al. 2023); the input embedding:
+    each row's count-weighted mean (`embedding: count`); other tensors: weighted mean."""
+    if all(isinstance(s, LayerStats) for s in stats):
         return regmean_delta(trimmed, [s.gram for s in stats], weights, params["alpha"])
+    if params["embedding"] == "count" and all(isinstance(s, TokenCounts) for s in stats):
+        return count_weighted_delta(trimmed, [s.freq[: t.shape[0]] for s, t in zip(stats, trimmed)], weights)
     return weighted_sum(trimmed, weights) / weights.sum()

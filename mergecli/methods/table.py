@@ -23,12 +23,12 @@ from .. import schedule
 if TYPE_CHECKING:
     import torch
 
-    from .stats import LayerStats
+    from .stats import LayerStats, TokenCounts
 
 
 class CombineFn(Protocol):
     def __call__(self, trimmed: Sequence["torch.Tensor"], weights: "torch.Tensor", *, params: Mapping[str, Any],
-                 stats: Sequence["LayerStats | None"], base: "torch.Tensor | None") -> "torch.Tensor": ...
+                 stats: Sequence["LayerStats | TokenCounts | None"], base: "torch.Tensor | None") -> "torch.Tensor": ...
 
 
 @dataclass(frozen=True)

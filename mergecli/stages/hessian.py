@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 class HessianSpec(ArtifactSpec):
     kind = "hessian"
-    format = 3
+    format = 4  # 4: the input embedding's token counts
     model: str
     base: str
     dataset: DataFingerprint
