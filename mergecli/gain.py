@@ -59,6 +59,16 @@ def _checked(base: Mapping[str, Windows], specialists: Mapping[str, Windows]) ->
         gain_retained(mean_nll(base[d]), mean_nll(windows), 0.0)  # raises where the gain is undefined
 
 
+def _totals(windows: Windows) -> Totals:
+    return sum(s for s, _ in windows), sum(n for _, n in windows)
+
+
+def mean_gain(base: Mapping[str, Windows], specialists: Mapping[str, Windows], model: Mapping[str, Windows]) -> float:
+    """Mean over the specialists' domains of `gain_retained` (each domain's windows by name)."""
+    _checked(base, specialists)
+    return _gain_of({d: [_totals(base[d]), _totals(specialists[d]), _totals(model[d])] for d in specialists}, 2)
+
+
 def jackknife(fn: Callable[[Mapping[str, Sequence[Totals]]], float],
               sets: Mapping[str, Sequence[Windows]]) -> tuple[float, float]:
     """fn of every model's totals per dataset, and its leave-one-window-out jackknife SE.
@@ -69,7 +79,7 @@ def jackknife(fn: Callable[[Mapping[str, Sequence[Totals]]], float],
     var = sum_d (n_d - 1)/n_d * sum_k (f_(d,-k) - mean_k f_(d,-k))^2. Each leave-one-out value
     costs one call of fn on totals, so the whole is linear in the number of windows.
     """
-    totals = {d: [(sum(s for s, _ in m), sum(n for _, n in m)) for m in models] for d, models in sets.items()}
+    totals = {d: [_totals(m) for m in models] for d, models in sets.items()}
     value = fn(totals)
     var = 0.0
     for d, models in sets.items():

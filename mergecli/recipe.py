@@ -24,7 +24,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, Validatio
 
 from .errors import RecipeError
 from .methods.settings import settings_of
-from .methods.table import WEIGHT, Method, catalog
+from .methods.table import AUTO, WEIGHT, Method, catalog
 from .models.reference import resolve_reference
 
 MAX_RECIPE_BYTES = 1 << 20
@@ -206,6 +206,11 @@ class MergeSpec(BaseModel):
         return {}
 
     @property
+    def searched(self) -> list[str]:
+        """Parameters set to `auto`: chosen by the merge on the fine-tunes' calibration text."""
+        return [name for name, value in self.params.items() if value == AUTO]
+
+    @property
     def needs_stats(self) -> bool:
         from .methods.scores import SCORES
 
@@ -255,11 +260,12 @@ class Recipe(_Strict):
                     settings.check(settings.at("", None, 0))
                 except ValueError as exc:
                     raise ValueError(f"merges.{i}.{exc}") from None
-            if merge.needs_stats:
+            if merge.needs_stats or merge.searched:
+                why = (f"{merge.method}/{merge.params.get('score')} uses calibration statistics" if merge.needs_stats
+                       else f"{', '.join(merge.searched)}: auto is chosen on calibration text")
                 for j, model in enumerate(self.models):
                     if model.dataset is None and (merge.models is None or model.name in names):
-                        raise ValueError(f"models.{j}.dataset: required by merge {merge.name!r} "
-                                         f"({merge.method}/{merge.params.get('score')} uses calibration statistics)")
+                        raise ValueError(f"models.{j}.dataset: required by merge {merge.name!r} ({why})")
         for i, model in enumerate(self.models):
             if model.model.rstrip("/") == self.base.rstrip("/"):
                 raise ValueError(f"models.{i}.model: is the base model itself; list only fine-tunes")

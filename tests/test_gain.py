@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from mergecli.gain import difference_with_se, gain_retained, gain_with_se, log_ratio_with_se
+from mergecli.gain import difference_with_se, gain_retained, gain_with_se, log_ratio_with_se, mean_gain
 
 
 def test_gain_retained_by_hand():
@@ -16,6 +16,10 @@ def test_gain_retained_by_hand():
     assert gain_retained(3.0, 2.0, 3.5) == pytest.approx(-0.5)  # worse than the base
     with pytest.raises(ValueError, match="gain undefined"):
         gain_retained(2.0, 2.0, 1.0)
+    # the mean over domains, from windows: (3 - 2.25) / (3 - 2) on one, (1 - 0.5) / (1 - 0.5) on the other
+    one = {"a": [(3.0, 1)], "b": [(2.0, 2)]}
+    assert mean_gain(one, {"a": [(2.0, 1)], "b": [(1.0, 2)]}, {"a": [(2.25, 1)], "b": [(1.0, 2)]}) == \
+        pytest.approx((0.75 + 1.0) / 2)
 
 
 def _windows(rng, n, level, tokens=None):

@@ -1,32 +1,10 @@
-"""Choosing a merge's scale (lambda) or RegMean's alpha from calibration data, and the quality score.
-
-Pure functions: the caller supplies the loss of a candidate merge on held-out *calibration* windows
-(never evaluation text) as a callable, so nothing here loads a model.
-
-Gain retained (DESIGN §12) of a merge on domain d, from mean next-token NLLs (= log perplexities):
-    g_d = (L_base,d - L_merge,d) / (L_base,d - L_specialist_d,d)
-1 means the merge is as good on d as the model fine-tuned on d; 0 means no better than the base.
-The mean over domains is what `lambda: auto` maximises, on calibration windows.
-"""
+"""Choosing a merge coefficient: a budgeted golden-section search (pure; the caller scores each
+candidate, see `search.py` for `lambda: auto`)."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
-
-
-def gain_retained(base: float, specialist: float, merged: float) -> float:
-    """(L_base - L_merge) / (L_base - L_specialist) for mean NLLs; raises if the specialist is not
-    better than the base (the score is undefined there)."""
-    if not base > specialist:
-        raise ValueError(f"specialist NLL {specialist:.4f} is not below the base's {base:.4f}: gain undefined")
-    return (base - merged) / (base - specialist)
-
-
-def mean_gain(base: Sequence[float], specialist: Sequence[float], merged: Sequence[float]) -> float:
-    """Mean over domains of `gain_retained` (one entry per domain in each sequence)."""
-    gains = [gain_retained(b, s, m) for b, s, m in zip(base, specialist, merged)]
-    return sum(gains) / len(gains)
+from typing import Callable
 
 
 _INV_PHI = (math.sqrt(5) - 1) / 2

@@ -47,7 +47,7 @@ class VariantSettings:
     def at(self, tensor_name: str, layer: int | None, num_layers: int) -> Resolved:
         def value(name: str, levels: Sequence[Any], default: Any) -> Any:
             param = self.method.param(name) or WEIGHT
-            return schedule.resolve_first(levels, tensor_name, layer, num_layers, param.type, default)
+            return schedule.resolve_first(levels, tensor_name, layer, num_layers, param.coerce, default)
 
         params = {name: value(name, [s], self.method.param(name).default) for name, s in self.params.items()}
         own = [{name: value(name, [s], params[name]) for name, s in settings.items()}

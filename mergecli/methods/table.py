@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from .stats import LayerStats, TokenCounts
 
 
+AUTO = "auto"  # a parameter value the merge chooses from calibration data (`Param.auto`)
+
+
 class CombineFn(Protocol):
     def __call__(self, trimmed: Sequence["torch.Tensor"], weights: "torch.Tensor", *, params: Mapping[str, Any],
                  stats: Sequence["LayerStats | TokenCounts | None"], base: "torch.Tensor | None") -> "torch.Tensor": ...
@@ -45,6 +48,11 @@ class Param:
     choices: tuple[str, ...] | None = None
     per_model: bool = False  # may differ per model (a variant's `models: [{name: ..., density: ...}]`)
     schedulable: bool = False  # may vary over depth (a list) or by tensor-name filters
+    auto: bool = False  # may be `auto`: the merge chooses it on held-out calibration windows (`search.py`)
+
+    def coerce(self, value: Any) -> Any:
+        """One scalar as this parameter's type (`auto` stays `auto` where allowed)."""
+        return value if self.auto and value == AUTO else self.type(value)
 
     def check(self, value: Any, field: str | None = None) -> Any:
         """The value as this parameter's type; ValueError("<field>: what is allowed") otherwise.
@@ -53,6 +61,8 @@ class Param:
         {filter | regex, value} entries, see `schedule`): each of its values is checked, and an
         error names its place (`t.1.value: must be in [0, 1], got 2`)."""
         field = field or self.name
+        if self.auto and value == AUTO:
+            return value
         if self.schedulable and not schedule.is_constant(value):
             schedule.check(value, field)
             return schedule.map_values(value, field, self._checked)
@@ -164,7 +174,9 @@ def _package_path() -> list[str]:
 
 # -- parameters shared by several methods ------------------------------------------------------
 SCORE_NAMES = ("magnitude", "random", "sparsegpt", "wanda")
-LAMBDA = Param("lambda", float, 1.0, "scale of the merged task vector", low=-100, high=100, schedulable=True)
+LAMBDA = Param("lambda", float, 1.0, "scale of the merged task vector, or auto: the scale whose merge keeps the most "
+               "of the specialists' gain on held-out calibration windows", low=-100, high=100, schedulable=True,
+               auto=True)
 DENSITY = Param("density", float, 0.2, "fraction of each task vector kept", low=0.0, high=1.0, low_open=True,
                 per_model=True, schedulable=True)
 SCORE = Param("score", str, "magnitude", "which entries matter: magnitude | random | sparsegpt | wanda",

@@ -58,6 +58,7 @@ class MergeResult:
     models: list[str] = field(default_factory=list)
     output: str = "model"
     adapter: dict[str, Any] | None = None  # output: lora: the rank, and per module its rank and kept energy
+    search: dict[str, Any] | None = None  # lambda: auto: the value chosen and every candidate's score
 
     def as_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -69,7 +70,11 @@ def spec_of(ctx: Context, merge: MergeSpec) -> MergedModelSpec:
     inputs = tuple({"entry": key_view(m, exclude={"dataset"}), "taskvec": taskvec.spec_of(ctx, m).key(),
                     "hessian": hessian.spec_of(ctx, m).key() if merge.needs_stats else None}
                    for m in ctx.recipe.models_of(merge))
-    return MergedModelSpec(base=ctx.base.fingerprint, inputs=inputs, variant=key_view(merge),
+    from ..search import key_of
+
+    search = key_of(ctx, merge)  # lambda: auto also depends on the calibration text and settings
+    return MergedModelSpec(base=ctx.base.fingerprint, inputs=inputs,
+                           variant={**key_view(merge), **({"search": search} if search else {})},
                            recipe=key_view(ctx.recipe, exclude={"models", "merges", "calibration", "evaluation"}))
 
 
@@ -165,8 +170,17 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
     models = recipe.models_of(merge)
     lora = merge.output == "lora"
     dtype = getattr(torch, merge.dtype) if merge.dtype else None
+    search = None
+    built = merge
+    if merge.searched:
+        from ..search import choose_lambda, with_param
+
+        search = choose_lambda(ctx, merge, vectors, hessians, workers)
+        ctx.reporter.log(f"merge [bold]{merge.name}[/]: lambda {search.chosen:.3f} chosen on calibration windows "
+                         f"(keeps {100 * search.score:.1f}% of the gain there)")
+        built = with_param(merge, "lambda", search.chosen)
     plan = VariantPlan(
-        settings=settings_of(merge, models), vectors=vectors,
+        settings=settings_of(built, models), vectors=vectors,
         readers=[HessianReader(h.artifact.path, merge.params.get("damp", 0.01), ctx.torch_device) for h in hessians]
         if hessians else None,
         dtype=torch.float32 if lora else dtype, clamp=merge.overflow == "clamp",
@@ -191,7 +205,7 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
                              + ("a weighted mean" if merge.method_spec.needs_stats else "magnitude scores"))
         result = MergeResult(merge.name, merge.method, merge.params, out, False, written.seconds,
                              written.kept_density, written.tensors, spec.key(), [m.name for m in models],
-                             merge.output, adapter)
+                             merge.output, adapter, search.as_dict() if search else None)
         (tmp / "mergecli_recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "README.md").write_text(card_of(recipe, merge, result))
         files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != OWNER_MARKER}
@@ -259,6 +273,12 @@ def card_of(recipe: Recipe, merge: MergeSpec, result: MergeResult) -> str:
     params = ", ".join(f"{k} {setting_text(v)}" for k, v in merge.params.items())
     summary = [f"Merged with mergecli {__version__}: method `{merge.method}` ({params or 'no parameters'}).", "",
                f"Fraction of task-vector entries kept: {result.kept_density:.4f}. Merge time: {result.seconds:.1f} s."]
+    if result.search:
+        trace = ", ".join(f"{float(k):g}: {100 * v:.1f}%" for k, v in result.search["trace"].items())
+        summary += ["", f"lambda: auto chose {result.search['chosen']:.4g}: the scale whose merge keeps the most of the "
+                        f"fine-tunes' gain ({100 * result.search['score']:.1f}%) on {result.search['windows']} held-out "
+                        f"calibration windows of {result.search['seq_len']} tokens per fine-tune "
+                        f"({', '.join(result.search['domains'])}). Tried: {trace}."]
     if result.adapter:
         energies = sorted(m["energy_kept"] for m in result.adapter["modules"].values() if m["kind"] != "full")
         if energies:

@@ -1,0 +1,168 @@
+"""`lambda: auto`: a merge's scale chosen on held-out calibration windows, never on evaluation text.
+
+Why: a merged task vector is rarely best at scale 1. Task arithmetic sums N task vectors (its best
+scale on the quality benchmark is near 1/N, and at 1 it keeps far less of the gain), TIES averages
+the agreeing ones, RegMean solves a least-squares problem per layer whose errors compound over
+depth. theta(lambda) = theta_base + lambda * delta is one line through weight space, and the
+merge's score along it -- the mean gain retained over the fine-tunes' domains (`gain.py`, the
+metric `compare` reports) -- costs one forward pass over a few windows per domain per candidate:
+the merged delta is computed once, by the same engine that writes the merge.
+
+Windows: `SAMPLES` windows of `calibration.seq_len` tokens from each fine-tune's calibration part,
+drawn with seed `calibration.seed + 1` (other windows than the hessian stage's; the held-out part
+the eval stage reads is never touched). References: the base and each fine-tune on its own
+windows; a fine-tune that does not beat the base there is left out of the score (as in compare).
+Search: golden section on `BRACKET` to `TOLERANCE`, both ends evaluated too, so a best scale at
+the edge is seen (at most `EVALUATIONS` forward passes per domain).
+Memory: the base and the merged delta in fp32 beside the model being scored: about three fp32
+copies of the model (SmolLM2-135M: 1.6 GB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from .gain import mean_gain
+from .methods.coefficients import golden_max
+
+if TYPE_CHECKING:
+    from .recipe import MergeSpec
+    from .stages.base import Context
+    from .stages.hessian import HessianSet
+
+SAMPLES = 16
+BRACKET = (0.0, 2.0)
+TOLERANCE = 0.05
+EVALUATIONS = 12
+
+
+@dataclass(frozen=True)
+class Search:
+    """The outcome: the chosen value and every candidate's score (mean gain retained on the
+    calibration windows), for the model card, the stamp and --json."""
+
+    parameter: str
+    chosen: float
+    score: float
+    trace: dict[str, float]  # candidate (as text, sorted) -> score
+    domains: list[str]  # fine-tunes whose gain the score averages
+    windows: int  # per domain
+    seq_len: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def key_of(ctx: "Context", merge: "MergeSpec") -> dict[str, Any] | None:
+    """What the choice depends on beyond the variant itself (the merge's cache key holds it): the
+    calibration text of each merged fine-tune, the calibration settings and this search's own."""
+    if not merge.searched:
+        return None
+    from .data import fingerprint
+    from .recipe import key_view
+
+    return {"datasets": [fingerprint(m.dataset, ctx.recipe.root).model_dump(mode="json")
+                         for m in ctx.recipe.models_of(merge) if m.dataset is not None],
+            "calibration": key_view(ctx.recipe.calibration), "samples": SAMPLES, "bracket": list(BRACKET),
+            "tolerance": TOLERANCE, "evaluations": EVALUATIONS}
+
+
+def with_param(merge: "MergeSpec", name: str, value: Any) -> "MergeSpec":
+    """A copy of the variant with one parameter set."""
+    copy = merge.model_copy(deep=True)
+    copy.__pydantic_extra__[name] = value
+    return copy
+
+
+def choose_lambda(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: list["HessianSet"] | None,
+                  workers: int) -> Search:
+    """The lambda whose merge keeps the most of the fine-tunes' gain on their calibration windows."""
+    import torch
+
+    from .calibration import load_texts, make_windows
+    from .data import describe_spec
+    from .models.loading import load_causal_lm, load_tokenizer
+    from .perplexity import window_nlls
+
+    cal = ctx.recipe.calibration
+    device = ctx.torch_device
+    models = [m for m in ctx.recipe.models_of(merge) if m.dataset is not None]
+    tokenizer = load_tokenizer(ctx.base.path)
+    windows = {m.name: make_windows(load_texts(m.dataset, ctx.recipe.root, tokenizer), tokenizer, min(SAMPLES, cal.samples),
+                                    cal.seq_len, cal.seed + 1, cal.pack,
+                                    what=f"calibration part of dataset {describe_spec(m.dataset)} ({m.name})")
+               for m in models}
+
+    def losses(model: torch.nn.Module, names: list[str]) -> dict[str, list[tuple[float, int]]]:
+        return {n: window_nlls(model, windows[n], cal.batch_size, device) for n in names}
+
+    specialists = {}
+    for m in models:
+        specialist = load_causal_lm(ctx.source(m.model), ctx.base.path).to(device)
+        specialists.update(losses(specialist, [m.name]))
+        del specialist
+    model = load_causal_lm(ctx.base, ctx.base.path).to(device)
+    base = losses(model, list(windows))
+    domains = [n for n in windows if sum(s for s, _ in specialists[n]) / sum(t for _, t in specialists[n])
+               < sum(s for s, _ in base[n]) / sum(t for _, t in base[n])]
+    if not domains:
+        from .errors import MergeCliError
+
+        raise MergeCliError(f"merge {merge.name}: lambda: auto needs a fine-tune that beats the base on its own "
+                            "calibration text, and none does", "set lambda to a number")
+    reference = {n: base[n] for n in domains}
+    own = {n: specialists[n] for n in domains}
+    state = model.state_dict()
+    delta = _merged_delta(ctx, with_param(merge, "lambda", 1.0), vectors, hessians, workers, device)
+    unknown = [name for name in delta if name not in state]
+    if unknown:
+        from .errors import MergeCliError
+
+        raise MergeCliError(f"merge {merge.name}: lambda: auto cannot place tensor {unknown[0]} of the checkpoint in "
+                            "the loaded model", "set lambda to a number")
+    origin = {name: state[name].detach().clone() for name in delta}
+    label = f"lambda search {merge.name}"
+
+    def score(lam: float) -> float:
+        with torch.no_grad():
+            for name, d in delta.items():
+                state[name].copy_(origin[name]).add_(d, alpha=lam)
+        value = mean_gain(reference, own, losses(model, domains))
+        ctx.reporter.log(f"{label}: lambda {lam:.3f} keeps {100 * value:.1f}% of the gain on calibration windows")
+        return value
+
+    with ctx.reporter.track(label, EVALUATIONS) as advance:
+        def tracked(lam: float) -> float:
+            value = score(lam)
+            advance(1)
+            return value
+        chosen, best, seen = golden_max(tracked, *BRACKET, tol=TOLERANCE, max_evals=EVALUATIONS)
+    return Search("lambda", chosen, best, {f"{k:.4f}": v for k, v in sorted(seen.items())}, domains,
+                  min(SAMPLES, cal.samples), cal.seq_len)
+
+
+def _merged_delta(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: list["HessianSet"] | None,
+                  workers: int, device) -> dict[str, Any]:
+    """theta(1) - theta_base of every merged tensor, fp32, by the engine that writes the merge
+    (names as in the base's checkpoint; a tied pair once)."""
+    import torch
+
+    from .hessians import HessianReader
+    from .merging import VariantPlan, merged_tensors, output_infos
+    from .methods.settings import settings_of
+    from .models.safetensors_io import Checkpoint
+
+    plan = VariantPlan(settings_of(merge, ctx.recipe.models_of(merge)), vectors,
+                       [HessianReader(h.artifact.path, merge.params.get("damp", 0.01), device) for h in hessians]
+                       if hessians else None, torch.float32, merge.overflow == "clamp", "base", 1 << 62)
+    delta = {}
+    with Checkpoint.open(ctx.base.path) as ckpt:
+        infos = output_infos(plan, ckpt, ctx.arch, {})
+        for info, (tensor, *_), first in merged_tensors(plan, ckpt, infos, ctx.arch, device, workers,
+                                                         f"lambda search {merge.name}"):
+            if first and info.dtype.is_floating_point:
+                theta = ckpt.get(info.name).to(device, torch.float32)
+                if not torch.equal(tensor.to(device), theta):
+                    delta[info.name] = tensor.to(device).sub_(theta)
+    return delta

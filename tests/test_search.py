@@ -1,0 +1,84 @@
+"""lambda: auto end to end on tiny trained fine-tunes: the chosen scale is the best of its trace, the
+trace's score is the gain recomputed independently (transformers' own loss on windows drawn here),
+the written model is the merge at that scale, and the choice reaches the card, compare and the key."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import CODE, VERSE, cli, write_jsonl, write_recipe
+from mergecli.calibration import load_texts, make_windows
+from mergecli.recipe import DatasetSpec
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, models):
+    """Two real (tiny) fine-tunes, each clearly better than the base on its own text."""
+    from mergecli.finetune import TrainSettings, train
+    from mergecli.progress import SILENT
+
+    root = tmp_path_factory.mktemp("trained")
+    for name, texts in (("code", CODE), ("verse", VERSE)):
+        write_jsonl(root / f"{name}.jsonl", texts)
+        train(models / "base", texts, root / name, TrainSettings(steps=8, lr=3e-3, seq_len=32), SILENT, name)
+    return root
+
+
+def recipe_for(root, models, merges, seed=0):
+    return write_recipe(root / "r.yaml", str(models / "base"), [
+        {"name": n, "model": str(root / n), "dataset": {"path": f"./{n}.jsonl"}} for n in ("code", "verse")],
+        merges, calibration={"samples": 8, "seq_len": 32, "seed": seed})
+
+
+def loss(folder, windows):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return float(model(input_ids=windows.input_ids, labels=windows.input_ids).loss)
+
+
+def test_lambda_auto_chooses_the_best_scale_on_calibration_windows(trained, models):
+    recipe = recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic", "lambda": "auto"}])
+    result = json.loads(cli("--json", "merge", str(recipe)).stdout)[0]
+    search = result["search"]
+    trace = {float(k): v for k, v in search["trace"].items()}
+    assert search["parameter"] == "lambda" and len(trace) <= 12 and {0.0, 2.0} <= set(trace)
+    assert search["chosen"] == max(trace, key=trace.get) and search["score"] == trace[search["chosen"]]
+    assert 0 < search["chosen"] <= 2 and search["domains"] == ["code", "verse"] and search["windows"] == 8
+    # the score at the chosen scale, recomputed: windows drawn here (seed + 1 of the calibration
+    # part), losses from transformers' own loss on the written model, the base and the fine-tunes
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    gains = []
+    for name in ("code", "verse"):
+        texts = load_texts(DatasetSpec(path=str(trained / f"{name}.jsonl")), trained, tok)
+        windows = make_windows(texts, tok, 8, 32, 1)
+        base, own, merged = (loss(f, windows) for f in (models / "base", trained / name, trained / "out" / "ta"))
+        gains.append((base - merged) / (base - own))
+    assert search["score"] == pytest.approx(sum(gains) / 2, abs=1e-4)
+    # the written model is the merge at that scale
+    fixed = recipe_for(trained, models, [{"name": "ta-fixed", "method": "task_arithmetic",
+                                         "lambda": search["chosen"]}])
+    cli("merge", str(fixed))
+    auto = AutoModelForCausalLM.from_pretrained(trained / "out" / "ta").state_dict()
+    same = AutoModelForCausalLM.from_pretrained(trained / "out" / "ta-fixed").state_dict()
+    assert all(torch.equal(auto[k], same[k]) for k in auto)
+    card = (trained / "out" / "ta" / "README.md").read_text()
+    assert f"lambda: auto chose {search['chosen']:.4g}" in card and "held-out calibration windows" in card
+    # cached while nothing changes; other calibration windows are another choice
+    again = cli("--json", "merge", str(recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic",
+                                                                     "lambda": "auto"}])))
+    assert json.loads(again.stdout)[0]["reused"]
+    other = cli("--json", "merge", str(recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic",
+                                                                     "lambda": "auto"}], seed=3)))
+    assert not json.loads(other.stdout)[0]["reused"]
+
+
+def test_lambda_auto_is_refused_where_it_cannot_be_chosen(trained, models):
+    bad = write_recipe(trained / "bad.yaml", str(models / "base"), [{"name": "code", "model": str(trained / "code")}],
+                       [{"name": "ta", "method": "task_arithmetic", "lambda": "auto"}])
+    result = cli("validate", str(bad), code=None)
+    assert result.exit_code != 0 and "lambda: auto is chosen on calibration text" in result.stderr
+    schedule = recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic", "lambda": [0.5, "auto"]}])
+    result = cli("validate", str(schedule), code=None)
+    assert result.exit_code != 0 and "must be a number" in result.stderr
