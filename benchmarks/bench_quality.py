@@ -58,9 +58,11 @@ REFERENCE = "regmean-classic"  # RegMean as published: what every other merge is
 METHODS: dict[str, dict] = {
     "ta-0.5": {"method": "task_arithmetic", "lambda": 0.5},
     "ta-1": {"method": "task_arithmetic"},
+    "ta-auto": {"method": "task_arithmetic", "lambda": "auto"},
     "soup": {"method": "soup"},
     "linear": {"method": "linear", "density": 0.2},
     "ties": {"method": "ties", "density": 0.2},
+    "ties-auto": {"method": "ties", "density": 0.2, "lambda": "auto"},
     "ties-sparsegpt": {"method": "ties", "score": "sparsegpt", "density": 0.2},
     "ties-wanda": {"method": "ties", "score": "wanda", "density": 0.2},
     "ties-obs": {"method": "ties", "score": "sparsegpt", "density": 0.2, "compensate": True},
