@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
@@ -144,34 +144,50 @@ class Workspace:
             raise WorkspaceBusyError(f"another run is building {key} in {self.root}",
                                      "wait for it, or rerun with --wait") from None
 
+    @contextmanager
+    def reserve(self, specs: list[ArtifactSpec]) -> Iterator[list[Artifact | None]]:
+        """Each spec's valid artifact, or None for the missing ones, which stay locked until the
+        block ends (taken in key order, so two runs never wait on each other in a circle) and are
+        looked up again once locked: another run may have built them meanwhile."""
+        found = [self.find(spec) for spec in specs]
+        with ExitStack() as locks:
+            for key in sorted({spec.key() for spec, artifact in zip(specs, found) if artifact is None}):
+                locks.enter_context(self.lock(key))
+            yield [artifact or self.find(spec) for spec, artifact in zip(specs, found)]
+
     def get_or_build(self, spec: ArtifactSpec, label: str,
                      produce: Callable[[Path], None]) -> tuple[Artifact, bool]:
         """The artifact for `spec`, built by `produce(folder)` unless cached; (artifact, reused)."""
-        found = self.find(spec)
-        if found:
-            return found, True
-        with self.lock(spec.key()):
-            found = self.find(spec)  # another run may have built it while we waited
+        with self.reserve([spec]) as (found,):
             if found:
                 return found, True
-            self.build(spec, label, produce)
-        built = self.find(spec)
-        if built is None:
-            raise MergeCliError(f"artifact {spec.kind}/{spec.key()} vanished right after it was written")
-        return built, False
+            self.record(spec, label, self.build_folder(spec, produce))
+        return self.built(spec), False
 
-    def build(self, spec: ArtifactSpec, label: str, produce: Callable[[Path], None]) -> None:
-        """Build and publish one artifact (call under `lock(spec.key())`)."""
-        key = spec.key()
-        final = self.root / spec.kind / key
+    def built(self, spec: ArtifactSpec) -> Artifact:
+        """The artifact just recorded for `spec` (checked like any other)."""
+        artifact = self.find(spec)
+        if artifact is None:
+            raise MergeCliError(f"artifact {spec.kind}/{spec.key()} vanished right after it was written")
+        return artifact
+
+    def build_folder(self, spec: ArtifactSpec, produce: Callable[[Path], None]) -> dict[str, dict[str, Any]]:
+        """Fill a temporary folder with `produce`, then rename it into place; its file records.
+        The caller holds the key's lock (or, in a torchrun job, rank 0 holds it on its behalf)
+        and `record`s the records, which makes the artifact trusted."""
+        final = self.root / spec.kind / spec.key()
         with building(final, ROLE) as tmp:
             produce(tmp)
             files = {p.relative_to(tmp).as_posix(): file_record(p) for p in sorted(tmp.rglob("*"))
                      if p.is_file() and p.name != OWNER_MARKER}
             publish(tmp, final, owned=lambda f: is_owned(f, ROLE))
+        return files
+
+    def record(self, spec: ArtifactSpec, label: str, files: dict[str, dict[str, Any]]) -> None:
+        """Enter a published artifact in the manifest."""
         with self._manifest_lock() as manifest:
-            manifest["entries"][key] = {"kind": spec.kind, "label": label, "spec": spec.model_dump(mode="json"),
-                                        "files": files, "created": time.time()}
+            manifest["entries"][spec.key()] = {"kind": spec.kind, "label": label, "spec": spec.model_dump(mode="json"),
+                                               "files": files, "created": time.time()}
 
     def remove(self, key: str) -> None:
         with self._manifest_lock() as manifest:
