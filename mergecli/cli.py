@@ -27,6 +27,7 @@ from rich.markup import escape
 
 from . import __version__
 from .display import RichReporter, size_text, table
+from .distributed import DEFAULT_TIMEOUT, SINGLE, Group, PeerFailed, join
 from .errors import MergeCliError
 from .fsutil import folder_bytes
 from .recipe import Recipe, load_recipe, recipes_dir
@@ -52,6 +53,7 @@ class Options:
     device: str = "cpu"
     debug: bool = False
     wait: bool = True
+    group: Group = SINGLE  # the torchrun process group, if launched by torchrun
 
     @property
     def out(self) -> Console:
@@ -70,9 +72,11 @@ class Options:
         return load_recipe(path, list(overrides or []) + extra, check_paths=check_paths, log=self.reporter.log)
 
     def context(self, recipe: Recipe) -> Context:
-        return Context(recipe, self.reporter, self.device, self.wait)
+        return Context(recipe, self.reporter, self.device, self.wait, self.group)
 
     def emit(self, shown: View | str) -> None:
+        if not self.group.main:  # under torchrun rank 0 prints the result
+            return
         if isinstance(shown, str):
             typer.echo(shown, nl=False)
         elif self.json:
@@ -93,6 +97,10 @@ def main_options(
     device: str = typer.Option("cpu", "--device", help="torch device for the math: cpu, cuda, cuda:1, mps"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for, or fail on, another run holding a lock"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="under torchrun: process-group backend "
+                                          "(default nccl with --device cuda, else gloo)"),
+    dist_timeout: float = typer.Option(DEFAULT_TIMEOUT, "--dist-timeout", min=1, help="under torchrun: seconds a "
+                                       "process waits for the others before failing"),
     version: bool = typer.Option(False, "--version", help="print the version and exit", is_eager=True),
 ) -> None:
     if version:
@@ -102,6 +110,10 @@ def main_options(
         typer.echo(ctx.get_help())
         raise typer.Exit()
     OPTIONS.__init__(workspace, quiet, json_output, device, debug, wait)
+    try:
+        OPTIONS.group = join(device, backend, dist_timeout)
+    except MergeCliError as exc:
+        raise typer.Exit(report(exc)) from None
 
 
 def command(fn: Callable[..., None]) -> Callable[..., None]:
@@ -119,18 +131,28 @@ def command(fn: Callable[..., None]) -> Callable[..., None]:
                 raise
             if INTERRUPTED:  # a library turned the KeyboardInterrupt into an error of its own
                 _interrupted()
-            message, hint, code = explain(exc)
-            OPTIONS.err.print(f"[bold red]{'Error' if code else 'Internal error'}:[/] {escape(message)}",
-                              highlight=False, soft_wrap=True)
-            if hint:
-                OPTIONS.err.print(f"[dim]hint: {escape(hint)}[/]", highlight=False, soft_wrap=True)
-            raise typer.Exit(code or 1) from None
+            raise typer.Exit(report(exc)) from None
     return wrapper
 
 
 def _interrupted() -> NoReturn:
     OPTIONS.err.print("[red]interrupted[/]: nothing half-written is kept; rerun to resume", highlight=False)
     raise typer.Exit(130)
+
+
+def report(exc: BaseException) -> int:
+    """Print an error as one line (and its hint); the exit code. Under torchrun, the first process
+    with a given error prints it, naming its rank."""
+    message, hint, code = explain(exc)
+    group = OPTIONS.group
+    if not group.should_print(message, consequence=isinstance(exc, PeerFailed)):
+        return code or 1
+    where = f"rank {group.rank} of {group.world}: " if group.launched else ""
+    OPTIONS.err.print(f"[bold red]{'Error' if code else 'Internal error'}:[/] {where}{escape(message)}",
+                      highlight=False, soft_wrap=True)
+    if hint:
+        OPTIONS.err.print(f"[dim]hint: {escape(hint)}[/]", highlight=False, soft_wrap=True)
+    return code or 1
 
 
 def explain(exc: BaseException) -> tuple[str, str | None, int]:
@@ -377,6 +399,10 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as done:
+        if not done.code:  # a process group in error is left to the exit (nccl's teardown can hang)
+            OPTIONS.group.close()
+        raise
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..distributed import SINGLE, Group, SharedProgress
 from ..errors import MergeCliError, ModelMismatchError
 from ..fsutil import overlaps, real
 from ..progress import SILENT, Reporter
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from ..models.architecture import Architecture
     from ..models.reference import ModelSource
     from ..recipe import Recipe
-    from ..workspace import Workspace
+    from ..workspace import Artifact, Workspace
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,21 @@ class Stage:
 @dataclass
 class Context:
     """One run of one or more stages on one recipe: resolved models and the workspace are looked up
-    once, and a stage that needs another's result (`need`) gets it computed once."""
+    once, and a stage that needs another's result (`need`) gets it computed once. `dist` is this
+    process's group under torchrun (its reporter then shows one aggregate display, on rank 0)."""
 
     recipe: "Recipe"
     reporter: Reporter = SILENT
     device: str = "cpu"
     wait: bool = True
+    dist: Group = SINGLE
     _sources: dict[str, "ModelSource"] = field(default_factory=dict)
     _results: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dist.launched:
+            self.device = self.dist.local_device(self.device)
+            self.reporter = SharedProgress(self.reporter, self.dist)
 
     # -- models -------------------------------------------------------------------------------
     def source(self, ref: str) -> "ModelSource":
@@ -159,6 +167,13 @@ class Context:
 
         self.guard(self.recipe.workspace_path, "workspace")
         return Workspace(self.recipe.workspace_path, wait=self.wait, log=self.reporter.log)
+
+    def get_or_build(self, spec: "ArtifactSpec", label: str, produce: Callable[[Path], None]) -> tuple["Artifact", bool]:
+        """An artifact every process needs: reused, or built by `produce(folder)` (by rank 0 alone
+        under torchrun); (artifact, reused)."""
+        from ..coordinate import get_or_build
+
+        return get_or_build(self, spec, label, produce)
 
     # -- other stages ---------------------------------------------------------------------------
     def need(self, stage: str, **options: Any) -> Any:

@@ -53,7 +53,7 @@ def task_vector(ctx: Context, model: ModelSpec) -> Computed:
         build_task_vector(folder, model.name, source, ctx.base, ctx.arch, ctx.recipe.extra_tokens,
                           model.check_base, ctx.recipe.base, ctx.reporter)
 
-    artifact, reused = ctx.workspace.get_or_build(spec_of(ctx, model), f"taskvec {model.name}", produce)
+    artifact, reused = ctx.get_or_build(spec_of(ctx, model), f"taskvec {model.name}", produce)
     vector = TaskVector(model.name, source.kind, artifact.path, source.path)
     how = "read from the fine-tune at merge time" if vector.by_reference else "materialized"
     ctx.reporter.log(f"task vector [bold]{model.name}[/] ({source.kind}, {how}): "
