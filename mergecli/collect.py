@@ -96,6 +96,16 @@ def collect(model: nn.Module, windows: Windows, groups: dict[str, list[str]], ba
             stats.counts[name] = stats.counts.get(name, 0) + x.shape[0]
         return hook
 
+    finished: set[str] = set()
+
+    def finish() -> None:
+        """Mirror the sums not yet finished and move them off the device; layer by layer this runs
+        after each block, so the device holds one block's H at a time, not the whole model's."""
+        for name, h in stats.sums.items():
+            if name not in finished:
+                stats.sums[name] = symmetrize(h).cpu()
+                finished.add(name)
+
     for leader, members in groups.items():
         for member in members:
             stats.members[f"{member}.weight"] = leader
@@ -103,7 +113,7 @@ def collect(model: nn.Module, windows: Windows, groups: dict[str, list[str]], ba
     try:
         with torch.no_grad():
             if layer_by_layer:
-                _run_layer_by_layer(model, windows, batch_size, device, current, advance)
+                _run_layer_by_layer(model, windows, batch_size, device, current, advance, finish)
             else:
                 model.to(device)
                 backbone = getattr(model, "base_model", model)  # no logits: the output layer is not collected
@@ -114,7 +124,7 @@ def collect(model: nn.Module, windows: Windows, groups: dict[str, list[str]], ba
     finally:
         for hook in hooks:
             hook.remove()
-    stats.sums = {k: symmetrize(v).cpu() for k, v in stats.sums.items()}
+    finish()
     return stats
 
 
@@ -148,7 +158,9 @@ def _set_mask(current: dict, mask: torch.Tensor) -> None:
 
 
 def _run_layer_by_layer(model: nn.Module, windows: Windows, batch_size: int, device: torch.device,
-                        current: dict[str, torch.Tensor], advance: Callable[[int], None]) -> None:
+                        current: dict[str, torch.Tensor], advance: Callable[[int], None],
+                        finish: Callable[[], None]) -> None:
+    """Progress counts windows once per block (windows x blocks in all)."""
     layers = decoder_layers(model)
     model.to("cpu")
     inputs: list[tuple[tuple, dict, torch.Tensor]] = []
@@ -176,8 +188,9 @@ def _run_layer_by_layer(model: nn.Module, windows: Windows, batch_size: int, dev
             out = layer(*args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
             inputs[i] = ((hidden, *args[1:]), kwargs, mask)
+            advance(hidden.shape[0])
         layer.to("cpu")
-        advance(1)
+        finish()
     model.to("cpu")
 
 

@@ -3,12 +3,14 @@
 One artifact per fine-tune holds `hessian.safetensors` (one fp32 H sum per input group, and the
 input embedding's token counts) and `hessian.json` (weight name -> group, token count per group,
 the embedding's weight name). Sums are stored with their token count so they add up exactly;
-consumers use G = H / n.
+consumers use G = H / n. That is also what lets several processes share one fine-tune's windows:
+each collects the sums of its own part, and `combine` adds them.
 
 The token counts are the embedding lookup's H: its input is a one-hot token, so H is the diagonal
 of how often each token id is an input position (non-pad) of the windows. They come from the
-windows alone, cost one int64 per vocabulary entry (SmolLM2: 0.4 MB beside 370 MB of H), and let
-RegMean merge the embedding rows by the data instead of a plain mean.
+windows alone (every process draws the same, so they are never reduced), cost one int64 per
+vocabulary entry (SmolLM2: 0.4 MB beside 370 MB of H), and let RegMean merge the embedding rows
+by the data instead of a plain mean.
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ import json
 import shutil
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .calibration import load_texts, make_windows
-from .collect import collect, find_groups, linear_modules
+from .calibration import Windows, load_texts, make_windows
+from .collect import Statistics, collect, find_groups, linear_modules
 from .data import describe_spec
+from .distributed import Group
 from .errors import MergeCliError
 from .methods.stats import LayerStats, TokenCounts
-from .models.architecture import decoder_layers
 from .models.loading import load_causal_lm, load_tokenizer
 from .models.reference import ModelSource
 from .models.safetensors_io import Checkpoint, StreamingWriter, TensorInfo
@@ -41,9 +45,24 @@ def read_meta(folder: Path) -> dict:
     return json.loads((folder / META).read_text())
 
 
-def produce_hessians(folder: Path, name: str, source: ModelSource, base: Path, dataset: DatasetSpec, root: Path,
-                     cal: CalibrationSpec, device: torch.device, reporter: Reporter) -> None:
-    """Run the calibration windows through the model and write the statistics artifact."""
+@dataclass
+class Calibration:
+    """A model ready to collect statistics on: its windows, its input groups and their widths."""
+
+    name: str
+    dataset: str
+    model: torch.nn.Module
+    windows: Windows
+    groups: dict[str, list[str]]
+    dims: dict[str, int]
+    embedding: str  # the input embedding's weight name
+    rows: int  # its vocabulary size
+
+
+def prepare(name: str, source: ModelSource, base: Path, dataset: DatasetSpec, root: Path, cal: CalibrationSpec,
+            workspace: Path, reporter: Reporter) -> Calibration:
+    """Load the model and draw its calibration windows (identical in every process); refuse early
+    if the workspace disk cannot hold the result."""
     tokenizer = load_tokenizer(source.path, base)
     texts = load_texts(dataset, root, tokenizer)
     windows = make_windows(texts, tokenizer, cal.samples, cal.seq_len, cal.seed, cal.pack,
@@ -54,25 +73,49 @@ def produce_hessians(folder: Path, name: str, source: ModelSource, base: Path, d
     dims = {leader: _in_features(modules[leader]) for leader in groups}
     rows = model.get_input_embeddings().weight.shape[0]
     size = sum(d * d * 4 for d in dims.values()) + 8 * rows  # fp32 H per group, int64 token counts
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(workspace).free
     reporter.log(f"hessians {name}: {len(groups)} input groups for {sum(map(len, groups.values()))} "
                  f"linear layers, {size / 2**20:.1f} MiB on disk; {windows.tokens} tokens")
     if size > free:
         raise MergeCliError(f"hessians of {name} need {size / 2**30:.2f} GiB, the workspace disk has "
                             f"{free / 2**30:.2f} GiB free", "free space or point --workspace elsewhere")
-    steps = len(decoder_layers(model)) if cal.layer_by_layer else windows.input_ids.shape[0]
-    with reporter.track(f"hessians {name}", steps) as advance:
-        stats = collect(model, windows, groups, cal.batch_size, device, cal.layer_by_layer, advance)
-    embedding = embedding_weight(model)
-    counts = token_counts(windows, rows)
+    return Calibration(name, describe_spec(dataset), model, windows, groups, dims, embedding_weight(model), rows)
+
+
+def collect_windows(prepared: Calibration, rows: range, cal: CalibrationSpec, device: torch.device,
+                    advance: Callable[[int], None]) -> Statistics:
+    """The summed statistics of windows `rows` (a zero sum for a group no window reached)."""
+    ids, mask = prepared.windows.input_ids, prepared.windows.attention_mask
+    part = Windows(ids[rows.start:rows.stop], mask[rows.start:rows.stop])
+    stats = collect(prepared.model, part, prepared.groups, cal.batch_size, device, cal.layer_by_layer, advance)
+    for leader, d in prepared.dims.items():
+        stats.sums.setdefault(leader, torch.zeros(d, d))
+        stats.counts.setdefault(leader, 0)
+    return stats
+
+
+def combine(stats: Statistics, group: Group) -> Statistics:
+    """Every process's sums and token counts added up, on rank 0 (one group at a time, in fp64;
+    counts exactly)."""
+    leaders = list(stats.sums)
+    counts = group.reduce_sum(torch.tensor([stats.counts[leader] for leader in leaders], dtype=torch.int64))
+    sums = {leader: group.reduce_sum(stats.sums[leader]) for leader in leaders}
+    return Statistics(sums, dict(zip(leaders, counts.tolist())), stats.members)
+
+
+def write_hessians(folder: Path, prepared: Calibration, stats: Statistics) -> None:
+    """The statistics artifact: one fp32 H sum per input group, the embedding's token counts (of
+    all the windows), and what maps to what."""
+    groups, dims, embedding = prepared.groups, prepared.dims, prepared.embedding
+    counts = token_counts(prepared.windows, prepared.rows)
     infos = [TensorInfo(f"{leader}.H", (dims[leader], dims[leader]), torch.float32) for leader in groups]
     infos.append(TensorInfo(f"{embedding}.counts", tuple(counts.shape), torch.int64))
-    with StreamingWriter(folder / FILENAME, infos, {"model": name}) as writer:
+    with StreamingWriter(folder / FILENAME, infos, {"model": prepared.name}) as writer:
         for leader in groups:
             writer.write(f"{leader}.H", stats.sums[leader].float())
         writer.write(f"{embedding}.counts", counts)
     (folder / META).write_text(json.dumps({
-        "model": name, "dataset": describe_spec(dataset), "tokens": windows.tokens,
+        "model": prepared.name, "dataset": prepared.dataset, "tokens": prepared.windows.tokens,
         "members": stats.members, "counts": stats.counts, "groups": groups, "embedding": embedding}, indent=1))
 
 
@@ -82,7 +125,7 @@ def embedding_weight(model: torch.nn.Module) -> str:
     return next(name for name, p in model.named_parameters() if p is weight)
 
 
-def token_counts(windows, rows: int) -> torch.Tensor:
+def token_counts(windows: Windows, rows: int) -> torch.Tensor:
     """How often each token id is an input position of the windows (padding excluded), one int64
     per embedding row: the diagonal of the embedding lookup's H. Ids beyond `rows` (tokens the
     base's embedding does not have) are not counted."""

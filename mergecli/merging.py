@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
+from .distributed import SINGLE, Group
 from .errors import MergeCliError
 from .hessians import HessianReader
 from .methods.pipeline import NonFiniteTaskVector, OutOfRange, fit, merge_tensor
@@ -65,14 +66,20 @@ class Written:
 
 
 def write_variant(folder: Path, plan: VariantPlan, base: Path, arch: Architecture, sources: Sequence[Path],
-                  device: torch.device, workers: int, reporter: Reporter, label: str) -> Written:
-    """Compute every tensor of the variant into `folder` (weights, config, tokenizer files)."""
+                  device: torch.device, workers: int, reporter: Reporter, label: str, group: Group = SINGLE) -> Written:
+    """Compute every tensor of the variant into `folder` (weights, config, tokenizer files).
+
+    With several processes (`group`), each computes and writes the tensors it owns (balanced by
+    bytes; a tied pair stays together); once all are done, rank 0 writes the other files."""
     start = time.perf_counter()
     kept = offered = without_stats = 0
     with Checkpoint.open(base) as ckpt:
         extra = _extra_rows(plan.vectors) if plan.extra_tokens == "union" else {}
         infos = output_infos(plan, ckpt, arch, extra)
-        writer = ShardedWriter(folder, infos, plan.shard_bytes)
+        sizes = {arch.canonical(i.name): i.nbytes for i in infos}  # a tied pair is computed once
+        owner = dict(zip(sizes, group.balance(list(sizes.values()))))
+        writer = ShardedWriter(folder, infos, plan.shard_bytes, owners=[owner[arch.canonical(i.name)] for i in infos],
+                               rank=group.rank)
         with writer, reporter.track(label, len(infos)) as advance:
             for info, (tensor, k, n, missing), first in merged_tensors(plan, ckpt, list(writer.order), arch, device,
                                                                       workers, label, extra):
@@ -80,11 +87,13 @@ def write_variant(folder: Path, plan: VariantPlan, base: Path, arch: Architectur
                     kept, offered, without_stats = kept + k, offered + n, without_stats + missing
                 writer.write(info.name, tensor)
                 advance(1)
-    copy_side_files(base, folder, None if plan.dtype is None else str(plan.dtype).removeprefix("torch."))
-    if extra:
-        adopt_vocabulary(folder, extra, sources, infos, arch)
+    kept, offered, without_stats = map(sum, zip(*group.gather((kept, offered, without_stats))))
+    if group.main:
+        copy_side_files(base, folder, None if plan.dtype is None else str(plan.dtype).removeprefix("torch."))
+        if extra:
+            adopt_vocabulary(folder, extra, sources, infos, arch)
     return Written(round(time.perf_counter() - start, 3), kept, offered, len(infos), without_stats,
-                   writer.filenames)
+                   writer.all_files)
 
 
 def output_infos(plan: VariantPlan, ckpt: Checkpoint, arch: Architecture,

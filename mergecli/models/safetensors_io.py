@@ -256,14 +256,30 @@ def plan_shards(tensors: Iterable[TensorInfo], max_bytes: int) -> list[list[Tens
 
 
 class ShardedWriter(_Writer):
-    """Writes a Hugging Face weight set: `model.safetensors`, or numbered shards plus an index."""
+    """Writes a Hugging Face weight set: `model.safetensors`, or numbered shards plus an index.
 
-    def __init__(self, folder: Path, tensors: list[TensorInfo], max_shard_bytes: int, prefix: str = "model") -> None:
+    Several processes can write one set together: `owners` gives each tensor's rank; each rank
+    writes the shards of its own tensors (numbered after the lower ranks' shards), and rank 0 the
+    index. So the files depend on the number of processes, the tensors in them do not.
+    """
+
+    def __init__(self, folder: Path, tensors: list[TensorInfo], max_shard_bytes: int, prefix: str = "model",
+                 owners: list[int] | None = None, rank: int = 0) -> None:
         self.folder = folder
-        self.plan = plan_shards(tensors, max_shard_bytes)
-        n = len(self.plan)
-        self.filenames = ([f"{prefix}.safetensors"] if n == 1 else
-                          [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        owners = owners or [0] * len(tensors)
+        parts = [[t for t, o in zip(tensors, owners) if o == r] for r in range(max(owners, default=0) + 1)]
+        plans = [plan_shards(part, max_shard_bytes) if part else [] for part in parts]
+        shards = [shard for plan in plans for shard in plan]  # every rank's, in rank order
+        n = len(shards)
+        names = ([f"{prefix}.safetensors"] if n == 1 else
+                 [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.all_files = names + ([INDEX_NAME] if n > 1 else [])
+        self._weight_map = {info.name: names[i] for i, shard in enumerate(shards) for info in shard}
+        self._total = sum(info.nbytes for info in tensors)
+        first = sum(map(len, plans[:rank]))
+        self.plan = plans[rank] if rank < len(plans) else []
+        self.filenames = names[first:first + len(self.plan)]
+        self._index = rank == 0 and n > 1
         self._shard = -1
         self._writer: StreamingWriter | None = None
         self._left = 0
@@ -289,18 +305,16 @@ class ShardedWriter(_Writer):
         self._left = len(self.plan[self._shard])
 
     def close(self) -> list[str]:
-        """Finish the last shard, write the index if sharded; returns the files written."""
-        if self._writer is None:
+        """Finish the last shard, write the index if this rank writes it; returns the files written."""
+        if self._writer is None and self.plan:
             self._next_shard()
         if self._shard != len(self.plan) - 1:
             raise RuntimeError(f"{self.folder}: closed after shard {self._shard + 1} of {len(self.plan)}")
-        assert self._writer is not None
-        self._writer.close()
-        if len(self.filenames) == 1:
+        if self._writer is not None:
+            self._writer.close()
+        if not self._index:
             return self.filenames
-        weight_map = {info.name: self.filenames[i] for i, shard in enumerate(self.plan) for info in shard}
-        total = sum(info.nbytes for shard in self.plan for info in shard)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": self._total}, "weight_map": self._weight_map}
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
         return self.filenames + [INDEX_NAME]
 

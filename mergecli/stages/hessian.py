@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..artifacts import ArtifactSpec, DataFingerprint
 from ..display import size_text
@@ -19,6 +19,7 @@ from ..recipe import ModelSpec, key_view
 from .base import Context, Option, Stage, View
 
 if TYPE_CHECKING:
+    from ..coordinate import Claim
     from ..workspace import Artifact
 
 
@@ -61,21 +62,64 @@ def check_context(ctx: Context, seq_len: int, field: str) -> None:
                             f"set {field} to at most {ctx.arch.context}")
 
 
-def hessian_set(ctx: Context, model: ModelSpec) -> HessianSet:
-    if model.dataset is None:
-        raise MergeCliError(f"models.{model.name}.dataset is needed for calibration statistics")
-    from ..hessians import produce_hessians
+def hessian_sets(ctx: Context, models: list[ModelSpec]) -> list[HessianSet]:
+    """Calibration statistics of `models`, collected where missing.
 
+    Under torchrun the missing ones are shared out: whole rounds of one fine-tune per process,
+    each collected and written by its process alone (no H crosses the network), then the few
+    left over (fewer than the processes) one at a time by all processes together, each taking a
+    contiguous part of the windows; rank 0 adds up the parts and writes. One process: every
+    fine-tune is a round of its own."""
+    from ..coordinate import claim
+
+    if not models:
+        return []
+    for model in models:
+        if model.dataset is None:
+            raise MergeCliError(f"models.{model.name}.dataset is needed for calibration statistics")
     check_context(ctx, ctx.recipe.calibration.seq_len, "calibration.seq_len")
-    source = ctx.source(model.model)
+    specs = [spec_of(ctx, m) for m in models]
+    with claim(ctx, specs, [f"hessian {m.name}" for m in models]) as step:
+        missing = step.missing
+        rounds = len(missing) - len(missing) % ctx.dist.world
+        alone, together = missing[:rounds], missing[rounds:]
+        if alone:
+            with ctx.reporter.track(f"hessians {', '.join(models[i].name for i in alone)}",
+                                    _steps(ctx) * len(alone)) as advance:
+                for index in alone[ctx.dist.rank::ctx.dist.world]:
+                    _collect(ctx, models[index], step, index, advance, shared=False)
+        for index in together:
+            with ctx.reporter.track(f"hessians {models[index].name}", _steps(ctx)) as advance:
+                _collect(ctx, models[index], step, index, advance, shared=True)
+        found = step.settle()
+    for model, (_, reused) in zip(models, found):
+        ctx.reporter.log(f"hessians [bold]{model.name}[/]: " + ("reused from the workspace cache" if reused else "collected"))
+    return [HessianSet(model.name, artifact, reused) for model, (artifact, reused) in zip(models, found)]
 
-    def produce(folder) -> None:
-        produce_hessians(folder, model.name, source, ctx.base.path, model.dataset, ctx.recipe.root,
-                         ctx.recipe.calibration, ctx.torch_device, ctx.reporter)
 
-    artifact, reused = ctx.workspace.get_or_build(spec_of(ctx, model), f"hessian {model.name}", produce)
-    ctx.reporter.log(f"hessians [bold]{model.name}[/]: " + ("reused from the workspace cache" if reused else "collected"))
-    return HessianSet(model.name, artifact, reused)
+def _steps(ctx: Context) -> int:
+    """Progress units of one fine-tune: its windows (once per decoder block, layer by layer)."""
+    cal = ctx.recipe.calibration
+    return cal.samples * ((ctx.arch.num_layers or 1) if cal.layer_by_layer else 1)
+
+
+def _collect(ctx: Context, model: ModelSpec, step: "Claim", index: int, advance: Callable[[int], None],
+             shared: bool) -> None:
+    """One fine-tune's statistics, written by this process; `shared`: this process's part of the
+    windows, added up with the other processes' parts and written by rank 0."""
+    from ..hessians import collect_windows, combine, prepare, write_hessians
+
+    assert model.dataset is not None
+    cal = ctx.recipe.calibration
+    prepared = prepare(model.name, ctx.source(model.model), ctx.base.path, model.dataset, ctx.recipe.root, cal,
+                       ctx.workspace.root, ctx.reporter)
+    rows = ctx.dist.share(cal.samples) if shared else range(cal.samples)
+    stats = collect_windows(prepared, rows, cal, ctx.torch_device, advance)
+    if shared:
+        stats = combine(stats, ctx.dist)
+        if not ctx.dist.main:
+            return
+    step.build(index, lambda folder: write_hessians(folder, prepared, stats))
 
 
 def calibrated(ctx: Context) -> list[ModelSpec]:
@@ -89,7 +133,7 @@ def run(ctx: Context) -> list[HessianSet]:
         raise MergeCliError("no fine-tune in the recipe has a dataset to calibrate on",
                             "add models.N.dataset: {path: ..., text_field: text}")
     ctx.torch_device  # fail on a bad --device before any model is loaded
-    return [hessian_set(ctx, model) for model in chosen]
+    return hessian_sets(ctx, chosen)
 
 
 def show(sets: list[HessianSet]) -> View:

@@ -98,14 +98,11 @@ def run(ctx: Context, only: list[str] | None = None, overwrite: bool = False, wo
         check_replaceable(out, read_stamp(out))
     check_settings(ctx, variants)
     vectors = {c.vector.model: c.vector for c in ctx.need("taskvec")}
-    hessians: dict[str, "HessianSet"] = {}
+    needed = {m.name: m for merge in variants if merge.needs_stats for m in recipe.models_of(merge)}
+    hessians = {h.model: h for h in hessian.hessian_sets(ctx, list(needed.values()))}
     results = []
     for merge in variants:
         models = recipe.models_of(merge)
-        if merge.needs_stats:
-            for model in models:
-                if model.name not in hessians:
-                    hessians[model.name] = hessian.hessian_set(ctx, model)
         results.append(merge_variant(ctx, merge, [vectors[m.name] for m in models],
                                      [hessians[m.name] for m in models] if merge.needs_stats else None,
                                      overwrite, workers))
@@ -137,24 +134,33 @@ def merge_variant(ctx: Context, merge: MergeSpec, vectors: list, hessians: list[
     spec = spec_of(ctx, merge)
     key = spec.key()
     out = recipe.output_path / merge.name
-    try:
-        with locked(out.parent / f".{merge.name}.lock", ctx.wait,
-                    lambda: ctx.reporter.log(f"another run is writing {out}; waiting for it to finish")):
-            for stale in leftovers(out.parent, ROLE, merge.name):
-                shutil.rmtree(stale, ignore_errors=True)
-            stamp = read_stamp(out)
-            if stamp and stamp.get("key") == key and not overwrite:
-                problem = stamp_problem(out, stamp)
-                if problem is None:
-                    ctx.reporter.log(f"merge [bold]{merge.name}[/]: reused {out}")
-                    return MergeResult(**{**stamp["result"], "path": out, "reused": True})
-                ctx.reporter.log(f"[yellow]merge {merge.name}: {out} is damaged ({problem}); rebuilding[/]")
-            _clear_for(out, stamp)
+    try:  # under torchrun rank 0 holds the lock and decides; every rank writes its part
+        with ctx.dist.lead(lambda: locked(out.parent / f".{merge.name}.lock", ctx.wait,
+                           lambda: ctx.reporter.log(f"another run is writing {out}; waiting for it to finish"))):
+            reused = ctx.dist.decide(lambda: _reusable(ctx, merge, out, key, overwrite))
+            if reused:
+                return reused
             result = _build(ctx, merge, vectors, hessians, workers, spec, out)
     except BlockingIOError:
         raise WorkspaceBusyError(f"another run is writing {out}", "wait for it, or rerun with --wait") from None
     ctx.reporter.log(f"merge [bold]{merge.name}[/]: wrote {out} in {result.seconds:.1f} s")
     return result
+
+
+def _reusable(ctx: Context, merge: MergeSpec, out: Path, key: str, overwrite: bool) -> MergeResult | None:
+    """The folder's result if it is current and intact; else None, the way cleared (temp folders
+    of killed runs removed, a folder of ours checked replaceable). Call under the folder's lock."""
+    for stale in leftovers(out.parent, ROLE, merge.name):
+        shutil.rmtree(stale, ignore_errors=True)
+    stamp = read_stamp(out)
+    if stamp and stamp.get("key") == key and not overwrite:
+        problem = stamp_problem(out, stamp)
+        if problem is None:
+            ctx.reporter.log(f"merge [bold]{merge.name}[/]: reused {out}")
+            return MergeResult(**{**stamp["result"], "path": out, "reused": True})
+        ctx.reporter.log(f"[yellow]merge {merge.name}: {out} is damaged ({problem}); rebuilding[/]")
+    _clear_for(out, stamp)
+    return None
 
 
 def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["HessianSet"] | None, workers: int,
@@ -175,7 +181,8 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
     if merge.searched:
         from ..search import choose_lambda, with_param
 
-        search = choose_lambda(ctx, merge, vectors, hessians, workers)
+        # under torchrun rank 0 searches (one model per process would not fit many GPUs' memory) and tells the others
+        search = ctx.dist.decide(lambda: choose_lambda(ctx, merge, vectors, hessians, workers))
         ctx.reporter.log(f"merge [bold]{merge.name}[/]: lambda {search.chosen:.3f} chosen on calibration windows "
                          f"(keeps {100 * search.score:.1f}% of the gain there)")
         built = with_param(merge, "lambda", search.chosen)
@@ -187,8 +194,12 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
         extra_tokens=recipe.extra_tokens, shard_bytes=recipe.shard_bytes)
     label = f"merge {merge.name}"
     adapter = None
-    with building(out, ROLE) as tmp:
-        if lora:
+    result = None
+    with ctx.dist.lead(lambda: building(out, ROLE)) as tmp:  # made by rank 0
+        if not lora:  # every rank computes and writes the shards of its share of the tensors
+            written = write_variant(tmp, plan, ctx.base.path, ctx.arch, [ctx.source(m.model).path for m in models],
+                                    ctx.torch_device, workers, ctx.reporter, label, ctx.dist)
+        elif ctx.dist.main:  # an adapter is factored by rank 0 alone; the others wait for it
             written, modules = write_merged_adapter(tmp, plan, ctx.base.path, recipe.resolve(recipe.base), ctx.arch,
                                                     ctx.torch_device, workers, ctx.reporter, label, merge.rank,
                                                     dtype or torch.float32)
@@ -196,24 +207,22 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
             for module, r in modules.items():
                 ctx.reporter.log(f"merge [bold]{merge.name}[/]: {module}: {r.kind}" + (
                     f" rank {r.rank}, energy kept {r.energy_kept:.4f}" if r.kind != "full" else " (saved whole)"))
-        else:
-            written = write_variant(tmp, plan, ctx.base.path, ctx.arch, [ctx.source(m.model).path for m in models],
-                                    ctx.torch_device, workers, ctx.reporter, label)
-        if written.without_stats:
-            ctx.reporter.log(f"merge [bold]{merge.name}[/]: {written.without_stats} tensors have no calibration "
-                             "statistics (embeddings, norms, biases, lm_head) and used "
-                             + ("a weighted mean" if merge.method_spec.needs_stats else "magnitude scores"))
-        result = MergeResult(merge.name, merge.method, merge.params, out, False, written.seconds,
-                             written.kept_density, written.tensors, spec.key(), [m.name for m in models],
-                             merge.output, adapter, search.as_dict() if search else None)
-        (tmp / "mergecli_recipe.yaml").write_text(recipe.to_yaml())
-        (tmp / "README.md").write_text(card_of(recipe, merge, result))
-        files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != OWNER_MARKER}
-        (tmp / STAMP).write_text(json.dumps({"mergecli": __version__, "kind": f"merged-{merge.output}",
-                                             "key": spec.key(), "files": files, "result": result.as_dict()},
-                                            indent=1))
-        publish(tmp, out, owned=_ours)
-    return result
+        if ctx.dist.main:  # every rank's shards are complete: write_variant gathered from them
+            if written.without_stats:
+                ctx.reporter.log(f"merge [bold]{merge.name}[/]: {written.without_stats} tensors have no calibration "
+                                 "statistics (embeddings, norms, biases, lm_head) and used "
+                                 + ("a weighted mean" if merge.method_spec.needs_stats else "magnitude scores"))
+            result = MergeResult(merge.name, merge.method, merge.params, out, False, written.seconds,
+                                 written.kept_density, written.tensors, spec.key(), [m.name for m in models],
+                                 merge.output, adapter, search.as_dict() if search else None)
+            (tmp / "mergecli_recipe.yaml").write_text(recipe.to_yaml())
+            (tmp / "README.md").write_text(card_of(recipe, merge, result))
+            files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != OWNER_MARKER}
+            (tmp / STAMP).write_text(json.dumps({"mergecli": __version__, "kind": f"merged-{merge.output}",
+                                                 "key": spec.key(), "files": files, "result": result.as_dict()},
+                                                indent=1))
+            publish(tmp, out, owned=_ours)
+    return ctx.dist.decide(lambda: result)  # rank 0's (its wall time) on every rank
 
 
 def read_stamp(folder: Path) -> dict | None:
