@@ -36,6 +36,8 @@ def run(ctx: Context, fmt: str = "table", output: Path | None = None, plot_path:
             check_output_file(ctx, path, what)
     results = ctx.need("eval")
     rows = comparison(results)
+    if not ctx.dist.main:  # under torchrun rank 0 writes the files
+        return fmt, rows
     if output:
         output.write_text(comparison_text(rows, "json" if fmt == "table" else fmt))
     if plot_path:

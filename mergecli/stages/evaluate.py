@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..artifacts import ArtifactSpec, DataFingerprint
@@ -22,6 +23,8 @@ from .base import Context, Stage, View
 from .hessian import check_context
 
 if TYPE_CHECKING:
+    import torch
+
     from ..calibration import Windows
     from ..models.reference import ModelSource
 
@@ -123,36 +126,73 @@ def run(ctx: Context) -> list[Evaluated]:
                             "add models.N.dataset or evaluation.datasets")
     ctx.torch_device  # fail on a bad --device before any work
     check_context(ctx, ctx.recipe.evaluation.seq_len, "evaluation.seq_len")
-    windows = _windows(ctx, datasets)
-    results = []
-    for candidate in candidates(ctx):
-        scores = _harness(ctx, candidate) if ctx.recipe.evaluation.lm_eval else {}
-        per_window = _perplexities(ctx, candidate, windows)
-        results.append(Evaluated(candidate.name, candidate.role,
-                                 {d: math.exp(sum(s for s, _ in w) / sum(n for _, n in w)) for d, w in per_window.items()},
-                                 candidate.merge, scores, per_window))
-    return results
+    found = candidates(ctx)
+    scores, per_window = _evaluate(ctx, found, _windows(ctx, datasets))
+    return [Evaluated(c.name, c.role, {d: math.exp(sum(s for s, _ in w) / sum(n for _, n in w))
+                                       for d, w in per_window[c.name].items()},
+                      c.merge, scores.get(c.name, {}), per_window[c.name]) for c in found]
 
 
-def _harness(ctx: Context, candidate: Candidate) -> dict[str, float]:
-    """lm-evaluation-harness scores of one model, cached like perplexities."""
+def _evaluate(ctx: Context, found: list[Candidate], windows: dict[str, tuple[DatasetSpec, Callable[[], "Windows"]]]
+              ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[tuple[float, int]]]]]:
+    """Every (model, dataset) perplexity and lm-eval score, cached ones reused. The missing ones
+    are jobs, in model order; under torchrun each process takes a contiguous run of them (so it
+    loads few models), and rank 0 records every result. Returns (scores, per-window NLLs)."""
+    from ..coordinate import claim
+
+    harness = ctx.recipe.evaluation.lm_eval is not None
+    jobs = [(c, d) for c in found for d in ([None] if harness else []) + list(windows)]  # d None: lm-eval
+    specs = [harness_spec(ctx, c.identity) if d is None else eval_spec(ctx, c.identity, windows[d][0])
+             for c, d in jobs]
+    labels = [f"lm-eval {c.name}" if d is None else f"eval {c.name} on {d}" for c, d in jobs]
+    loaded: dict[str, torch.nn.Module] = {}  # the model of the current job only
+
+    def produce(candidate: Candidate, dataset: str | None, folder: Path) -> None:
+        from ..models.loading import load_causal_lm
+        from ..perplexity import window_nlls
+
+        if candidate.name not in loaded:
+            loaded.clear()  # one model in memory at a time
+        if dataset is None:
+            return _harness(ctx, candidate, folder)
+        if candidate.name not in loaded:
+            loaded[candidate.name] = load_causal_lm(candidate.source, ctx.base.path).to(ctx.torch_device)
+        per_window = window_nlls(loaded[candidate.name], windows[dataset][1](), ctx.recipe.evaluation.batch_size,
+                                 ctx.torch_device)
+        if not all(math.isfinite(s) for s, _ in per_window):
+            raise MergeCliError(f"{candidate.name} gives a non-finite loss on {dataset}; its weights are "
+                                "broken (NaN/Inf activations)", "check the model, or the merge's parameters")
+        (folder / "eval.json").write_text(json.dumps({"windows": per_window}))
+
+    with claim(ctx, specs, labels) as step:
+        missing = step.missing
+        if missing:
+            with ctx.reporter.track("evaluation", len(missing)) as advance:
+                for index in (missing[i] for i in ctx.dist.share(len(missing))):
+                    step.build(index, partial(produce, *jobs[index]))
+                    advance(1)
+        built = step.settle()
+    scores: dict[str, dict[str, float]] = {}
+    per_window: dict[str, dict[str, list[tuple[float, int]]]] = {c.name: {} for c in found}
+    for (candidate, dataset), (artifact, _) in zip(jobs, built):
+        if dataset is None:
+            scores[candidate.name] = json.loads((artifact.path / "scores.json").read_text())
+        else:
+            stored = json.loads((artifact.path / "eval.json").read_text())["windows"]
+            per_window[candidate.name][dataset] = [tuple(w) for w in stored]
+    return scores, per_window
+
+
+def _harness(ctx: Context, candidate: Candidate, folder: Path) -> None:
+    """lm-evaluation-harness scores of one model."""
     from ..lmeval import run_tasks
     from ..models.reference import tokenizer_folder
 
-    spec = ctx.recipe.evaluation.lm_eval
     source = candidate.source
-
-    def produce(folder) -> None:
-        with ctx.reporter.track(f"lm-eval {candidate.name}", 1) as advance:
-            scores = run_tasks(source.path, spec, ctx.recipe.root, ctx.device,
-                               tokenizer=tokenizer_folder(source.path, ctx.base.path),
-                               base=ctx.base.path if source.kind == "lora" else None)
-            advance(1)
-        (folder / "scores.json").write_text(json.dumps(scores))
-
-    artifact, _ = ctx.workspace.get_or_build(harness_spec(ctx, candidate.identity), f"lm-eval {candidate.name}",
-                                             produce)
-    return json.loads((artifact.path / "scores.json").read_text())
+    scores = run_tasks(source.path, ctx.recipe.evaluation.lm_eval, ctx.recipe.root, ctx.device,
+                       tokenizer=tokenizer_folder(source.path, ctx.base.path),
+                       base=ctx.base.path if source.kind == "lora" else None)
+    (folder / "scores.json").write_text(json.dumps(scores))
 
 
 def _windows(ctx: Context, datasets: dict[str, DatasetSpec]) -> dict[str, tuple[DatasetSpec, Callable[[], "Windows"]]]:
@@ -178,33 +218,6 @@ def _windows(ctx: Context, datasets: dict[str, DatasetSpec]) -> dict[str, tuple[
         return load
 
     return {name: (spec, loader(name, spec)) for name, spec in datasets.items()}
-
-
-def _perplexities(ctx: Context, candidate: Candidate, windows: dict[str, tuple[DatasetSpec, Callable[[], "Windows"]]]
-                  ) -> dict[str, list[tuple[float, int]]]:
-    ev = ctx.recipe.evaluation
-    model = None
-    result = {}
-    for dataset, (spec, win) in windows.items():
-        def produce(folder) -> None:
-            from ..models.loading import load_causal_lm
-            from ..perplexity import window_nlls
-
-            nonlocal model
-            if model is None:
-                model = load_causal_lm(candidate.source, ctx.base.path).to(ctx.torch_device)
-            with ctx.reporter.track(f"perplexity {candidate.name} on {dataset}", 1) as advance:
-                per_window = window_nlls(model, win(), ev.batch_size, ctx.torch_device)
-                advance(1)
-            if not all(math.isfinite(s) for s, _ in per_window):
-                raise MergeCliError(f"{candidate.name} gives a non-finite loss on {dataset}; its weights are "
-                                    "broken (NaN/Inf activations)", "check the model, or the merge's parameters")
-            (folder / "eval.json").write_text(json.dumps({"windows": per_window}))
-
-        artifact, _ = ctx.workspace.get_or_build(eval_spec(ctx, candidate.identity, spec),
-                                                 f"eval {candidate.name} on {dataset}", produce)
-        result[dataset] = [tuple(w) for w in json.loads((artifact.path / "eval.json").read_text())["windows"]]
-    return result
 
 
 def show(results: list[Evaluated]) -> View:
