@@ -112,6 +112,9 @@ def main_options(
     OPTIONS.__init__(workspace, quiet, json_output, device, debug, wait)
     try:
         OPTIONS.group = join(device, backend, dist_timeout)
+        if OPTIONS.group.world > 1 and ctx.invoked_subcommand not in stages():
+            raise MergeCliError(f"`{ctx.invoked_subcommand}` runs in one process; only the stages "
+                                f"({', '.join(stages())}) are shared out under torchrun", "run it without torchrun")
     except MergeCliError as exc:
         raise typer.Exit(report(exc)) from None
 
