@@ -1,11 +1,13 @@
 """The public Python API: one `run_<stage>` function per stage, generated from the stage list, with
-one calling convention: `run_merge(recipe, *, reporter=SILENT, device="cpu", wait=True, **options)`.
+one calling convention: `run_merge(recipe, *, reporter=SILENT, device="cpu", wait=True, dist=SINGLE,
+**options)`. Under torchrun, pass `dist=mergecli.distributed.join(device)` to share the work out.
 The CLI is a thin layer over the same stages."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from .distributed import SINGLE, Group
 from .progress import SILENT, Reporter
 from .recipe import Recipe, load_recipe
 from .stages import stages
@@ -14,8 +16,8 @@ from .stages.base import Context, Stage
 
 def _runner(stage: Stage) -> Callable[..., Any]:
     def run(recipe: Recipe, *, reporter: Reporter = SILENT, device: str = "cpu", wait: bool = True,
-            **options: Any) -> Any:
-        return stage.run(Context(recipe, reporter, device, wait), **options)
+            dist: Group = SINGLE, **options: Any) -> Any:
+        return stage.run(Context(recipe, reporter, device, wait, dist), **options)
 
     run.__name__ = run.__qualname__ = f"run_{stage.name}"
     run.__doc__ = stage.summary

@@ -111,8 +111,10 @@ def main_options(
         raise typer.Exit()
     OPTIONS.__init__(workspace, quiet, json_output, device, debug, wait)
     try:
-        OPTIONS.group = join(device, backend, dist_timeout)
-        if OPTIONS.group.world > 1 and ctx.invoked_subcommand not in stages():
+        OPTIONS.group = group = join(device, backend, dist_timeout)
+        if group.launched and group.main:
+            OPTIONS.reporter.log(f"torchrun: {group.world} process(es), backend {group.backend}")
+        if group.world > 1 and ctx.invoked_subcommand not in stages():
             raise MergeCliError(f"`{ctx.invoked_subcommand}` runs in one process; only the stages "
                                 f"({', '.join(stages())}) are shared out under torchrun", "run it without torchrun")
     except MergeCliError as exc:
