@@ -13,7 +13,7 @@ the input embedding in most models, and tensors without statistics fall back to 
 Two runners give the same H: `whole` runs the full model per batch; `layer_by_layer` keeps one
 decoder block on the device at a time, passing each batch's hidden states from block to block,
 like SparseGPT's sequential runner, for models larger than the device; a block's finished H goes
-back to the host with it (Llama-2-7B: 0.68 GiB per block, 21.8 GiB for all 32).
+back to the host with it (Llama-2-7B: 0.64 GiB per block, 20.45 GiB for all 32).
 """
 
 from __future__ import annotations
