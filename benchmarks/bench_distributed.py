@@ -1,15 +1,17 @@
 """One process vs two under torchrun: wall time of `mergecli hessian` and `mergecli merge`.
 
     python benchmarks/bench_distributed.py --runs 3 --out benchmarks/distributed-results.json
+    python benchmarks/bench_distributed.py --stages hessian --samples 64 --out benchmarks/distributed-hessian-64.json
     python benchmarks/bench_distributed.py --params 50M --samples 2 --seq-len 64 --runs 1   # CI smoke run
 
 Every process runs with one torch thread (OMP_NUM_THREADS=1, what torchrun sets), so two processes
 can use the two cores of this machine and one process one core. Each configuration is a whole
 command: `python -m mergecli` alone, then `python -m torch.distributed.run --standalone
---nproc-per-node N` with N = 1 and 2; median of --runs of its wall time and of the CPU seconds of
-its busiest mergecli process (each one timed by GNU time): where other work shares the cores (load
-averages are recorded), the wall time shows the contention and the busiest process's CPU time
-what a core per process would give.
+--nproc-per-node N -m mergecli` with N = 1 and 2; median wall time of --runs rounds, each round
+running every configuration once (so all see the same drift of whatever else runs on the machine).
+Each round starts by measuring how many cores two processes of ours get at that moment
+(`free_cores`: a single-threaded matrix loop alone, then two at once): on a machine shared with
+other work, a second process can only be as fast as the core it finds.
 
 - hessian: a LLaMA with SmolLM2-135M's shapes (random weights, bf16 on disk: the cost does not
   depend on the values) and fine-tunes of it (base + noise), calibrated on Python's standard
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -35,6 +36,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -43,14 +45,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_merge import METHODS, build_models, timed  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-TIMED = ["/usr/bin/time", "-f", "cpu-seconds %U %S", sys.executable, "-m", "mergecli"]  # each mergecli process
 CONFIGS = {  # name -> command up to the mergecli arguments
-    "1 process": TIMED,
+    "1 process": [sys.executable, "-m", "mergecli"],
     "torchrun, 1 process": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                            "--no-python", *TIMED],
+                            "-m", "mergecli"],
     "torchrun, 2 processes": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                              "--no-python", *TIMED],
+                              "-m", "mergecli"],
 }
+SPIN = r"""
+import time, torch
+torch.set_num_threads(1)
+a = torch.randn(512, 512)
+start = time.perf_counter()
+for _ in range(600):
+    a = (a @ a).clamp_(-1, 1)
+print(time.perf_counter() - start)
+"""
 
 
 def calibration_models(work: Path, count: int) -> tuple[Path, list[Path], Path]:
@@ -92,25 +102,46 @@ def calibration_models(work: Path, count: int) -> tuple[Path, list[Path], Path]:
 
 
 def run(config: str, args: list[str]) -> dict:
-    """Wall seconds of one whole command, the CPU seconds of its busiest mergecli process (what
-    the wall time would approach with a core per process and nothing else running), and its
-    `--json` result."""
+    """Wall seconds of one whole command and its `--json` result."""
     cmd = CONFIGS[config] + ["-q", "--json", *args]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV})
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    cpu = [float(user) + float(system) for user, system in re.findall(r"cpu-seconds ([\d.]+) ([\d.]+)", done.stderr)]
-    return {"seconds": seconds, "busiest_cpu_seconds": max(cpu), "result": json.loads(done.stdout)}
+    return {"seconds": seconds, "result": json.loads(done.stdout)}
 
 
-def medians(runs: list[dict], *keys: str) -> dict:
-    return {k: round(statistics.median(r[k] for r in runs), 2) for k in keys}
+def free_cores() -> float:
+    """How many cores two processes of ours get right now: the same single-threaded matrix loop
+    run alone, then twice at once; 2 x alone / together (2.0: two free cores, 1.0: one)."""
+    def spin(n: int) -> list[float]:
+        procs = [subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        return [float(p.communicate()[0]) for p in procs]
+
+    return round(2 * spin(1)[0] / max(spin(2)), 2)
+
+
+def rounds(count: int, command: Callable[[str], list[str]], before: Callable[[], None]) -> tuple[dict, list[float]]:
+    """Every configuration once per round, `count` rounds, so all see the same drift of the
+    machine's other load; the free cores measured at the start of each round."""
+    runs: dict[str, list[dict]] = {config: [] for config in CONFIGS}
+    cores = []
+    for _ in range(count):
+        cores.append(free_cores())
+        for config in CONFIGS:
+            before()
+            runs[config].append(run(config, command(config)))
+    return runs, cores
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 2)
 
 
 def bench_hessian(args: argparse.Namespace) -> dict:
     base, fine_tunes, data = calibration_models(args.work, 2)
+    ws = args.work / "ws-hessian"
     found = {}
     for count in (1, 2):
         recipe = args.work / f"hessian-{count}.yaml"
@@ -119,16 +150,11 @@ def bench_hessian(args: argparse.Namespace) -> dict:
             "models": [{"name": f"ft{i + 1}", "model": str(f), "dataset": {"path": str(data)}}
                        for i, f in enumerate(fine_tunes[:count])],
             "calibration": {"samples": args.samples, "seq_len": args.seq_len, "batch_size": 4}}))
-        entry = {}
-        for config in CONFIGS:
-            runs = []
-            for _ in range(args.runs):
-                ws = args.work / "ws-hessian"
-                shutil.rmtree(ws, ignore_errors=True)
-                runs.append(run(config, ["hessian", str(recipe), f"workspace={ws}"]))
-            entry[config] = medians(runs, "seconds", "busiest_cpu_seconds")
-            print(f"hessian, {count} fine-tune(s), {config}: {entry[config]}", flush=True)
-        found[f"{count} fine-tune(s)"] = with_speed_ups(entry, ("seconds", "busiest_cpu_seconds"))
+        runs, cores = rounds(args.runs, lambda config: ["hessian", str(recipe), f"workspace={ws}"],
+                             lambda: shutil.rmtree(ws, ignore_errors=True))
+        entry = {config: {"seconds": median([r["seconds"] for r in rs])} for config, rs in runs.items()}
+        found[f"{count} fine-tune(s)"] = {**with_speed_ups(entry, ("seconds",)), "free cores per round": cores}
+        print(f"hessian, {count} fine-tune(s): {found[f'{count} fine-tune(s)']}", flush=True)
     return found
 
 
@@ -143,20 +169,18 @@ def bench_merge(args: argparse.Namespace) -> dict:
             "merges": [{"name": method, **METHODS[method]["mergecli"]}], "workspace": str(ws),
             "shard_size": "500MB"}))
         run("1 process", ["taskvec", str(recipe)])
-        entry: dict = {}
-        outputs = {}
-        for config in CONFIGS:
-            out = args.work / f"out-{config.replace(' ', '').replace(',', '-')}"
-            runs = [run(config, ["merge", str(recipe), f"output_dir={out}", "--workers", "1", "--overwrite"])
-                    for _ in range(args.runs)]
-            for r in runs:
-                r["merge_seconds"] = r["result"][0]["seconds"]
-            entry[config] = medians(runs, "seconds", "merge_seconds", "busiest_cpu_seconds")
-            outputs[config] = out / method
-            print(f"merge {method}, {config}: {entry[config]}", flush=True)
-        entry = with_speed_ups(entry, ("seconds", "merge_seconds", "busiest_cpu_seconds"))
-        entry["same tensors in every configuration"] = same_tensors(list(outputs.values()))
-        found[method] = entry
+
+        def out(config: str) -> Path:
+            return args.work / f"out-{config.replace(' ', '').replace(',', '-')}"
+
+        runs, cores = rounds(args.runs, lambda config: ["merge", str(recipe), f"output_dir={out(config)}",
+                                                        "--workers", "1", "--overwrite"], lambda: None)
+        entry: dict = {config: {"seconds": median([r["seconds"] for r in rs]),
+                                "merge_seconds": median([r["result"][0]["seconds"] for r in rs])}
+                       for config, rs in runs.items()}
+        found[method] = {**with_speed_ups(entry, ("seconds", "merge_seconds")), "free cores per round": cores,
+                         "same tensors in every configuration": same_tensors([out(c) / method for c in CONFIGS])}
+        print(f"merge {method}: {found[method]}", flush=True)
     return found
 
 
@@ -190,13 +214,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/mergecli-bench"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/distributed-results.json"))
+    parser.add_argument("--stages", nargs="*", choices=["hessian", "merge"], default=["hessian", "merge"])
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = {"cores": os.cpu_count(), "threads per process": 1, "runs": args.runs,
                "hessian_tokens_per_fine_tune": args.samples * args.seq_len, "merge_params": args.params,
                "load_average_before": os.getloadavg()}
-    results["hessian"] = bench_hessian(args)
-    results["merge"] = bench_merge(args)
+    for stage, bench in (("hessian", bench_hessian), ("merge", bench_merge)):
+        if stage in args.stages:
+            results[stage] = bench(args)
     results["load_average_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

@@ -133,9 +133,10 @@ def same_statistics(ws: Path, reference: Path, exact: bool) -> bool:
     return True
 
 
-def test_two_processes_give_the_single_process_results(recipe, single):
+def test_two_processes_merge_and_evaluate_like_one(recipe, single):
+    """From the same statistics: merges bit for bit, perplexities; one JSON document (rank 0 alone
+    prints it)."""
     root = recipe.parent
-    # the same statistics: merges bit for bit, perplexities; one JSON document (rank 0 alone prints)
     done = torchrun("--json", "compare", str(recipe), "workspace=ws_stats", "output_dir=out2")
     rows = json.loads(done.stdout)
     assert same_merges(root / "out1", root / "out2")
@@ -145,9 +146,12 @@ def test_two_processes_give_the_single_process_results(recipe, single):
         for key in ("ppl_a", "ppl_b", "ppl_c"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-6), (mine["model"], key)
     assert not list(root.glob("out2/.*.tmp")) and not list(root.glob("ws_stats/*/.*.tmp"))
-    # statistics collected by two processes: a and b one per process, c shared by both
+
+
+def test_two_processes_collect_the_single_process_statistics(recipe, single):
+    """a and b collected one per process, c by both (its windows split, the sums reduced)."""
     torchrun("hessian", str(recipe), "workspace=ws_h")
-    assert same_statistics(root / "ws_h", root / "ws1", exact=False)
+    assert same_statistics(recipe.parent / "ws_h", recipe.parent / "ws1", exact=False)
 
 
 def free_port() -> int:
