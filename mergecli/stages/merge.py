@@ -181,7 +181,7 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
     if merge.searched:
         from ..search import choose_lambda, with_param
 
-        # under torchrun rank 0 searches (one model per process would not fit many GPUs' memory) and tells the others
+        # under torchrun rank 0 searches and sends its choice, so every process builds the same merge
         search = ctx.dist.decide(lambda: choose_lambda(ctx, merge, vectors, hessians, workers))
         ctx.reporter.log(f"merge [bold]{merge.name}[/]: lambda {search.chosen:.3f} chosen on calibration windows "
                          f"(keeps {100 * search.score:.1f}% of the gain there)")
