@@ -49,6 +49,7 @@ class Search:
     domains: list[str]  # fine-tunes whose gain the score averages
     windows: int  # per domain
     seq_len: int
+    seconds: float  # the search's wall time (the merge's reported time includes it)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +79,8 @@ def with_param(merge: "MergeSpec", name: str, value: Any) -> "MergeSpec":
 def choose_lambda(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: list["HessianSet"] | None,
                   workers: int) -> Search:
     """The lambda whose merge keeps the most of the fine-tunes' gain on their calibration windows."""
+    import time
+
     import torch
 
     from .calibration import load_texts, make_windows
@@ -85,6 +88,7 @@ def choose_lambda(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: l
     from .models.loading import load_causal_lm, load_tokenizer
     from .perplexity import window_nlls
 
+    start = time.perf_counter()
     cal = ctx.recipe.calibration
     device = ctx.torch_device
     models = [m for m in ctx.recipe.models_of(merge) if m.dataset is not None]
@@ -139,7 +143,7 @@ def choose_lambda(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: l
             return value
         chosen, best, seen = golden_max(tracked, *BRACKET, tol=TOLERANCE, max_evals=EVALUATIONS)
     return Search("lambda", chosen, best, {f"{k:.4f}": v for k, v in sorted(seen.items())}, domains,
-                  min(SAMPLES, cal.samples), cal.seq_len)
+                  min(SAMPLES, cal.samples), cal.seq_len, round(time.perf_counter() - start, 3))
 
 
 def _merged_delta(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: list["HessianSet"] | None,

@@ -45,6 +45,7 @@ def test_lambda_auto_chooses_the_best_scale_on_calibration_windows(trained, mode
     trace = {float(k): v for k, v in search["trace"].items()}
     assert search["parameter"] == "lambda" and len(trace) <= 12 and {0.0, 2.0} <= set(trace)
     assert search["chosen"] == max(trace, key=trace.get) and search["score"] == trace[search["chosen"]]
+    assert result["seconds"] >= search["seconds"] > 0  # the merge's time includes its search
     assert 0 < search["chosen"] <= 2 and search["domains"] == ["code", "verse"] and search["windows"] == 8
     # the score at the chosen scale, recomputed: windows drawn here (seed + 1 of the calibration
     # part), losses from transformers' own loss on the written model, the base and the fine-tunes

@@ -212,7 +212,8 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
                 ctx.reporter.log(f"merge [bold]{merge.name}[/]: {written.without_stats} tensors have no calibration "
                                  "statistics (embeddings, norms, biases, lm_head) and used "
                                  + ("a weighted mean" if merge.method_spec.needs_stats else "magnitude scores"))
-            result = MergeResult(merge.name, merge.method, merge.params, out, False, written.seconds,
+            seconds = written.seconds + (search.seconds if search else 0.0)
+            result = MergeResult(merge.name, merge.method, merge.params, out, False, seconds,
                                  written.kept_density, written.tensors, spec.key(), [m.name for m in models],
                                  merge.output, adapter, search.as_dict() if search else None)
             (tmp / "mergecli_recipe.yaml").write_text(recipe.to_yaml())
