@@ -83,3 +83,30 @@ def test_lambda_auto_is_refused_where_it_cannot_be_chosen(trained, models):
     schedule = recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic", "lambda": [0.5, "auto"]}])
     result = cli("validate", str(schedule), code=None)
     assert result.exit_code != 0 and "must be a number" in result.stderr
+
+
+@pytest.mark.slow
+def test_lambda_auto_under_torchrun_is_the_single_process_choice(trained, models):
+    """Two processes: rank 0 searches and sends its choice; the merge equals one process's, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    recipe = recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic", "lambda": "auto"}])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for label, launcher in (("one", [sys.executable, "-m", "mergecli"]),
+                            ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc-per-node=2", "-m", "mergecli"])):
+        done = subprocess.run(launcher + ["-q", "--json", "merge", str(recipe), f"workspace=ws-{label}",
+                                          f"output_dir=out-{label}"], capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[label] = json.loads(done.stdout)[0]
+    assert runs["two"]["search"]["chosen"] == runs["one"]["search"]["chosen"]
+    assert runs["two"]["search"]["trace"] == runs["one"]["search"]["trace"]
+    one, two = ({k: v for f in sorted((trained / f"out-{label}" / "ta").glob("*.safetensors"))
+                 for k, v in load_file(f).items()} for label in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
