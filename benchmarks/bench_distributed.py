@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_merge import METHODS, build_models, timed  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mergecli.workspace import Workspace  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 CONFIGS = {  # name -> command up to the mergecli arguments
@@ -151,7 +153,7 @@ def bench_hessian(args: argparse.Namespace) -> dict:
                        for i, f in enumerate(fine_tunes[:count])],
             "calibration": {"samples": args.samples, "seq_len": args.seq_len, "batch_size": 4}}))
         runs, cores = rounds(args.runs, lambda config: ["hessian", str(recipe), f"workspace={ws}"],
-                             lambda: shutil.rmtree(ws, ignore_errors=True))
+                             lambda: Workspace(ws).collect(keep=set()))  # only what mergecli made there
         entry = {config: {"seconds": median([r["seconds"] for r in rs])} for config, rs in runs.items()}
         found[f"{count} fine-tune(s)"] = {**with_speed_ups(entry, ("seconds",)), "free cores per round": cores}
         print(f"hessian, {count} fine-tune(s): {found[f'{count} fine-tune(s)']}", flush=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .gain import mean_gain
+from .gain import mean_gain, mean_nll
 from .methods.coefficients import golden_max
 
 if TYPE_CHECKING:
@@ -108,8 +108,7 @@ def choose_lambda(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: l
         del specialist
     model = load_causal_lm(ctx.base, ctx.base.path).to(device)
     base = losses(model, list(windows))
-    domains = [n for n in windows if sum(s for s, _ in specialists[n]) / sum(t for _, t in specialists[n])
-               < sum(s for s, _ in base[n]) / sum(t for _, t in base[n])]
+    domains = [n for n in windows if mean_nll(specialists[n]) < mean_nll(base[n])]
     if not domains:
         from .errors import MergeCliError
 

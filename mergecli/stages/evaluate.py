@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..artifacts import ArtifactSpec, DataFingerprint
+from ..gain import mean_nll
 from ..errors import MergeCliError
 from ..recipe import DatasetSpec, key_view
 from .base import Context, Stage, View
@@ -128,7 +129,7 @@ def run(ctx: Context) -> list[Evaluated]:
     check_context(ctx, ctx.recipe.evaluation.seq_len, "evaluation.seq_len")
     found = candidates(ctx)
     scores, per_window = _evaluate(ctx, found, _windows(ctx, datasets))
-    return [Evaluated(c.name, c.role, {d: math.exp(sum(s for s, _ in w) / sum(n for _, n in w))
+    return [Evaluated(c.name, c.role, {d: math.exp(mean_nll(w))
                                        for d, w in per_window[c.name].items()},
                       c.merge, scores.get(c.name, {}), per_window[c.name]) for c in found]
 
