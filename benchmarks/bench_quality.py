@@ -59,6 +59,7 @@ METHODS: dict[str, dict] = {
     "ta-0.5": {"method": "task_arithmetic", "lambda": 0.5},
     "ta-1": {"method": "task_arithmetic"},
     "ta-auto": {"method": "task_arithmetic", "lambda": "auto"},
+    "ta-learned": {"method": "task_arithmetic", "normalize": True, "lambda": "learned"},
     "soup": {"method": "soup"},
     "linear": {"method": "linear", "density": 0.2},
     "ties": {"method": "ties", "density": 0.2},
@@ -73,6 +74,7 @@ METHODS: dict[str, dict] = {
     "model-stock": {"method": "model_stock"},
     "regmean-classic": {"method": "regmean", "embedding": "mean"},
     "regmean": {"method": "regmean"},
+    "regmean-learned": {"method": "regmean", "lambda": "learned"},
 }
 
 
@@ -338,7 +340,7 @@ def main() -> None:
         methods.insert(0, REFERENCE)
     folder = work / testbed
     recipe = write_recipe(folder, base, data, fts, config, methods, work / "ws")
-    mergecli("compare", str(recipe), "--format", "markdown", "--output", str(folder / "compare.md"))
+    (folder / "compare.md").write_text(mergecli("compare", str(recipe), "--format", "markdown"))
     rows = json.loads(mergecli("-q", "compare", str(recipe), "--format", "json"))
     evaluated = json.loads(mergecli("-q", "--json", "eval", str(recipe)))
     text, records = results_table(rows, evaluated, domains)

@@ -49,6 +49,9 @@ class VariantPlan:
     clamp: bool
     extra_tokens: str
     shard_bytes: int
+    # per tensor (canonical name), a factor for each model's part of the merge (`lambda: learned`,
+    # `learn.py`); None: every part as the method gives it
+    scales: Callable[[str], Sequence[float] | None] | None = None
 
 
 @dataclass
@@ -129,7 +132,8 @@ def merged_tensors(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo],
             try:
                 theta, k, n = merge_tensor(plan.settings.method, sources_, values.weights, values.params,
                                            canonical, canonical in arch.transposed, stats, base=theta,
-                                           dtype=info.dtype, model_params=values.model_params, clamp=plan.clamp)
+                                           dtype=info.dtype, model_params=values.model_params, clamp=plan.clamp,
+                                           scales=plan.scales(canonical) if plan.scales else None)
             except NonFiniteTaskVector as exc:
                 raise MergeCliError(f"{vectors[exc.index].model}: tensor {canonical} has NaN/Inf entries in its "
                                     "task vector", "the checkpoint (or the base) is corrupt") from None

@@ -24,7 +24,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, Validatio
 
 from .errors import RecipeError
 from .methods.settings import settings_of
-from .methods.table import AUTO, WEIGHT, Method, catalog
+from .methods.table import AUTO, LEARNED, WEIGHT, Method, catalog
 from .models.reference import resolve_reference
 
 MAX_RECIPE_BYTES = 1 << 20
@@ -207,8 +207,9 @@ class MergeSpec(BaseModel):
 
     @property
     def searched(self) -> list[str]:
-        """Parameters set to `auto`: chosen by the merge on the fine-tunes' calibration text."""
-        return [name for name, value in self.params.items() if value == AUTO]
+        """Parameters set to `auto` or `learned`: chosen by the merge on the fine-tunes' calibration
+        text."""
+        return [name for name, value in self.params.items() if value in (AUTO, LEARNED)]
 
     @property
     def needs_stats(self) -> bool:
@@ -260,9 +261,13 @@ class Recipe(_Strict):
                     settings.check(settings.at("", None, 0))
                 except ValueError as exc:
                     raise ValueError(f"merges.{i}.{exc}") from None
+            if merge.params.get("lambda") == LEARNED and not merge.method_spec.additive:
+                additive = ", ".join(sorted(n for n, m in catalog().items() if m.additive))
+                raise ValueError(f"merges.{i}.lambda: learned scales each fine-tune's part of the merge, and "
+                                 f"{merge.method} is not a sum of such parts; use auto, or one of: {additive}")
             if merge.needs_stats or merge.searched:
                 why = (f"{merge.method}/{merge.params.get('score')} uses calibration statistics" if merge.needs_stats
-                       else f"{', '.join(merge.searched)}: auto is chosen on calibration text")
+                       else f"lambda: {merge.params['lambda']} is chosen on calibration text")
                 for j, model in enumerate(self.models):
                     if model.dataset is None and (merge.models is None or model.name in names):
                         raise ValueError(f"models.{j}.dataset: required by merge {merge.name!r} ({why})")

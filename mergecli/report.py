@@ -92,7 +92,9 @@ def method_label(merge: dict) -> str:
     """The method as a reader wants it: `ties/sparsegpt + OBS`, `task_arithmetic (λ 0.5)`."""
     params = merge.get("params", {})
     extras = []
-    if merge.get("search"):
+    if (merge.get("search") or {}).get("mode") == "learned":
+        extras.append("λ learned")
+    elif merge.get("search"):
         extras.append(f"λ auto: {merge['search']['chosen']:.3g}")
     elif params.get("lambda", 1.0) != 1.0:  # a number, or a schedule shown inline
         extras.append(f"λ {setting_text(params['lambda'])}")

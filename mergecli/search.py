@@ -21,7 +21,7 @@ copies of the model (SmolLM2-135M: 1.6 GB).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .gain import mean_gain, mean_nll
 from .methods.coefficients import golden_max
@@ -61,12 +61,15 @@ def key_of(ctx: "Context", merge: "MergeSpec") -> dict[str, Any] | None:
     if not merge.searched:
         return None
     from .data import fingerprint
+    from .learn import settings
+    from .methods.table import LEARNED
     from .recipe import key_view
 
+    own = (settings() if merge.params.get("lambda") == LEARNED
+           else {"bracket": list(BRACKET), "tolerance": TOLERANCE, "evaluations": EVALUATIONS})
     return {"datasets": [fingerprint(m.dataset, ctx.recipe.root).model_dump(mode="json")
                          for m in ctx.recipe.models_of(merge) if m.dataset is not None],
-            "calibration": key_view(ctx.recipe.calibration), "samples": SAMPLES, "bracket": list(BRACKET),
-            "tolerance": TOLERANCE, "evaluations": EVALUATIONS}
+            "calibration": key_view(ctx.recipe.calibration), "samples": SAMPLES, **own}
 
 
 def with_param(merge: "MergeSpec", name: str, value: Any) -> "MergeSpec":
@@ -76,6 +79,87 @@ def with_param(merge: "MergeSpec", name: str, value: Any) -> "MergeSpec":
     return copy
 
 
+@dataclass
+class Scoring:
+    """What a candidate merge is scored against: each domain's held-out calibration windows, the
+    base's and each fine-tune's NLLs on them (the references of the gain), and the base model
+    loaded, whose weights a candidate overwrites in place."""
+
+    windows: dict[str, Any]  # domain -> calibration.Windows
+    reference: dict[str, list[tuple[float, int]]]  # the base, per domain
+    own: dict[str, list[tuple[float, int]]]  # each fine-tune on its own domain
+    model: Any  # the base, loaded on the device
+    batch_size: int
+    device: Any
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.reference)
+
+    def losses(self) -> dict[str, list[tuple[float, int]]]:
+        from .perplexity import window_nlls
+
+        return {n: window_nlls(self.model, self.windows[n], self.batch_size, self.device) for n in self.domains}
+
+    def gain(self) -> float:
+        """Mean gain retained by the model's current weights."""
+        return mean_gain(self.reference, self.own, self.losses())
+
+    def gap(self, domain: str) -> float:
+        """What the fine-tune gains over the base on its domain's windows (mean NLL)."""
+        return mean_nll(self.reference[domain]) - mean_nll(self.own[domain])
+
+
+def scoring(ctx: "Context", merge: "MergeSpec", what: str, draws: int = 1) -> list[Scoring]:
+    """Windows and references for scoring merges of `merge`'s fine-tunes: `draws` differently seeded
+    sets (`calibration.seed + 1`, `+ 2`, ...) sharing one loaded base. `what` names the choice in
+    the error raised when no fine-tune beats the base on its own (first) set of windows."""
+    from .calibration import load_texts, make_windows
+    from .data import describe_spec
+    from .models.loading import load_causal_lm, load_tokenizer
+    from .perplexity import window_nlls
+
+    cal = ctx.recipe.calibration
+    device = ctx.torch_device
+    models = [m for m in ctx.recipe.models_of(merge) if m.dataset is not None]
+    tokenizer = load_tokenizer(ctx.base.path)
+    texts = {m.name: load_texts(m.dataset, ctx.recipe.root, tokenizer) for m in models}
+    windows = [{m.name: make_windows(texts[m.name], tokenizer, min(SAMPLES, cal.samples), cal.seq_len,
+                                     cal.seed + 1 + k, cal.pack,
+                                     what=f"calibration part of dataset {describe_spec(m.dataset)} ({m.name})")
+                for m in models} for k in range(draws)]
+    own = [{} for _ in windows]
+    for m in models:
+        specialist = load_causal_lm(ctx.source(m.model), ctx.base.path).to(device)
+        for found, drawn in zip(own, windows):
+            found[m.name] = window_nlls(specialist, drawn[m.name], cal.batch_size, device)
+        del specialist
+    model = load_causal_lm(ctx.base, ctx.base.path).to(device)
+    base = [{n: window_nlls(model, w, cal.batch_size, device) for n, w in drawn.items()} for drawn in windows]
+    domains = [n for n in windows[0] if mean_nll(own[0][n]) < mean_nll(base[0][n])]
+    if not domains:
+        from .errors import MergeCliError
+
+        raise MergeCliError(f"merge {merge.name}: {what} needs a fine-tune that beats the base on its own "
+                            "calibration text, and none does", "set lambda to a number")
+    return [Scoring({n: w[n] for n in domains}, {n: b[n] for n in domains}, {n: o[n] for n in domains}, model,
+                    cal.batch_size, device) for w, b, o in zip(windows, base, own)]
+
+
+def placed(merge: "MergeSpec", what: str, names: Iterable[str], model: Any) -> dict[str, Any]:
+    """The model's own tensors of these checkpoint names (one the loaded model does not have
+    cannot be scored)."""
+    state = model.state_dict()
+    names = list(names)
+    unknown = [name for name in names if name not in state]
+    if unknown:
+        from .errors import MergeCliError
+
+        raise MergeCliError(f"merge {merge.name}: {what} cannot place tensor {unknown[0]} of the checkpoint in "
+                            "the loaded model", "set lambda to a number")
+    return {name: state[name] for name in names}
+
+
 def choose_lambda(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: list["HessianSet"] | None,
                   workers: int) -> Search:
     """The lambda whose merge keeps the most of the fine-tunes' gain on their calibration windows."""
@@ -83,55 +167,19 @@ def choose_lambda(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: l
 
     import torch
 
-    from .calibration import load_texts, make_windows
-    from .data import describe_spec
-    from .models.loading import load_causal_lm, load_tokenizer
-    from .perplexity import window_nlls
-
     start = time.perf_counter()
     cal = ctx.recipe.calibration
-    device = ctx.torch_device
-    models = [m for m in ctx.recipe.models_of(merge) if m.dataset is not None]
-    tokenizer = load_tokenizer(ctx.base.path)
-    windows = {m.name: make_windows(load_texts(m.dataset, ctx.recipe.root, tokenizer), tokenizer, min(SAMPLES, cal.samples),
-                                    cal.seq_len, cal.seed + 1, cal.pack,
-                                    what=f"calibration part of dataset {describe_spec(m.dataset)} ({m.name})")
-               for m in models}
-
-    def losses(model: torch.nn.Module, names: list[str]) -> dict[str, list[tuple[float, int]]]:
-        return {n: window_nlls(model, windows[n], cal.batch_size, device) for n in names}
-
-    specialists = {}
-    for m in models:
-        specialist = load_causal_lm(ctx.source(m.model), ctx.base.path).to(device)
-        specialists.update(losses(specialist, [m.name]))
-        del specialist
-    model = load_causal_lm(ctx.base, ctx.base.path).to(device)
-    base = losses(model, list(windows))
-    domains = [n for n in windows if mean_nll(specialists[n]) < mean_nll(base[n])]
-    if not domains:
-        from .errors import MergeCliError
-
-        raise MergeCliError(f"merge {merge.name}: lambda: auto needs a fine-tune that beats the base on its own "
-                            "calibration text, and none does", "set lambda to a number")
-    reference = {n: base[n] for n in domains}
-    own = {n: specialists[n] for n in domains}
-    state = model.state_dict()
-    delta = _merged_delta(ctx, with_param(merge, "lambda", 1.0), vectors, hessians, workers, device)
-    unknown = [name for name in delta if name not in state]
-    if unknown:
-        from .errors import MergeCliError
-
-        raise MergeCliError(f"merge {merge.name}: lambda: auto cannot place tensor {unknown[0]} of the checkpoint in "
-                            "the loaded model", "set lambda to a number")
-    origin = {name: state[name].detach().clone() for name in delta}
+    score_on, = scoring(ctx, merge, "lambda: auto")
+    delta = merged_delta(ctx, with_param(merge, "lambda", 1.0), vectors, hessians, workers)
+    state = placed(merge, "lambda: auto", delta, score_on.model)
+    origin = {name: t.detach().clone() for name, t in state.items()}
     label = f"lambda search {merge.name}"
 
     def score(lam: float) -> float:
         with torch.no_grad():
             for name, d in delta.items():
                 state[name].copy_(origin[name]).add_(d, alpha=lam)
-        value = mean_gain(reference, own, losses(model, domains))
+        value = score_on.gain()
         ctx.reporter.log(f"{label}: lambda {lam:.3f} keeps {100 * value:.1f}% of the gain on calibration windows")
         return value
 
@@ -141,14 +189,14 @@ def choose_lambda(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: l
             advance(1)
             return value
         chosen, best, seen = golden_max(tracked, *BRACKET, tol=TOLERANCE, max_evals=EVALUATIONS)
-    return Search("lambda", chosen, best, {f"{k:.4f}": v for k, v in sorted(seen.items())}, domains,
+    return Search("lambda", chosen, best, {f"{k:.4f}": v for k, v in sorted(seen.items())}, score_on.domains,
                   min(SAMPLES, cal.samples), cal.seq_len, round(time.perf_counter() - start, 3))
 
 
-def _merged_delta(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: list["HessianSet"] | None,
-                  workers: int, device) -> dict[str, Any]:
+def merged_delta(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: list["HessianSet"] | None,
+                 workers: int, scales: Any = None) -> dict[str, Any]:
     """theta(1) - theta_base of every merged tensor, fp32, by the engine that writes the merge
-    (names as in the base's checkpoint; a tied pair once)."""
+    (names as in the base's checkpoint; a tied pair once); `scales` as `merging.VariantPlan`'s."""
     import torch
 
     from .hessians import HessianReader
@@ -156,9 +204,10 @@ def _merged_delta(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: l
     from .methods.settings import settings_of
     from .models.safetensors_io import Checkpoint
 
+    device = ctx.torch_device
     plan = VariantPlan(settings_of(merge, ctx.recipe.models_of(merge)), vectors,
                        [HessianReader(h.artifact.path, merge.params.get("damp", 0.01), device) for h in hessians]
-                       if hessians else None, torch.float32, merge.overflow == "clamp", "base", 1 << 62)
+                       if hessians else None, torch.float32, merge.overflow == "clamp", "base", 1 << 62, scales)
     delta = {}
     with Checkpoint.open(ctx.base.path) as ckpt:
         infos = output_infos(plan, ckpt, ctx.arch, {})

@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterator
 
 from .artifacts import KEY, ArtifactSpec
 from .errors import MergeCliError, WorkspaceBusyError
-from .fsutil import (OWNER_MARKER, building, file_record, folder_bytes, is_owned, leftovers, locked, publish,
-                     record_problem)
+from .fsutil import (OWNER_MARKER, building, content_digest, file_record, folder_bytes, is_owned, leftovers,
+                     locked, publish, real, record_problem)
 
 MANIFEST_FORMAT = 3
 ROLE = "workspace artifact"  # the marker inside every artifact folder
@@ -99,6 +99,22 @@ class Workspace:
             tmp = self.manifest_path.with_name(f".manifest.{uuid.uuid4().hex}.tmp")
             tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
             os.replace(tmp, self.manifest_path)
+
+    # -- report files (compare --output/--plot) ----------------------------------------------
+    def wrote_report(self, path: Path) -> None:
+        """Remember a report file this workspace's stage wrote (real path -> whole-file digest), so
+        a rerun may replace it -- and only while it is byte for byte what was written."""
+        with self._manifest_lock() as manifest:
+            reports = manifest.get("reports") if isinstance(manifest.get("reports"), dict) else {}
+            reports[str(real(path))] = content_digest(path)
+            manifest["reports"] = reports
+
+    def owns_report(self, path: Path) -> bool:
+        """Whether `path` is a report file mergecli wrote here and nobody has changed since."""
+        reports = self._read_manifest().get("reports")
+        recorded = reports.get(str(real(path))) if isinstance(reports, dict) else None
+        return (isinstance(recorded, str) and path.is_file() and not path.is_symlink()
+                and content_digest(path) == recorded)
 
     def artifacts(self) -> list[Artifact]:
         return [self._artifact(key, e) for key, e in self._valid_entries().items()]

@@ -81,6 +81,23 @@ def test_compare_runs_missing_stages_and_every_format_parses_back(tmp_path, reci
     assert sum(e["kind"] == "eval" for e in entries.values()) == 5 * 3
 
 
+def test_compare_replaces_only_its_own_unchanged_reports(tmp_path, recipe):
+    """Rerunning compare with the same --output/--plot replaces the files it wrote; a file it did
+    not write, or one edited since, is refused with one line and left as it was."""
+    report, chart = tmp_path / "t.md", tmp_path / "c.png"
+    for _ in range(2):
+        cli("compare", str(recipe), "--format", "markdown", "--output", str(report), "--plot", str(chart))
+    assert report.read_text().startswith("| model |") and chart.stat().st_size > 10_000
+    report.write_text(report.read_text() + "my notes\n")
+    result = cli("compare", str(recipe), "--format", "markdown", "--output", str(report), code=1)
+    assert "is not a report mergecli wrote" in result.stderr and report.read_text().endswith("my notes\n")
+    mine = tmp_path / "mine.csv"
+    mine.write_text("a,b\n")
+    result = cli("compare", str(recipe), "--format", "csv", "--output", str(mine), code=1)
+    assert "--output" in result.stderr and mine.read_text() == "a,b\n"
+    assert not list(tmp_path.glob(".*.tmp*")) and not list(tmp_path.glob(".t.md*"))
+
+
 def test_gain_has_a_jackknife_se_and_general_text_only_a_perplexity(recipe):
     from mergecli.gain import gain_with_se
 

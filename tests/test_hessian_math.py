@@ -97,6 +97,29 @@ def test_regmean_equals_least_squares_on_the_stacked_inputs():
     assert torch.allclose(base + delta, lstsq, atol=1e-8)
 
 
+def test_scaled_parts_of_regmean_are_its_per_model_terms():
+    """`lambda: learned` scales each model's part: with scales s, the merged delta is
+    sum_i s_i tau_i G~_i (sum_j G~_j)^-1, written out here with an explicit inverse; the parts of
+    the additive methods sum to their merge."""
+    g = torch.Generator().manual_seed(11)
+    taus = [torch.randn(3, 6, dtype=torch.float64, generator=g) for _ in range(3)]
+    grams = [(lambda x: x.T @ x / 40)(correlated_inputs(40, 6, 20 + i)) for i in range(3)]
+    tilde = [0.9 * gm + 0.1 * torch.diag(torch.diagonal(gm)) for gm in grams]
+    scales = [0.5, 1.0, 1.7]
+    inverse = torch.linalg.inv(sum(tilde))
+    expected = sum(s * t @ gt @ inverse for s, t, gt in zip(scales, taus, tilde))
+    stats = [LayerStats(gm) for gm in grams]
+    merged, _, _ = merge_tensor(METHODS["regmean"], taus, [1.0] * 3, {}, "w", stats=stats, scales=scales)
+    assert torch.allclose(merged.double(), expected, atol=1e-5)
+    additive = [name for name, method in METHODS.items() if method.additive]
+    assert {"regmean", "task_arithmetic", "dare_linear"} <= set(additive) and "ties" not in additive
+    for name in additive:
+        whole, _, _ = merge_tensor(METHODS[name], taus, [1.0] * 3, {}, "w", stats=stats)
+        parts = [merge_tensor(METHODS[name], taus, [1.0] * 3, {}, "w", stats=stats,
+                              scales=[float(i == j) for j in range(3)])[0] for i in range(3)]
+        assert torch.allclose(sum(parts), whole, atol=1e-5), name
+
+
 def test_regmean_alpha_shrinks_off_diagonals():
     g = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
     taus = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=torch.float64)

@@ -1,6 +1,7 @@
-"""lambda: auto end to end on tiny trained fine-tunes: the chosen scale is the best of its trace, the
-trace's score is the gain recomputed independently (transformers' own loss on windows drawn here),
-the written model is the merge at that scale, and the choice reaches the card, compare and the key."""
+"""lambda: auto and lambda: learned end to end on tiny trained fine-tunes: the chosen scale is the
+best of its trace, the trace's score is the gain recomputed independently (transformers' own loss on
+windows drawn here), the written model is the merge at that scale (or, learned, base + the sum of
+each fine-tune's task vector times its layer's scale), and the choice reaches the card and the key."""
 
 import json
 
@@ -38,6 +39,19 @@ def loss(folder, windows):
         return float(model(input_ids=windows.input_ids, labels=windows.input_ids).loss)
 
 
+def calibration_gain(trained, models, folder, seed):
+    """Mean gain retained by the model in `folder` on held-out calibration windows (drawn with
+    `seed` from each fine-tune's calibration part), from transformers' own loss."""
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    gains = []
+    for name in ("code", "verse"):
+        texts = load_texts(DatasetSpec(path=str(trained / f"{name}.jsonl")), trained, tok)
+        windows = make_windows(texts, tok, 8, 32, seed)
+        base, own, merged = (loss(f, windows) for f in (models / "base", trained / name, folder))
+        gains.append((base - merged) / (base - own))
+    return sum(gains) / 2
+
+
 def test_lambda_auto_chooses_the_best_scale_on_calibration_windows(trained, models):
     recipe = recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic", "lambda": "auto"}])
     result = json.loads(cli("--json", "merge", str(recipe)).stdout)[0]
@@ -49,14 +63,7 @@ def test_lambda_auto_chooses_the_best_scale_on_calibration_windows(trained, mode
     assert 0 < search["chosen"] <= 2 and search["domains"] == ["code", "verse"] and search["windows"] == 8
     # the score at the chosen scale, recomputed: windows drawn here (seed + 1 of the calibration
     # part), losses from transformers' own loss on the written model, the base and the fine-tunes
-    tok = AutoTokenizer.from_pretrained(models / "base")
-    gains = []
-    for name in ("code", "verse"):
-        texts = load_texts(DatasetSpec(path=str(trained / f"{name}.jsonl")), trained, tok)
-        windows = make_windows(texts, tok, 8, 32, 1)
-        base, own, merged = (loss(f, windows) for f in (models / "base", trained / name, trained / "out" / "ta"))
-        gains.append((base - merged) / (base - own))
-    assert search["score"] == pytest.approx(sum(gains) / 2, abs=1e-4)
+    assert search["score"] == pytest.approx(calibration_gain(trained, models, trained / "out" / "ta", 1), abs=1e-4)
     # the written model is the merge at that scale
     fixed = recipe_for(trained, models, [{"name": "ta-fixed", "method": "task_arithmetic",
                                          "lambda": search["chosen"]}])
@@ -75,6 +82,45 @@ def test_lambda_auto_chooses_the_best_scale_on_calibration_windows(trained, mode
     assert not json.loads(other.stdout)[0]["reused"]
 
 
+def test_lambda_learned_scales_each_fine_tunes_part_per_layer(trained, models):
+    recipe = recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic", "lambda": "learned"}])
+    result = json.loads(cli("--json", "merge", str(recipe)).stdout)[0]
+    learned = result["search"]
+    assert learned["mode"] == "learned" and learned["models"] == ["code", "verse"]
+    groups = {f"layer {k.split('.')[2]} {k.split('.')[3]}" for k in AutoModelForCausalLM.from_pretrained(
+        models / "base").state_dict() if k.startswith("model.layers.")}  # a layer's attention, MLP, each norm
+    assert {g for g in learned["scales"] if g.startswith("layer ")} == groups and len(groups) >= 8
+    assert "model.embed_tokens.weight" in learned["scales"]
+    assert all(len(v) == 2 for v in learned["scales"].values())
+    # learned on windows of seed + 1, selected on windows of seed + 2: the best of the start (every
+    # scale 1) and the epochs there is kept, so never below the plain merge on unseen windows
+    assert learned["score"] == max(learned["trace"]) >= learned["trace"][0] == learned["start"]
+    assert learned["score"] > learned["start"]  # these fine-tunes are far from their best sum at scale 1
+    assert learned["score"] == pytest.approx(calibration_gain(trained, models, trained / "out" / "ta", 2), abs=1e-4)
+    # the written model: base + sum_i s[layer, i] * tau_i, tensor by tensor
+    base = AutoModelForCausalLM.from_pretrained(models / "base").state_dict()
+    fine = {n: AutoModelForCausalLM.from_pretrained(trained / n).state_dict() for n in ("code", "verse")}
+    merged = AutoModelForCausalLM.from_pretrained(trained / "out" / "ta").state_dict()
+    for key, theta in base.items():
+        parts = key.split(".")
+        group = f"layer {parts[2]} {parts[3]}" if parts[1] == "layers" else key
+        if key == "lm_head.weight":  # tied to the embedding
+            group = "model.embed_tokens.weight"
+        scales = learned["scales"].get(group, [1.0, 1.0])
+        expected = theta + sum(s * (fine[n][key] - theta) for s, n in zip(scales, ("code", "verse")))
+        assert torch.allclose(merged[key], expected, atol=1e-5), key
+    card = (trained / "out" / "ta" / "README.md").read_text()
+    assert "lambda: learned: one scale per module of each layer and fine-tune" in card
+    assert "| layer 0 self_attn | " in card
+    assert json.loads(cli("--json", "merge", str(recipe)).stdout)[0]["reused"]
+
+
+def test_lambda_learned_needs_an_additive_method(trained, models):
+    bad = recipe_for(trained, models, [{"name": "t", "method": "ties", "lambda": "learned"}])
+    result = cli("validate", str(bad), code=None)
+    assert result.exit_code != 0 and "merges.0.lambda: learned" in result.stderr and "regmean" in result.stderr
+
+
 def test_lambda_auto_is_refused_where_it_cannot_be_chosen(trained, models):
     bad = write_recipe(trained / "bad.yaml", str(models / "base"), [{"name": "code", "model": str(trained / "code")}],
                        [{"name": "ta", "method": "task_arithmetic", "lambda": "auto"}])
@@ -86,27 +132,28 @@ def test_lambda_auto_is_refused_where_it_cannot_be_chosen(trained, models):
 
 
 @pytest.mark.slow
-def test_lambda_auto_under_torchrun_is_the_single_process_choice(trained, models):
-    """Two processes: rank 0 searches and sends its choice; the merge equals one process's, bit for bit."""
+@pytest.mark.parametrize("choice", ["auto", "learned"])
+def test_lambda_choice_under_torchrun_is_the_single_process_choice(trained, models, choice):
+    """Two processes: rank 0 searches (or learns) and sends its choice; the merge equals one
+    process's, bit for bit."""
     import os
     import subprocess
     import sys
 
     from safetensors.torch import load_file
 
-    recipe = recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic", "lambda": "auto"}])
+    recipe = recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic", "lambda": choice}])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     runs = {}
     for label, launcher in (("one", [sys.executable, "-m", "mergecli"]),
                             ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                      "--nproc-per-node=2", "-m", "mergecli"])):
-        done = subprocess.run(launcher + ["-q", "--json", "merge", str(recipe), f"workspace=ws-{label}",
-                                          f"output_dir=out-{label}"], capture_output=True, text=True, env=env,
+        done = subprocess.run(launcher + ["-q", "--json", "merge", str(recipe), f"workspace=ws-{choice}-{label}",
+                                          f"output_dir=out-{choice}-{label}"], capture_output=True, text=True, env=env,
                               timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[label] = json.loads(done.stdout)[0]
-    assert runs["two"]["search"]["chosen"] == runs["one"]["search"]["chosen"]
-    assert runs["two"]["search"]["trace"] == runs["one"]["search"]["trace"]
-    one, two = ({k: v for f in sorted((trained / f"out-{label}" / "ta").glob("*.safetensors"))
+    assert runs["two"]["search"] == {**runs["one"]["search"], "seconds": runs["two"]["search"]["seconds"]}
+    one, two = ({k: v for f in sorted((trained / f"out-{choice}-{label}" / "ta").glob("*.safetensors"))
                  for k, v in load_file(f).items()} for label in ("one", "two"))
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)

@@ -154,13 +154,14 @@ def della(trimmed, weights, *, params, **_):
     return elected(trimmed, weights, params["normalize"])
 
 
-@register_method("della_linear", params=(*TRIM_DELLA, LAMBDA, NORMALIZE), trim="della", check=della_bounds)
+@register_method("della_linear", params=(*TRIM_DELLA, LAMBDA, NORMALIZE), trim="della", additive=True,
+                 check=della_bounds)
 def della_linear(trimmed, weights, *, params, **_):
     """DELLA's drop and rescale, then the weighted sum."""
     return added(trimmed, weights, params["normalize"])
 
 
-@register_method("breadcrumbs", params=(*TRIM_BAND, LAMBDA, NORMALIZE), trim="breadcrumbs")
+@register_method("breadcrumbs", params=(*TRIM_BAND, LAMBDA, NORMALIZE), trim="breadcrumbs", additive=True)
 def breadcrumbs(trimmed, weights, *, params, **_):
     """Keep a band: drop the gamma fraction of largest and the smallest entries (Davari & Belilovsky 2023), sum."""
     return added(trimmed, weights, params["normalize"])

@@ -242,18 +242,20 @@ def merge_tensor(method: Method, taus: Iterable[TaskTensor | torch.Tensor | None
                  params: Mapping[str, Any] | None = None, tensor_name: str = "", transposed: bool = False,
                  stats: Sequence[LayerStats | TokenCounts | None] | None = None, base: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None, model_params: Sequence[Mapping[str, Any]] | None = None,
-                 clamp: bool = False) -> tuple[torch.Tensor, int, int]:
+                 clamp: bool = False, scales: Sequence[float] | None = None) -> tuple[torch.Tensor, int, int]:
     """Merged delta for one tensor (or, given `base`, the merged weight `base + lambda * delta` in
     `dtype`), plus (entries kept, entries offered) for the density report.
 
     `params` are the variant's values for this tensor (missing ones take the method's defaults);
-    `model_params[i]` overrides them for model i's trim. A model without this tensor (None, e.g. a
-    LoRA that did not target it) is what the method's `absent` says: skipped (it neither votes in
-    TIES nor counts in a mean) or a zero task vector with its weight. `transposed` marks weights
-    stored in x out (GPT-2's Conv1D); all math sees them out x in. A task vector with NaN/Inf
-    raises NonFiniteTaskVector naming the model; a merged value that is not finite, or beyond the
-    range of `dtype`, raises OutOfRange (with `clamp`, values beyond the range are clamped to it
-    instead; NaN is never clamped).
+    `model_params[i]` overrides them for model i's trim. `scales[i]` multiplies model i's trimmed
+    task vector before the method combines them (its weight, which also weighs its statistics, is
+    untouched): for an additive method the merge is then sum_i scales[i] * (model i's part). A
+    model without this tensor (None, e.g. a LoRA that did not target it) is what the method's
+    `absent` says: skipped (it neither votes in TIES nor counts in a mean) or a zero task vector
+    with its weight. `transposed` marks weights stored in x out (GPT-2's Conv1D); all math sees
+    them out x in. A task vector with NaN/Inf raises NonFiniteTaskVector naming the model; a merged
+    value that is not finite, or beyond the range of `dtype`, raises OutOfRange (with `clamp`,
+    values beyond the range are clamped to it instead; NaN is never clamped).
     """
     values = {**method.defaults(), **(params or {})}
     given = [t if t is None or isinstance(t, TaskTensor) else TaskTensor(t) for t in taus]
@@ -292,6 +294,8 @@ def merge_tensor(method: Method, taus: Iterable[TaskTensor | torch.Tensor | None
                 raise NonFiniteTaskVector(tensor_name, i)
             t, k = trim_chunk(t, start * cols)
             kept += k
+            if scales is not None and scales[i] != 1.0:
+                t = t * scales[i]
             trimmed.append(t)
         base_rows = None if reference is None else reference[start:stop].to(torch.float32, copy=True)
         delta = method.combine(trimmed, w, params=values, stats=used_stats,

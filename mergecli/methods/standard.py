@@ -18,13 +18,14 @@ from .table import (ALPHA, DAMP, DENSITY, LAMBDA, NORMALIZE, SCORE, TOPK, TRIM_D
 MEAN = NORMALIZE.with_default(True)
 
 
-@register_method("task_arithmetic", params=(LAMBDA, NORMALIZE))
+@register_method("task_arithmetic", params=(LAMBDA, NORMALIZE), additive=True)
 def task_arithmetic(trimmed, weights, *, params, **_):
     """theta_base + lambda * sum_i w_i tau_i (whole task vectors)."""
     return added(trimmed, weights, params["normalize"])
 
 
-@register_method("linear", params=(*TRIM_TOPK, LAMBDA, NORMALIZE), trim="topk", check=compensate_needs_sparsegpt)
+@register_method("linear", params=(*TRIM_TOPK, LAMBDA, NORMALIZE), trim="topk", additive=True,
+                 check=compensate_needs_sparsegpt)
 def linear(trimmed, weights, *, params, **_):
     """Trimmed task arithmetic: keep the top-k by score, then sum_i w_i t_i (no rescale)."""
     return added(trimmed, weights, params["normalize"])
@@ -36,7 +37,7 @@ def ties(trimmed, weights, *, params, **_):
     return elected(trimmed, weights, params["normalize"])
 
 
-@register_method("dare_linear", params=(*TRIM_DARE, LAMBDA, NORMALIZE), trim="dare")
+@register_method("dare_linear", params=(*TRIM_DARE, LAMBDA, NORMALIZE), trim="dare", additive=True)
 def dare_linear(trimmed, weights, *, params, **_):
     """Drop, rescale survivors by 1/keep-probability, weighted sum (Yu et al. 2023)."""
     return added(trimmed, weights, params["normalize"])
@@ -55,7 +56,7 @@ EMBEDDING = Param("embedding", str, "count", "regmean: input-embedding rows weig
 
 
 @register_method("regmean", params=(ALPHA, EMBEDDING, DENSITY.with_default(1.0), SCORE, TOPK, DAMP, LAMBDA),
-                 trim="topk", needs_stats=True, elementwise=False)
+                 trim="topk", needs_stats=True, elementwise=False, additive=True)
 def regmean(trimmed, weights, *, params, stats, **_):
     """Linear layers: (sum w_i W_i G~_i)(sum w_i G~_i)^-1 (Jin et al. 2023); the input embedding:
     each row's count-weighted mean (`embedding: count`); other tensors: weighted mean."""

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from .stats import LayerStats, TokenCounts
 
 
-AUTO = "auto"  # a parameter value the merge chooses from calibration data (`Param.auto`)
+AUTO = "auto"  # one value the merge chooses from calibration data (`Param.auto`, `search.py`)
+LEARNED = "learned"  # one value per layer and model, learned on calibration data (`learn.py`)
 
 
 class CombineFn(Protocol):
@@ -48,11 +49,11 @@ class Param:
     choices: tuple[str, ...] | None = None
     per_model: bool = False  # may differ per model (a variant's `models: [{name: ..., density: ...}]`)
     schedulable: bool = False  # may vary over depth (a list) or by tensor-name filters
-    auto: bool = False  # may be `auto`: the merge chooses it on held-out calibration windows (`search.py`)
+    auto: bool = False  # may be `auto` or `learned`: chosen on held-out calibration windows by the merge
 
     def coerce(self, value: Any) -> Any:
-        """One scalar as this parameter's type (`auto` stays `auto` where allowed)."""
-        return value if self.auto and value == AUTO else self.type(value)
+        """One scalar as this parameter's type (`auto` and `learned` stay as they are where allowed)."""
+        return value if self.auto and value in (AUTO, LEARNED) else self.type(value)
 
     def check(self, value: Any, field: str | None = None) -> Any:
         """The value as this parameter's type; ValueError("<field>: what is allowed") otherwise.
@@ -61,7 +62,7 @@ class Param:
         {filter | regex, value} entries, see `schedule`): each of its values is checked, and an
         error names its place (`t.1.value: must be in [0, 1], got 2`)."""
         field = field or self.name
-        if self.auto and value == AUTO:
+        if self.auto and value in (AUTO, LEARNED):
             return value
         if self.schedulable and not schedule.is_constant(value):
             schedule.check(value, field)
@@ -124,6 +125,9 @@ class Method:
     needs_stats: bool  # calibration statistics (H) for its linear layers
     needs_base: bool  # the base weights, not only task vectors
     elementwise: bool  # each merged entry depends only on the same entry of the inputs (chunkable)
+    # the merge is linear in the trimmed task vectors: the sum of what each model alone gives (with
+    # every model's statistics and weights), so each model's part may be scaled (`lambda: learned`)
+    additive: bool
     doc: str
     check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = field(default=None, repr=False)
     # a model without a tensor (a LoRA that did not target it) -- skip: it neither votes nor counts
@@ -142,7 +146,7 @@ METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, *, params: Sequence[Param], trim: Trim = "none", needs_stats: bool = False,
-                    needs_base: bool = False, elementwise: bool = True,
+                    needs_base: bool = False, elementwise: bool = True, additive: bool = False,
                     check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None,
                     absent: Absent = "skip") -> Callable[[CombineFn], CombineFn]:
     """Register `fn` as the combine step of method `name`; its docstring is the method's help.
@@ -153,7 +157,7 @@ def register_method(name: str, *, params: Sequence[Param], trim: Trim = "none", 
     def decorate(fn: CombineFn) -> CombineFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
-        METHODS[name] = Method(name, fn, tuple(params), trim, needs_stats, needs_base, elementwise,
+        METHODS[name] = Method(name, fn, tuple(params), trim, needs_stats, needs_base, elementwise, additive,
                                (fn.__doc__ or "").strip(), check, absent)
         return fn
     return decorate
@@ -174,8 +178,9 @@ def _package_path() -> list[str]:
 
 # -- parameters shared by several methods ------------------------------------------------------
 SCORE_NAMES = ("magnitude", "random", "sparsegpt", "wanda")
-LAMBDA = Param("lambda", float, 1.0, "scale of the merged task vector, or auto: the scale whose merge keeps the most "
-               "of the specialists' gain on held-out calibration windows", low=-100, high=100, schedulable=True,
+LAMBDA = Param("lambda", float, 1.0, "scale of the merged task vector; auto: the scale whose merge keeps the most "
+               "of the specialists' gain on held-out calibration windows; learned: one scale per layer and "
+               "fine-tune, learned on those windows (additive methods)", low=-100, high=100, schedulable=True,
                auto=True)
 DENSITY = Param("density", float, 0.2, "fraction of each task vector kept", low=0.0, high=1.0, low_open=True,
                 per_model=True, schedulable=True)

@@ -144,18 +144,19 @@ class Context:
             found.append(("evaluation.lm_eval.include_path", real(recipe.root / harness.include_path)))
         return found
 
-    def guard(self, target: Path, what: str) -> None:
+    def guard(self, target: Path, what: str, folder: bool = True) -> None:
         """Refuse to write `target` if it is, contains or is inside an input (real paths compared,
-        symlinks included), or is the recipe file, or lies under a file."""
+        symlinks included), or is the recipe file, or lies under a file; a `folder` target must not
+        be a file."""
         location = real(target)
         recipe = [("the recipe", real(self.recipe.path))] if self.recipe.path else []
         for name, path in self.inputs + recipe:
             if overlaps(location, path) and (name != "the recipe" or location == path):
                 raise MergeCliError(f"{what} {target} {_relation(location, path)} {name} ({path}); "
                                     "mergecli never writes into its inputs", f"choose another {what}")
-        if target.exists() and not target.is_dir():
+        if folder and target.exists() and not target.is_dir():
             raise MergeCliError(f"{what} {target} is a file, not a folder")
-        ancestor = location
+        ancestor = location if folder else location.parent
         while not ancestor.exists() and ancestor != ancestor.parent:
             ancestor = ancestor.parent
         if not ancestor.is_dir():

@@ -7,8 +7,9 @@ work is a wasted run), and never written over an input.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import MergeCliError
 from .base import Context, Option, Stage, View
@@ -17,11 +18,30 @@ FORMATS = ("table", "json", "csv", "markdown")
 
 
 def check_output_file(ctx: Context, path: Path, what: str) -> None:
+    """A report file may be new, or one this workspace's compare wrote and nobody changed since
+    (rerunning compare replaces its own report); anything else at that name is left alone."""
     if not path.parent.is_dir():
         raise MergeCliError(f"{what} {path}: folder {path.parent} does not exist", "create it first")
     if path.is_dir():
         raise MergeCliError(f"{what} {path} is a folder", "give a file name")
-    ctx.guard(path, what)
+    ctx.guard(path, what, folder=False)
+    if (path.exists() or path.is_symlink()) and not ctx.workspace.owns_report(path):
+        raise MergeCliError(f"{what} {path} already exists and is not a report mergecli wrote with this workspace "
+                            "(or it changed since); it is left untouched", "choose another file name, or move it away")
+
+
+def write_report(ctx: Context, path: Path, write: Callable[[Path], Any]) -> None:
+    """Write a report file whole (a temporary sibling renamed over the name) and record it as
+    this workspace's."""
+    from ..fsutil import temp_sibling
+
+    tmp = temp_sibling(path).with_suffix(path.suffix)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    ctx.workspace.wrote_report(path)
 
 
 def run(ctx: Context, fmt: str = "table", output: Path | None = None, plot_path: Path | None = None
@@ -39,9 +59,9 @@ def run(ctx: Context, fmt: str = "table", output: Path | None = None, plot_path:
     if not ctx.dist.main:  # under torchrun rank 0 writes the files
         return fmt, rows
     if output:
-        output.write_text(comparison_text(rows, "json" if fmt == "table" else fmt))
+        write_report(ctx, output, lambda p: p.write_text(comparison_text(rows, "json" if fmt == "table" else fmt)))
     if plot_path:
-        plot(rows, plot_path)
+        write_report(ctx, plot_path, lambda p: plot(rows, p))
         ctx.reporter.log(f"chart written to {plot_path}")
     return fmt, rows
 

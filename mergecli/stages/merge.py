@@ -25,6 +25,7 @@ from .. import __version__
 from ..artifacts import ArtifactSpec
 from ..errors import MergeCliError, RecipeError, WorkspaceBusyError
 from ..fsutil import OWNER_MARKER, building, file_record, is_owned, leftovers, locked, publish, record_problem
+from ..methods.table import LEARNED
 from ..recipe import MergeSpec, Recipe, key_view
 from .base import Context, Option, Stage, View
 
@@ -58,7 +59,8 @@ class MergeResult:
     models: list[str] = field(default_factory=list)
     output: str = "model"
     adapter: dict[str, Any] | None = None  # output: lora: the rank, and per module its rank and kept energy
-    search: dict[str, Any] | None = None  # lambda: auto: the value chosen and every candidate's score
+    # lambda: auto: the value chosen and every candidate's score; lambda: learned: the scales
+    search: dict[str, Any] | None = None
 
     def as_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -178,7 +180,19 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
     dtype = getattr(torch, merge.dtype) if merge.dtype else None
     search = None
     built = merge
-    if merge.searched:
+    scales = None
+    if merge.params.get("lambda") == LEARNED:
+        from ..learn import learn_scales
+        from ..search import with_param
+
+        # under torchrun rank 0 learns and sends the scales, so every process builds the same merge
+        search = ctx.dist.decide(lambda: learn_scales(ctx, merge, vectors, hessians, workers))
+        ctx.reporter.log(f"merge [bold]{merge.name}[/]: scales per layer module and fine-tune learned on "
+                         f"calibration windows (the merge keeps {100 * search.score:.1f}% of the gain on the "
+                         f"selection windows; {100 * search.start:.1f}% at scale 1)")
+        built = with_param(merge, "lambda", 1.0)
+        scales = search.scales_of(ctx.arch)
+    elif merge.searched:
         from ..search import choose_lambda, with_param
 
         # under torchrun rank 0 searches and sends its choice, so every process builds the same merge
@@ -191,7 +205,7 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
         readers=[HessianReader(h.artifact.path, merge.params.get("damp", 0.01), ctx.torch_device) for h in hessians]
         if hessians else None,
         dtype=torch.float32 if lora else dtype, clamp=merge.overflow == "clamp",
-        extra_tokens=recipe.extra_tokens, shard_bytes=recipe.shard_bytes)
+        extra_tokens=recipe.extra_tokens, shard_bytes=recipe.shard_bytes, scales=scales)
     label = f"merge {merge.name}"
     adapter = None
     result = None
@@ -283,7 +297,11 @@ def card_of(recipe: Recipe, merge: MergeSpec, result: MergeResult) -> str:
     params = ", ".join(f"{k} {setting_text(v)}" for k, v in merge.params.items())
     summary = [f"Merged with mergecli {__version__}: method `{merge.method}` ({params or 'no parameters'}).", "",
                f"Fraction of task-vector entries kept: {result.kept_density:.4f}. Merge time: {result.seconds:.1f} s."]
-    if result.search:
+    if result.search and result.search.get("mode") == LEARNED:
+        from ..learn import card_lines
+
+        summary += ["", *card_lines(result.search)]
+    elif result.search:
         trace = ", ".join(f"{float(k):g}: {100 * v:.1f}%" for k, v in result.search["trace"].items())
         summary += ["", f"lambda: auto chose {result.search['chosen']:.4g}: the scale whose merge keeps the most of the "
                         f"fine-tunes' gain ({100 * result.search['score']:.1f}%) on {result.search['windows']} held-out "

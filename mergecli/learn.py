@@ -1,0 +1,195 @@
+"""`lambda: learned`: a scale for each fine-tune's part of the merge in each layer, learned on
+held-out calibration windows (never on evaluation text).
+
+Why: an additive merge (task arithmetic, RegMean, ...) is a sum of one part per fine-tune,
+theta = theta_base + sum_i part_i (RegMean's part_i is tau_i G~_i (sum_j G~_j)^-1, with every
+fine-tune's statistics). One scale for the whole sum (`lambda: auto`) cannot give a fine-tune
+whose domain the merge serves worst more room in the modules where it needs it; one scale per
+module of each layer and fine-tune can: theta(s) = theta_base + sum_i s_{group(t), i} part_i for
+each tensor t, group = a layer's attention, MLP or norm (`group_of`).
+The scales start at 1 (the method's own merge) and follow the gradient of the score the
+benchmark reports: the mean gain retained over the fine-tunes' domains, whose per-window form is
+sum_d NLL_d / (NLL_base,d - NLL_own,d) (Adam, `EPOCHS` passes over the windows, `BATCH` windows
+of each domain per step). It is layer-wise AdaMerging (Yang et al. 2024) with next-token loss on
+calibration text instead of entropy on test inputs, over a data-aware method's parts.
+
+Windows: two sets drawn as `lambda: auto`'s (`search.scoring`), 16 windows per fine-tune each:
+the scales learn on the first (seed `calibration.seed + 1`) and are selected on the second (seed
+`+ 2`): after each pass the second set is scored and the best scales seen -- the start included
+-- are kept, so the merge never scores below the method's own merge on windows it did not learn
+from, and many scales fitted to 16 windows cannot overfit unseen. A fine-tune that does not beat the
+base on its windows still gets scales (they follow the other domains' loss) but no term of its own.
+Cost: one merge per fine-tune to compute its part, then `EPOCHS` x (forward + backward) over the
+windows. Memory: the base and every part in fp32 beside the model (fine-tunes + 2 copies of the
+model, plus the activations of 2 x domains windows): SmolLM2-135M with four fine-tunes, 3.3 GB.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from .search import merged_delta, placed, scoring, with_param
+
+if TYPE_CHECKING:
+    import torch
+
+    from .models.architecture import Architecture
+    from .recipe import MergeSpec
+    from .search import Scoring
+    from .stages.base import Context
+    from .stages.hessian import HessianSet
+
+EPOCHS = 8
+BATCH = 2  # windows of each domain per step
+LEARNING_RATE = 0.05
+
+
+def settings() -> dict[str, Any]:
+    """What the learned scales depend on beyond the windows (part of the merge's key)."""
+    return {"epochs": EPOCHS, "batch": BATCH, "learning_rate": LEARNING_RATE, "groups": "layer module"}
+
+
+def group_of(arch: "Architecture", name: str) -> str:
+    """The scales' unit: a module of a decoder layer (its attention, its MLP, each norm: the name's
+    part after the layer index), or a tensor outside the stack on its own (embedding, final norm,
+    an untied lm_head)."""
+    layer = arch.layer_of(name)
+    if layer is None:
+        return name
+    return f"layer {layer} {name.split(f'.{layer}.', 1)[1].split('.')[0]}"
+
+
+@dataclass(frozen=True)
+class Learned:
+    """The outcome, for the model card, the stamp and --json."""
+
+    models: list[str]  # the fine-tunes, in the order of each row of `scales`
+    scales: dict[str, list[float]]  # group -> one scale per fine-tune
+    start: float  # mean gain retained on the selection windows at scale 1 (the method's own merge)
+    score: float  # ... with the scales kept
+    trace: list[float]  # ... after each epoch (the start first)
+    domains: list[str]
+    windows: int  # per domain
+    seq_len: int
+    seconds: float
+    parameter: str = "lambda"
+    mode: str = "learned"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def scales_of(self, arch: "Architecture"):
+        """`merging.VariantPlan.scales`: a tensor's factor per fine-tune (None outside any group)."""
+        return lambda name: self.scales.get(group_of(arch, name))
+
+
+def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: list["HessianSet"] | None,
+                 workers: int) -> Learned:
+    import torch
+
+    begin = time.perf_counter()
+    names = [m.name for m in ctx.recipe.models_of(merge)]
+    learn_on, select_on = scoring(ctx, merge, "lambda: learned", draws=2)
+    unit = with_param(merge, "lambda", 1.0)
+    parts = []
+    for i in range(len(names)):  # each fine-tune's part: the merge with only its task vector, at scale 1
+        one = [float(i == j) for j in range(len(names))]
+        parts.append(merged_delta(ctx, unit, vectors, hessians, workers, scales=lambda _, one=one: one))
+    tensors = sorted(set().union(*parts))
+    state = placed(merge, "lambda: learned", tensors, learn_on.model)
+    base = {n: state[n].detach().to(torch.float32, copy=True) for n in tensors}
+    stacked = {n: torch.stack([p[n] if n in p else torch.zeros_like(base[n]) for p in parts]) for n in tensors}
+    del parts
+    groups = sorted({group_of(ctx.arch, n) for n in tensors}, key=_order)
+    row = {n: groups.index(group_of(ctx.arch, n)) for n in tensors}
+
+    def weights(scales: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: base[n] + torch.tensordot(scales[row[n]], stacked[n], dims=1) for n in tensors}
+
+    def score(scales: torch.Tensor) -> float:
+        with torch.no_grad():
+            for n, w in weights(scales).items():
+                state[n].copy_(w)
+        return select_on.gain()
+
+    label = f"learning scales {merge.name}"
+    scales = torch.ones(len(groups), len(names), dtype=torch.float32, device=learn_on.device, requires_grad=True)
+    start = score(scales.detach())
+    best, kept, trace = start, scales.detach().clone(), [start]
+    ctx.reporter.log(f"{label}: scale 1 keeps {100 * start:.1f}% of the gain on the selection windows")
+    steps, batches = _epochs(learn_on)
+    optimizer = torch.optim.Adam([scales], lr=LEARNING_RATE)
+    generator = torch.Generator().manual_seed(ctx.recipe.calibration.seed + 1)
+    with ctx.reporter.track(label, EPOCHS * steps) as advance:
+        for epoch in range(EPOCHS):
+            for batch in batches(generator):
+                optimizer.zero_grad()
+                _loss(learn_on, weights(scales), batch).backward()
+                optimizer.step()
+                advance(1)
+            value = score(scales.detach())
+            trace.append(value)
+            ctx.reporter.log(f"{label}: epoch {epoch + 1} keeps {100 * value:.1f}% of the gain on the selection "
+                             "windows")
+            if value > best:
+                best, kept = value, scales.detach().clone()
+    return Learned(names, {g: [round(float(v), 6) for v in kept[i]] for i, g in enumerate(groups)}, start, best,
+                   trace, select_on.domains, min(len(w.input_ids) for w in learn_on.windows.values()),
+                   ctx.recipe.calibration.seq_len, round(time.perf_counter() - begin, 3))
+
+
+def _epochs(on: "Scoring"):
+    """Steps per epoch, and one epoch's batches drawn by a generator: per step, `BATCH` windows of
+    each domain (a domain with fewer windows than the others starts over)."""
+    import torch
+
+    count = {d: on.windows[d].input_ids.shape[0] for d in on.domains}
+    steps = math.ceil(max(count.values()) / BATCH)
+
+    def epoch(generator: "torch.Generator") -> list[dict[str, "torch.Tensor"]]:
+        order = {d: torch.randperm(count[d], generator=generator) for d in on.domains}
+        return [{d: order[d][[(step * BATCH + b) % count[d] for b in range(BATCH)]] for d in on.domains}
+                for step in range(steps)]
+    return steps, epoch
+
+
+def _loss(on: "Scoring", weights: dict[str, "torch.Tensor"], batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+    """The score to descend: mean over domains of the batch's token-mean NLL divided by the
+    domain's gap between the base and its fine-tune (so a domain weighs by how much gain there is
+    to keep, as in the mean gain retained)."""
+    import torch
+    from torch.func import functional_call
+
+    total = 0.0
+    for d, pick in batch.items():
+        ids = on.windows[d].input_ids[pick].to(on.device)
+        mask = on.windows[d].attention_mask[pick].to(on.device)
+        logits = functional_call(on.model, weights, (), {"input_ids": ids, "attention_mask": mask,
+                                                          "use_cache": False}).logits.float()
+        valid = (mask[:, 1:] * mask[:, :-1]).bool()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        total = total + (nll * valid).sum() / valid.sum().clamp(min=1) / on.gap(d)
+    return total / len(batch)
+
+
+def card_lines(learned: dict[str, Any]) -> list[str]:
+    """The model card's account of the scales (`Learned.as_dict()`): how they were learned, what
+    they bought on the calibration windows, and every value."""
+    trace = ", ".join(f"{100 * v:.1f}%" for v in learned["trace"][1:])
+    lines = [f"lambda: learned: one scale per module of each layer and fine-tune, learned on {learned['windows']} "
+             f"held-out calibration windows of {learned['seq_len']} tokens per fine-tune "
+             f"({', '.join(learned['domains'])}) and selected on as many others. On those the merge keeps "
+             f"{100 * learned['score']:.1f}% of the fine-tunes' gain, {100 * learned['start']:.1f}% with every "
+             f"scale 1 (after each epoch: {trace}).", "",
+             "| tensors | " + " | ".join(learned["models"]) + " |", "|---|" + "---|" * len(learned["models"])]
+    lines += [f"| {group} | " + " | ".join(f"{v:.3f}" for v in values) + " |"
+              for group, values in learned["scales"].items()]
+    return lines
+
+
+def _order(group: str) -> tuple[int, int, str]:
+    """Layers in depth order after the tensors outside the stack."""
+    return (1, int(group.split()[1]), group) if group.startswith("layer ") else (0, 0, group)
