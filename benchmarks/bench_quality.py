@@ -89,7 +89,7 @@ class Config:
 CONFIGS = {
     "full": Config(40, (32, 128), (32, 128), tuple(METHODS)),
     # CI: the product's path end to end in a few minutes (the numbers mean nothing at 3 steps)
-    "tiny": Config(3, (4, 64), (4, 64), ("ta-0.5", "ties", "regmean-classic", "regmean")),
+    "tiny": Config(3, (4, 64), (4, 64), ("ta-0.5", "ties", "regmean-classic", "regmean", "regmean-learned")),
 }
 
 

@@ -21,7 +21,7 @@ from, and many scales fitted to 16 windows cannot overfit unseen. A fine-tune th
 base on its windows still gets scales (they follow the other domains' loss) but no term of its own.
 Cost: one merge per fine-tune to compute its part, then `EPOCHS` x (forward + backward) over the
 windows. Memory: the base and every part in fp32 beside the model (fine-tunes + 2 copies of the
-model, plus the activations of 2 x domains windows): SmolLM2-135M with four fine-tunes, 3.3 GB.
+model), plus the weights and activations of one step (2 x domains windows) with their gradients.
 """
 
 from __future__ import annotations
