@@ -147,8 +147,8 @@ def scoring(ctx: "Context", merge: "MergeSpec", what: str, draws: int = 1) -> li
 
 
 def placed(merge: "MergeSpec", what: str, names: Iterable[str], model: Any) -> dict[str, Any]:
-    """The model's own tensors of these checkpoint names (one the loaded model does not have
-    cannot be scored)."""
+    """The model's own tensors of these names (one the loaded model does not have cannot be
+    scored)."""
     state = model.state_dict()
     names = list(names)
     unknown = [name for name in names if name not in state]
@@ -196,7 +196,8 @@ def choose_lambda(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: l
 def merged_delta(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: list["HessianSet"] | None,
                  workers: int, scales: Any = None) -> dict[str, Any]:
     """theta(1) - theta_base of every merged tensor, fp32, by the engine that writes the merge
-    (names as in the base's checkpoint; a tied pair once); `scales` as `merging.VariantPlan`'s."""
+    (under the model's own names, `Architecture.canonical`: a tied pair once, a legacy
+    checkpoint's names with their prefix); `scales` as `merging.VariantPlan`'s."""
     import torch
 
     from .hessians import HessianReader
@@ -216,5 +217,5 @@ def merged_delta(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
             if first and info.dtype.is_floating_point:
                 theta = ckpt.get(info.name).to(device, torch.float32)
                 if not torch.equal(tensor.to(device), theta):
-                    delta[info.name] = tensor.to(device).sub_(theta)
+                    delta[ctx.arch.canonical(info.name)] = tensor.to(device).sub_(theta)
     return delta

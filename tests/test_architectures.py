@@ -99,3 +99,44 @@ def test_architecture_end_to_end(tmp_path, model_type):
     assert sharing == (shared != "-"), (model_type, hessian_meta["groups"])
     out = ties.generate(input_ids=torch.tensor([[1, 5, 9]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def test_a_legacy_gpt2_base_without_the_model_prefix_merges_with_its_fine_tunes(tmp_path):
+    """The hub's gpt2 stores `h.0.attn...` where GPT2LMHeadModel, and every fine-tune saved by
+    transformers today, say `transformer.h.0.attn...`: the base and its fine-tunes still meet,
+    through the statistics, the scored searches and the learned scales; the merge keeps the base's
+    names and transformers loads it."""
+    from safetensors.torch import load_file, save_file
+
+    from helpers import VERSE
+    from mergecli.finetune import TrainSettings, train
+    from mergecli.progress import SILENT
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("gpt2")).save_pretrained(tmp_path / "base")
+    make_tokenizer(tmp_path / "base")
+    weights = tmp_path / "base" / "model.safetensors"
+    for name, texts in (("code", CODE), ("verse", VERSE)):  # fine-tuned from the prefixed base
+        write_jsonl(tmp_path / f"{name}.jsonl", texts)
+        train(tmp_path / "base", texts, tmp_path / name, TrainSettings(steps=6, lr=3e-3, seq_len=32), SILENT, name)
+    save_file({k.removeprefix("transformer."): v for k, v in load_file(weights).items()}, weights,
+              metadata={"format": "pt"})
+    assert not any(k.startswith("transformer.") for k in load_file(weights))
+    recipe = write_recipe(tmp_path / "r.yaml", str(tmp_path / "base"), [
+        {"name": n, "model": str(tmp_path / n), "dataset": {"path": f"./{n}.jsonl"}} for n in ("code", "verse")],
+        [{"name": "ta", "method": "task_arithmetic", "lambda": 0.5}, {"name": "rm", "method": "regmean"},
+         {"name": "learned", "method": "task_arithmetic", "lambda": "learned"}],
+        calibration={"samples": 4, "seq_len": 32})
+    results = {r["name"]: r for r in json.loads(cli("--json", "merge", str(recipe)).stdout)}
+    groups = results["learned"]["search"]["scales"]  # under the model's names
+    assert {"layer 0 mlp", "layer 1 attn", "transformer.wte.weight"} <= set(groups)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+    fine = [AutoModelForCausalLM.from_pretrained(tmp_path / n).state_dict() for n in ("code", "verse")]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "ta").state_dict()
+    for key, theta in base.items():
+        if theta.is_floating_point() and key in fine[0]:
+            assert torch.allclose(merged[key], theta + 0.5 * sum(f[key] - theta for f in fine), atol=1e-6), key
+    assert not any(k.startswith("transformer.") for k in load_file(tmp_path / "out" / "rm" / "model.safetensors"))
+    rm = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "rm").state_dict()
+    key = "transformer.h.0.attn.c_attn.weight"  # RegMean used the statistics: not the plain mean
+    assert not torch.allclose(rm[key], (fine[0][key] + fine[1][key]) / 2, atol=1e-6)

@@ -35,8 +35,18 @@ class Architecture:
     transposed: frozenset[str]  # weights stored in x out
     num_layers: int = 0  # decoder blocks
     context: int | None = None  # longest sequence the position embeddings allow, if the config says
+    # the model's own parameter names, and the prefix of its base model (`transformer` for GPT-2):
+    # checkpoints written before the LM-head class existed (the hub's gpt2) store `h.0...` where
+    # the model, and every fine-tune saved by transformers today, say `transformer.h.0...`
+    params: frozenset[str] = frozenset()
+    prefix: str = ""
 
     def canonical(self, name: str) -> str:
+        """The model's name for a checkpoint tensor: the first of a tied group, and with the base
+        model's prefix where the checkpoint lacks it, so a legacy base and its fine-tunes meet."""
+        prefixed = f"{self.prefix}.{name}"
+        if self.prefix and name not in self.params and prefixed in self.params:
+            name = prefixed
         return self.tied.get(name, name)
 
     def layer_of(self, name: str) -> int | None:
@@ -68,7 +78,7 @@ def describe(config_folder: Path) -> Architecture:
     try:
         data = json.loads(cached.read_text())
         return Architecture(data["model_type"], data["tied"], frozenset(data["linear"]), frozenset(data["transposed"]),
-                            data["num_layers"], data["context"])
+                            data["num_layers"], data["context"], frozenset(data["params"]), data["prefix"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     arch = _describe_from_config(config_folder)
@@ -76,7 +86,7 @@ def describe(config_folder: Path) -> Architecture:
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"model_type": arch.model_type, "tied": arch.tied, "linear": sorted(arch.linear),
                                "transposed": sorted(arch.transposed), "num_layers": arch.num_layers,
-                               "context": arch.context}))
+                               "context": arch.context, "params": sorted(arch.params), "prefix": arch.prefix}))
     os.replace(tmp, cached)
     return arch
 
@@ -121,7 +131,9 @@ def describe_model(model: "nn.Module") -> Architecture:
         depth = 0
     context = next((getattr(model.config, f) for f in CONTEXT_FIELDS
                     if isinstance(getattr(model.config, f, None), int)), None)
-    return Architecture(model.config.model_type, tied, frozenset(linear), frozenset(transposed), depth, context)
+    params = frozenset(name for name, _ in model.named_parameters(remove_duplicate=False))
+    return Architecture(model.config.model_type, tied, frozenset(linear), frozenset(transposed), depth, context,
+                        params, getattr(model, "base_model_prefix", "") or "")
 
 
 def decoder_layers(model: "nn.Module") -> "nn.ModuleList":
