@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 
 AUTO = "auto"  # one value the merge chooses from calibration data (`Param.auto`, `search.py`)
-LEARNED = "learned"  # one value per layer and model, learned on calibration data (`learn.py`)
+LEARNED = "learned"  # a scale per layer module and model, learned on calibration data (`learn.py`)
 
 
 class CombineFn(Protocol):
@@ -179,8 +179,8 @@ def _package_path() -> list[str]:
 # -- parameters shared by several methods ------------------------------------------------------
 SCORE_NAMES = ("magnitude", "random", "sparsegpt", "wanda")
 LAMBDA = Param("lambda", float, 1.0, "scale of the merged task vector; auto: the scale whose merge keeps the most "
-               "of the specialists' gain on held-out calibration windows; learned: one scale per layer and "
-               "fine-tune, learned on those windows (additive methods)", low=-100, high=100, schedulable=True,
+               "of the specialists' gain on held-out calibration windows; learned: one scale per layer module "
+               "and fine-tune, learned on those windows (additive methods)", low=-100, high=100, schedulable=True,
                auto=True)
 DENSITY = Param("density", float, 0.2, "fraction of each task vector kept", low=0.0, high=1.0, low_open=True,
                 per_model=True, schedulable=True)
