@@ -134,7 +134,7 @@ def _reference_full(name: str, source: ModelSource, base: Checkpoint, arch: Arch
                     path: Path, reporter: Reporter) -> dict:
     """Check a full fine-tune against the base and map its tensors; only added-token rows are copied."""
     with Checkpoint.open(source.path) as ft:
-        base_map, ft_map = _by_canonical(base, arch.canonical), _by_canonical(ft, arch.canonical)
+        base_map, ft_map = _weights(base, arch), _weights(ft, arch)
         grown = _check_match(name, base, base_map, ft, ft_map, extra_tokens)
         tensors = {c: ft_map[c] for c in base_map if _is_delta(name, c, base, base_map[c], ft, ft_map[c])}
         extra = {c: ft.info(ft_map[c]).shape[0] - base.info(base_map[c]).shape[0] for c in grown}
@@ -174,6 +174,14 @@ def _by_canonical(ckpt: Checkpoint, canonical: Callable[[str], str]) -> dict[str
         if key == name or key not in found:
             found[key] = name
     return found
+
+
+def _weights(ckpt: Checkpoint, arch: Architecture) -> dict[str, str]:
+    """`_by_canonical` of the tensors that are the model's parameters: an old checkpoint's buffers
+    (the hub gpt2's causal masks `h.N.attn.bias`) are no weights to merge -- the base's are copied
+    as they are, a fine-tune need not have them. Without the parameter list every tensor counts."""
+    found = _by_canonical(ckpt, arch.canonical)
+    return {c: n for c, n in found.items() if not arch.params or c in arch.params}
 
 
 def _check_match(model: str, base: Checkpoint, base_map: dict[str, str], ft: Checkpoint,

@@ -103,9 +103,10 @@ def test_architecture_end_to_end(tmp_path, model_type):
 
 def test_a_legacy_gpt2_base_without_the_model_prefix_merges_with_its_fine_tunes(tmp_path):
     """The hub's gpt2 stores `h.0.attn...` where GPT2LMHeadModel, and every fine-tune saved by
-    transformers today, say `transformer.h.0.attn...`: the base and its fine-tunes still meet,
-    through the statistics, the scored searches and the learned scales; the merge keeps the base's
-    names and transformers loads it."""
+    transformers today, say `transformer.h.0.attn...`, and keeps old causal-mask buffers
+    (`h.0.attn.bias`) a fine-tune does not have: the base and its fine-tunes still meet, through the
+    statistics, the scored searches and the learned scales; the merge keeps the base's names and
+    buffers, and transformers loads it."""
     from safetensors.torch import load_file, save_file
 
     from helpers import VERSE
@@ -119,7 +120,8 @@ def test_a_legacy_gpt2_base_without_the_model_prefix_merges_with_its_fine_tunes(
     for name, texts in (("code", CODE), ("verse", VERSE)):  # fine-tuned from the prefixed base
         write_jsonl(tmp_path / f"{name}.jsonl", texts)
         train(tmp_path / "base", texts, tmp_path / name, TrainSettings(steps=6, lr=3e-3, seq_len=32), SILENT, name)
-    save_file({k.removeprefix("transformer."): v for k, v in load_file(weights).items()}, weights,
+    masks = {f"h.{i}.attn.bias": torch.ones(1, 1, 32, 32).tril() for i in range(2)}  # old buffers, not weights
+    save_file({**{k.removeprefix("transformer."): v for k, v in load_file(weights).items()}, **masks}, weights,
               metadata={"format": "pt"})
     assert not any(k.startswith("transformer.") for k in load_file(weights))
     recipe = write_recipe(tmp_path / "r.yaml", str(tmp_path / "base"), [
@@ -136,7 +138,9 @@ def test_a_legacy_gpt2_base_without_the_model_prefix_merges_with_its_fine_tunes(
     for key, theta in base.items():
         if theta.is_floating_point() and key in fine[0]:
             assert torch.allclose(merged[key], theta + 0.5 * sum(f[key] - theta for f in fine), atol=1e-6), key
-    assert not any(k.startswith("transformer.") for k in load_file(tmp_path / "out" / "rm" / "model.safetensors"))
+    written = load_file(tmp_path / "out" / "rm" / "model.safetensors")
+    assert not any(k.startswith("transformer.") for k in written)
+    assert all(torch.equal(written[k], v) for k, v in masks.items())  # copied from the base as they were
     rm = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "rm").state_dict()
     key = "transformer.h.0.attn.c_attn.weight"  # RegMean used the statistics: not the plain mean
     assert not torch.allclose(rm[key], (fine[0][key] + fine[1][key]) / 2, atol=1e-6)

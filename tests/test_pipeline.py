@@ -197,6 +197,26 @@ def test_an_output_folder_mergecli_did_not_write_is_never_replaced(tmp_path, rec
     assert (tmp_path / "out" / "ta" / "notes.txt").read_text() == "mine"
 
 
+def test_a_missing_weight_is_refused_and_a_stray_buffer_is_not_a_weight(tmp_path, models):
+    """A fine-tune without one of the model's weights cannot be merged (named in the error); a
+    tensor that is no parameter of the model (an old checkpoint's buffer) is not a weight to merge."""
+    from safetensors.torch import save_file
+
+    fine_tune(models / "base", tmp_path / "ft", seed=5)
+    weights = tmp_path / "ft" / "model.safetensors"
+    tensors = load_file(weights)
+    gone = "model.layers.1.mlp.up_proj.weight"
+    save_file({k: v for k, v in tensors.items() if k != gone}, weights, metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"), [{"name": "f", "model": str(tmp_path / "ft")}],
+                          [{"name": "m", "method": "task_arithmetic"}])
+    assert f"f does not match the base: missing in the fine-tune: {gone}" in cli("merge", recipe, code=1).stderr
+    stray = {**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}
+    save_file(stray, weights, metadata={"format": "pt"})
+    cli("merge", recipe)
+    merged = load_file(tmp_path / "out" / "m" / "model.safetensors")
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in merged and gone in merged
+
+
 def test_shape_mismatch_names_tensor_and_shapes(tmp_path, models):
     make_llama(tmp_path / "other", seed=0, vocab_size=100)
     recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"), [{"name": "o", "model": str(tmp_path / "other")}],
