@@ -17,8 +17,9 @@ Windows: two sets drawn as `lambda: auto`'s (`search.scoring`), 16 windows per f
 the scales learn on the first (seed `calibration.seed + 1`) and are selected on the second (seed
 `+ 2`): after each pass the second set is scored and the best scales seen -- the start included
 -- are kept, so the merge never scores below the method's own merge on windows it did not learn
-from, and many scales fitted to 16 windows cannot overfit unseen. A fine-tune that does not beat the
-base on its windows still gets scales (they follow the other domains' loss) but no term of its own.
+from, and scales that fit the learning windows but not others are not taken. A fine-tune that
+does not beat the base on its windows still gets scales (they follow the other domains' loss) but
+no term of its own.
 Cost: one merge per fine-tune to compute its part, then `EPOCHS` x (forward + backward) over the
 windows. Memory: the base and every part in fp32 beside the model (fine-tunes + 2 copies of the
 model), plus the weights and activations of one step (2 x domains windows) with their gradients.
@@ -160,24 +161,24 @@ def _loss(on: "Scoring", weights: dict[str, "torch.Tensor"], batch: dict[str, "t
     """The score to descend: mean over domains of the batch's token-mean NLL divided by the
     domain's gap between the base and its fine-tune (so a domain weighs by how much gain there is
     to keep, as in the mean gain retained)."""
-    import torch
     from torch.func import functional_call
+
+    from .perplexity import next_token_nll
 
     total = 0.0
     for d, pick in batch.items():
         ids = on.windows[d].input_ids[pick].to(on.device)
         mask = on.windows[d].attention_mask[pick].to(on.device)
         logits = functional_call(on.model, weights, (), {"input_ids": ids, "attention_mask": mask,
-                                                          "use_cache": False}).logits.float()
-        valid = (mask[:, 1:] * mask[:, :-1]).bool()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+                                                          "use_cache": False}).logits
+        nll, valid = next_token_nll(logits, ids, mask)
         total = total + (nll * valid).sum() / valid.sum().clamp(min=1) / on.gap(d)
     return total / len(batch)
 
 
 def card_lines(learned: dict[str, Any]) -> list[str]:
     """The model card's account of the scales (`Learned.as_dict()`): how they were learned, what
-    they bought on the calibration windows, and every value."""
+    they bought on the selection windows, and every value."""
     trace = ", ".join(f"{100 * v:.1f}%" for v in learned["trace"][1:])
     lines = [f"lambda: learned: one scale per module of each layer and fine-tune, learned on {learned['windows']} "
              f"held-out calibration windows of {learned['seq_len']} tokens per fine-tune "

@@ -12,6 +12,14 @@ import torch
 from .calibration import Windows
 
 
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position, the NLL of the next token (batch x seq_len - 1) and whether it counts (both
+    it and the token before it are not padding). Differentiable: `lambda: learned` descends it."""
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    return nll, valid
+
+
 def window_nlls(model: torch.nn.Module, windows: Windows, batch_size: int,
                 device: torch.device) -> list[tuple[float, int]]:
     """(NLL sum, predicted tokens) of every window, over non-pad positions."""
@@ -19,11 +27,7 @@ def window_nlls(model: torch.nn.Module, windows: Windows, batch_size: int,
     with torch.no_grad():
         for ids, mask in windows.batches(batch_size):
             ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-            target = ids[:, 1:]
-            valid = (mask[:, 1:] * mask[:, :-1]).bool()
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                    target.reshape(-1), reduction="none").reshape(target.shape)
+            nll, valid = next_token_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
             sums = (nll.double() * valid).sum(dim=1)
             found += [(float(s), int(n)) for s, n in zip(sums, valid.sum(dim=1))]
     return found

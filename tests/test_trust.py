@@ -440,3 +440,24 @@ def test_no_layout_of_workspace_and_output_ever_changes_an_input(lab):
             outcomes.append(result.exit_code)
         assert lab.inputs() == before, (workspace, output_dir, name)
     assert 0 in outcomes and 1 in outcomes  # the sample holds both allowed and refused layouts
+
+
+def test_compare_reports_never_land_on_an_input(lab):
+    """`compare --output/--plot` replace only their own unchanged files: aimed at a model's file,
+    into a model folder, at a dataset, through a symlink to the base or to the folder holding it,
+    they are refused and every input is byte-identical; a report beside the inputs is written, and
+    replaced on the rerun."""
+    (lab.root / "link_to_base").symlink_to(lab.root / "base")
+    (lab.root / "link_to_here").symlink_to(lab.root)
+    recipe = lab.recipe()
+    before = lab.inputs()
+    for target in ("base/config.json", "ft_a/report.md", "code.jsonl", "link_to_base/config.json",
+                   "link_to_here/ft_b/model.safetensors", "link_to_base/new.png"):
+        for option in ("--output", "--plot"):
+            result = cli("compare", recipe, option, lab.root / target, code=1)
+            error_line(result)
+            assert lab.inputs() == before, target
+    for _ in range(2):
+        cli("compare", recipe, "--output", lab.root / "report.json", "--plot", lab.root / "link_to_here" / "c.png")
+    assert json.loads((lab.root / "report.json").read_text()) and (lab.root / "c.png").stat().st_size > 10_000
+    assert lab.inputs() == before

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..artifacts import ArtifactSpec, DataFingerprint
-from ..gain import mean_nll
 from ..errors import MergeCliError
+from ..gain import mean_nll
 from ..recipe import DatasetSpec, key_view
 from .base import Context, Stage, View
 from .hessian import check_context
