@@ -13,11 +13,13 @@ sum_d NLL_d / (NLL_base,d - NLL_own,d) (Adam, `EPOCHS` passes over the windows, 
 of each domain per step). It is layer-wise AdaMerging (Yang et al. 2024) with next-token loss on
 calibration text instead of entropy on test inputs, over a data-aware method's parts.
 
-Windows: two sets drawn as `lambda: auto`'s (`search.scoring`), 16 windows per fine-tune each:
-the scales learn on the first (seed `calibration.seed + 1`) and are selected on the second (seed
-`+ 2`): after each pass the second set is scored and the best scales seen -- the start included
--- are kept, so the merge never scores below the method's own merge on windows it did not learn
-from, and scales that fit the learning windows but not others are not taken. A fine-tune that
+Windows: two sets drawn as `lambda: auto`'s (`search.scoring`): the scales learn on `WINDOWS`
+per fine-tune (seed `calibration.seed + 1`; 32 rather than 16, because with 16 the scales fit the
+learning windows within two passes and kept less of the gain on evaluation text: benchmarks/
+quality-results.md) and are selected on `search.SAMPLES` others (seed `+ 2`): after each pass
+the second set is scored and the best scales seen -- the start included -- are kept, so the merge
+never scores below the method's own merge on windows it did not learn from, and scales that fit
+the learning windows but not others are not taken. A fine-tune that
 does not beat the base on its windows still gets scales (they follow the other domains' loss) but
 no term of its own.
 Cost: one merge per fine-tune to compute its part, then `EPOCHS` x (forward + backward) over the
@@ -32,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .search import merged_delta, placed, scoring, with_param
+from .search import SAMPLES, merged_delta, placed, scoring, with_param
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from .stages.base import Context
     from .stages.hessian import HessianSet
 
+WINDOWS = 32  # per fine-tune to learn on (at most calibration.samples); selected on `search.SAMPLES` others
 EPOCHS = 8
 BATCH = 2  # windows of each domain per step
 LEARNING_RATE = 0.05
@@ -50,7 +53,8 @@ LEARNING_RATE = 0.05
 
 def settings() -> dict[str, Any]:
     """What the learned scales depend on beyond the windows (part of the merge's key)."""
-    return {"epochs": EPOCHS, "batch": BATCH, "learning_rate": LEARNING_RATE, "groups": "layer module"}
+    return {"windows": WINDOWS, "epochs": EPOCHS, "batch": BATCH, "learning_rate": LEARNING_RATE,
+            "groups": "layer module"}
 
 
 def group_of(arch: "Architecture", name: str) -> str:
@@ -73,7 +77,8 @@ class Learned:
     score: float  # ... with the scales kept
     trace: list[float]  # ... after each epoch (the start first)
     domains: list[str]
-    windows: int  # per domain
+    windows: int  # per domain, learned on
+    selected_on: int  # per domain, other windows
     seq_len: int
     seconds: float
     parameter: str = "lambda"
@@ -93,7 +98,7 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
 
     begin = time.perf_counter()
     names = [m.name for m in ctx.recipe.models_of(merge)]
-    learn_on, select_on = scoring(ctx, merge, "lambda: learned", draws=2)
+    learn_on, select_on = scoring(ctx, merge, "lambda: learned", samples=(WINDOWS, SAMPLES))
     unit = with_param(merge, "lambda", 1.0)
     parts = []
     for i in range(len(names)):  # each fine-tune's part: the merge with only its task vector, at scale 1
@@ -138,8 +143,12 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
             if value > best:
                 best, kept = value, scales.detach().clone()
     return Learned(names, {g: [round(float(v), 6) for v in kept[i]] for i, g in enumerate(groups)}, start, best,
-                   trace, select_on.domains, min(len(w.input_ids) for w in learn_on.windows.values()),
+                   trace, select_on.domains, _count(learn_on), _count(select_on),
                    ctx.recipe.calibration.seq_len, round(time.perf_counter() - begin, 3))
+
+
+def _count(on: "Scoring") -> int:
+    return min(len(w.input_ids) for w in on.windows.values())
 
 
 def _epochs(on: "Scoring"):
@@ -182,8 +191,8 @@ def card_lines(learned: dict[str, Any]) -> list[str]:
     trace = ", ".join(f"{100 * v:.1f}%" for v in learned["trace"][1:])
     lines = [f"lambda: learned: one scale per module of each layer and fine-tune, learned on {learned['windows']} "
              f"held-out calibration windows of {learned['seq_len']} tokens per fine-tune "
-             f"({', '.join(learned['domains'])}) and selected on as many others. On those the merge keeps "
-             f"{100 * learned['score']:.1f}% of the fine-tunes' gain, {100 * learned['start']:.1f}% with every "
+             f"({', '.join(learned['domains'])}) and selected on {learned['selected_on']} others. On those the "
+             f"merge keeps {100 * learned['score']:.1f}% of the fine-tunes' gain, {100 * learned['start']:.1f}% with every "
              f"scale 1 (after each epoch: {trace}).", "",
              "| tensors | " + " | ".join(learned["models"]) + " |", "|---|" + "---|" * len(learned["models"])]
     lines += [f"| {group} | " + " | ".join(f"{v:.3f}" for v in values) + " |"

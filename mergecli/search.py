@@ -110,10 +110,11 @@ class Scoring:
         return mean_nll(self.reference[domain]) - mean_nll(self.own[domain])
 
 
-def scoring(ctx: "Context", merge: "MergeSpec", what: str, draws: int = 1) -> list[Scoring]:
-    """Windows and references for scoring merges of `merge`'s fine-tunes: `draws` differently seeded
-    sets (`calibration.seed + 1`, `+ 2`, ...) sharing one loaded base. `what` names the choice in
-    the error raised when no fine-tune beats the base on its own (first) set of windows."""
+def scoring(ctx: "Context", merge: "MergeSpec", what: str, samples: tuple[int, ...] = (SAMPLES,)) -> list[Scoring]:
+    """Windows and references for scoring merges of `merge`'s fine-tunes: one differently seeded set
+    (`calibration.seed + 1`, `+ 2`, ...) per entry of `samples`, of that many windows per fine-tune
+    (at most `calibration.samples`), sharing one loaded base. `what` names the choice in the error
+    raised when no fine-tune beats the base on its own (first) set of windows."""
     from .calibration import load_texts, make_windows
     from .data import describe_spec
     from .models.loading import load_causal_lm, load_tokenizer
@@ -124,10 +125,10 @@ def scoring(ctx: "Context", merge: "MergeSpec", what: str, draws: int = 1) -> li
     models = [m for m in ctx.recipe.models_of(merge) if m.dataset is not None]
     tokenizer = load_tokenizer(ctx.base.path)
     texts = {m.name: load_texts(m.dataset, ctx.recipe.root, tokenizer) for m in models}
-    windows = [{m.name: make_windows(texts[m.name], tokenizer, min(SAMPLES, cal.samples), cal.seq_len,
+    windows = [{m.name: make_windows(texts[m.name], tokenizer, min(count, cal.samples), cal.seq_len,
                                      cal.seed + 1 + k, cal.pack,
                                      what=f"calibration part of dataset {describe_spec(m.dataset)} ({m.name})")
-                for m in models} for k in range(draws)]
+                for m in models} for k, count in enumerate(samples)]
     own = [{} for _ in windows]
     for m in models:
         specialist = load_causal_lm(ctx.source(m.model), ctx.base.path).to(device)

@@ -144,3 +144,14 @@ def test_a_legacy_gpt2_base_without_the_model_prefix_merges_with_its_fine_tunes(
     rm = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "rm").state_dict()
     key = "transformer.h.0.attn.c_attn.weight"  # RegMean used the statistics: not the plain mean
     assert not torch.allclose(rm[key], (fine[0][key] + fine[1][key]) / 2, atol=1e-6)
+
+
+def test_a_folder_whose_config_changed_is_described_anew(tmp_path):
+    """The architecture is cached by config.json's bytes, never by the folder: a folder reused
+    for another model (a rerun into the same path, a test's recycled temporary folder) gets its
+    new architecture, not the one remembered for the path."""
+    from mergecli.models.architecture import describe
+
+    for model_type in ("gpt2", "llama", "gpt2"):
+        tiny_config(model_type).save_pretrained(tmp_path)
+        assert describe(tmp_path).model_type == model_type

@@ -82,11 +82,14 @@ def test_lambda_auto_chooses_the_best_scale_on_calibration_windows(trained, mode
     assert not json.loads(other.stdout)[0]["reused"]
 
 
-def test_lambda_learned_scales_each_fine_tunes_part_per_layer(trained, models):
+def test_lambda_learned_scales_each_fine_tunes_part_per_layer(trained, models, monkeypatch):
+    from mergecli import learn
+
     recipe = recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic", "lambda": "learned"}])
     result = json.loads(cli("--json", "merge", str(recipe)).stdout)[0]
     learned = result["search"]
     assert learned["mode"] == "learned" and learned["models"] == ["code", "verse"]
+    assert learned["windows"] == learned["selected_on"] == 8  # both sets capped by calibration.samples
     groups = {f"layer {k.split('.')[2]} {k.split('.')[3]}" for k in AutoModelForCausalLM.from_pretrained(
         models / "base").state_dict() if k.startswith("model.layers.")}  # a layer's attention, MLP, each norm
     assert {g for g in learned["scales"] if g.startswith("layer ")} == groups and len(groups) >= 8
@@ -113,6 +116,10 @@ def test_lambda_learned_scales_each_fine_tunes_part_per_layer(trained, models):
     assert "lambda: learned: one scale per module of each layer and fine-tune" in card
     assert "| layer 0 self_attn | " in card
     assert json.loads(cli("--json", "merge", str(recipe)).stdout)[0]["reused"]
+    # how many windows the scales learn on is an input of the merge: fewer make another merge
+    monkeypatch.setattr(learn, "WINDOWS", 4)
+    fewer = json.loads(cli("--json", "merge", str(recipe)).stdout)[0]
+    assert not fewer["reused"] and fewer["search"]["windows"] == 4 and fewer["search"]["selected_on"] == 8
 
 
 def test_lambda_learned_needs_an_additive_method(trained, models):

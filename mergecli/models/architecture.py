@@ -55,17 +55,15 @@ class Architecture:
         return int(match.group(1)) if match and self.num_layers else None
 
 
-@lru_cache(maxsize=16)
 def describe(config_folder: Path) -> Architecture:
     """The architecture of the model whose config.json is in `config_folder`.
 
     Building the model class costs seconds (importing its transformers module), so the answer is
-    cached on disk, keyed by the exact bytes of config.json and the transformers version (read
-    from the package metadata: importing transformers alone costs most of a second).
+    cached in memory and on disk, keyed by the exact bytes of config.json and the transformers
+    version (read from the package metadata: importing transformers alone costs most of a second),
+    never by the folder alone: a folder whose config changed is another model.
     """
     from importlib.metadata import version
-
-    from .gguf import cache_root
 
     config_path = Path(config_folder) / "config.json"
     try:
@@ -73,7 +71,13 @@ def describe(config_folder: Path) -> Architecture:
         json.loads(raw)
     except (OSError, ValueError) as exc:
         raise MergeCliError(f"{config_path}: cannot read a JSON config ({str(exc).splitlines()[0]})") from None
-    key = hashlib.sha256(raw + version("transformers").encode()).hexdigest()[:24]
+    return _described(hashlib.sha256(raw + version("transformers").encode()).hexdigest()[:24], Path(config_folder))
+
+
+@lru_cache(maxsize=16)
+def _described(key: str, config_folder: Path) -> Architecture:
+    from .gguf import cache_root
+
     cached = cache_root() / "arch" / f"{key}.json"
     try:
         data = json.loads(cached.read_text())
