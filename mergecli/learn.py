@@ -14,14 +14,13 @@ of each domain per step). It is layer-wise AdaMerging (Yang et al. 2024) with ne
 calibration text instead of entropy on test inputs, over a data-aware method's parts.
 
 Windows: two sets drawn as `lambda: auto`'s (`search.scoring`): the scales learn on `WINDOWS`
-per fine-tune (seed `calibration.seed + 1`; 32 rather than 16, because with 16 the scales fit the
-learning windows within two passes and kept less of the gain on evaluation text: benchmarks/
-quality-results.md) and are selected on `search.SAMPLES` others (seed `+ 2`): after each pass
-the second set is scored and the best scales seen -- the start included -- are kept, so the merge
-never scores below the method's own merge on windows it did not learn from, and scales that fit
-the learning windows but not others are not taken. A fine-tune that
-does not beat the base on its windows still gets scales (they follow the other domains' loss) but
-no term of its own.
+per fine-tune (seed `calibration.seed + 1`; 32 rather than 16, because with 16 the scales fitted
+the learning windows within two passes and kept less of the gain on evaluation text, see
+benchmarks/quality-results.md) and are selected on `search.SAMPLES` others (seed `+ 2`): after
+each pass the second set is scored and the best scales seen -- the start included -- are kept, so
+the merge never scores below the method's own merge on windows it did not learn from, and scales
+that fit the learning windows but not others are not taken. A fine-tune that does not beat the
+base on its windows still gets scales (they follow the other domains' loss) but no term of its own.
 Cost: one merge per fine-tune to compute its part, then `EPOCHS` x (forward + backward) over the
 windows. Memory: the base and every part in fp32 beside the model (fine-tunes + 2 copies of the
 model), plus the weights and activations of one step (2 x domains windows) with their gradients.
@@ -143,12 +142,8 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
             if value > best:
                 best, kept = value, scales.detach().clone()
     return Learned(names, {g: [round(float(v), 6) for v in kept[i]] for i, g in enumerate(groups)}, start, best,
-                   trace, select_on.domains, _count(learn_on), _count(select_on),
-                   ctx.recipe.calibration.seq_len, round(time.perf_counter() - begin, 3))
-
-
-def _count(on: "Scoring") -> int:
-    return min(len(w.input_ids) for w in on.windows.values())
+                   trace, select_on.domains, learn_on.count, select_on.count, ctx.recipe.calibration.seq_len,
+                   round(time.perf_counter() - begin, 3))
 
 
 def _epochs(on: "Scoring"):
@@ -192,8 +187,8 @@ def card_lines(learned: dict[str, Any]) -> list[str]:
     lines = [f"lambda: learned: one scale per module of each layer and fine-tune, learned on {learned['windows']} "
              f"held-out calibration windows of {learned['seq_len']} tokens per fine-tune "
              f"({', '.join(learned['domains'])}) and selected on {learned['selected_on']} others. On those the "
-             f"merge keeps {100 * learned['score']:.1f}% of the fine-tunes' gain, {100 * learned['start']:.1f}% with every "
-             f"scale 1 (after each epoch: {trace}).", "",
+             f"merge keeps {100 * learned['score']:.1f}% of the fine-tunes' gain, {100 * learned['start']:.1f}% "
+             f"with every scale 1 (after each epoch: {trace}).", "",
              "| tensors | " + " | ".join(learned["models"]) + " |", "|---|" + "---|" * len(learned["models"])]
     lines += [f"| {group} | " + " | ".join(f"{v:.3f}" for v in values) + " |"
               for group, values in learned["scales"].items()]

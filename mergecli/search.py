@@ -105,6 +105,11 @@ class Scoring:
         """Mean gain retained by the model's current weights."""
         return mean_gain(self.reference, self.own, self.losses())
 
+    @property
+    def count(self) -> int:
+        """Windows per domain (the fewest, should a fine-tune's text give fewer)."""
+        return min(len(w.input_ids) for w in self.windows.values())
+
     def gap(self, domain: str) -> float:
         """What the fine-tune gains over the base on its domain's windows (mean NLL)."""
         return mean_nll(self.reference[domain]) - mean_nll(self.own[domain])
@@ -191,7 +196,7 @@ def choose_lambda(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: l
             return value
         chosen, best, seen = golden_max(tracked, *BRACKET, tol=TOLERANCE, max_evals=EVALUATIONS)
     return Search("lambda", chosen, best, {f"{k:.4f}": v for k, v in sorted(seen.items())}, score_on.domains,
-                  min(SAMPLES, cal.samples), cal.seq_len, round(time.perf_counter() - start, 3))
+                  score_on.count, cal.seq_len, round(time.perf_counter() - start, 3))
 
 
 def merged_delta(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: list["HessianSet"] | None,
