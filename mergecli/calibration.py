@@ -4,7 +4,8 @@ Texts come from `datasets.load_dataset` (a local json/jsonl/csv/parquet/txt file
 loader name with data_files, or a hub dataset). Chat data (a column of `messages` lists) is
 rendered with the tokenizer's chat template. Documents are shuffled with the seed, then either
 packed into full windows of `seq_len` tokens (EOS between documents) or, with `pack: false`,
-truncated/padded one per window with the padding masked out. A dataset that cannot be loaded,
+truncated/padded one per window with the padding masked out; or spread, one window per document
+(`spread_windows`, for the windows a merge's scales are fitted and judged on). A dataset that cannot be loaded,
 lacks the field, or is too small is an error naming the spec, never a silent fallback.
 """
 
@@ -111,3 +112,44 @@ def make_windows(texts: list[str], tokenizer, samples: int, seq_len: int, seed: 
         ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         mask[row, :len(tokens)] = 1
     return Windows(ids, mask)
+
+
+def spread_windows(texts: list[str], tokenizer, samples: int, seq_len: int, seed: int,
+                   what: str = "dataset") -> Windows:
+    """`samples` full windows of `seq_len` tokens from as many documents as the text has: a
+    document of at least `seq_len` tokens gives one window, a slice at a seeded random offset;
+    shorter ones are packed together as `make_windows` packs them (EOS after each). Only when every
+    document has given its share does one give another (a new random slice).
+
+    Why: packing takes whole documents in turn, so 32 windows of a corpus of long files (code,
+    headers, plays, manuals) come from a handful of files, and scales fitted on them fit those files
+    (on the quality benchmark they kept 4 points more of the gain on such windows than on held-out
+    documents); spread out, the same number of tokens samples the corpus."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(texts), generator=generator).tolist()
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    documents = (tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in order)
+    seen: list[list[int]] = []
+    rows: list[list[int]] = []
+    short: list[int] = []
+    while len(rows) < samples:
+        for tokens in documents if len(seen) < len(order) else seen:
+            if len(seen) < len(order):
+                seen.append(tokens)
+            if len(tokens) >= seq_len:
+                start = int(torch.randint(len(tokens) - seq_len + 1, (1,), generator=generator))
+                rows.append(tokens[start:start + seq_len])
+            elif tokens:
+                short += tokens + eos
+                while len(short) >= seq_len:
+                    rows.append(short[:seq_len])
+                    short = short[seq_len:]
+            if len(rows) >= samples:
+                break
+        else:
+            total = sum(len(t) + len(eos) for t in seen if t)
+            if total < samples * seq_len:
+                raise MergeCliError(f"{what} has {total} tokens, {samples} windows of {seq_len} need "
+                                    f"{samples * seq_len}", "lower --samples or --seq-len, or add text")
+    ids = torch.tensor(rows[:samples], dtype=torch.long)
+    return Windows(ids, torch.ones_like(ids))

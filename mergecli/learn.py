@@ -13,10 +13,10 @@ sum_d NLL_d / (NLL_base,d - NLL_own,d) (Adam, `EPOCHS` passes over the windows, 
 of each domain per step). It is layer-wise AdaMerging (Yang et al. 2024) with next-token loss on
 calibration text instead of entropy on test inputs, over a data-aware method's parts.
 
-Windows: two sets drawn as `lambda: auto`'s (`search.scoring`): the scales learn on `WINDOWS`
-per fine-tune (seed `calibration.seed + 1`; 32 rather than 16, because with 16 the scales fitted
-the learning windows within two passes and kept less of the gain on evaluation text, see
-benchmarks/quality-results.md) and are selected on `search.SAMPLES` others (seed `+ 2`): after
+Windows: two sets drawn as `lambda: auto`'s (`search.scoring`: one window per document), the
+scales learn on `WINDOWS` per fine-tune (seed `calibration.seed + 1`; with 16, or with packed
+windows from a few long documents, they fitted their windows and kept less of the gain on held-out
+documents, see benchmarks/quality-results.md) and are selected on `search.SAMPLES` others (seed `+ 2`): after
 each pass the second set is scored and the best scales seen -- the start included -- are kept, so
 the merge never scores below the method's own merge on windows it did not learn from, and scales
 that fit the learning windows but not others are not taken. A fine-tune that does not beat the

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import CODE, VERSE, cli, write_jsonl, write_recipe
-from mergecli.calibration import load_texts, make_windows
+from mergecli.calibration import load_texts, make_windows, spread_windows
+from mergecli.errors import MergeCliError
 from mergecli.recipe import DatasetSpec
 
 
@@ -46,10 +47,46 @@ def calibration_gain(trained, models, folder, seed):
     gains = []
     for name in ("code", "verse"):
         texts = load_texts(DatasetSpec(path=str(trained / f"{name}.jsonl")), trained, tok)
-        windows = make_windows(texts, tok, 8, 32, seed)
+        windows = spread_windows(texts, tok, 8, 32, seed)
         base, own, merged = (loss(f, windows) for f in (models / "base", trained / name, folder))
         gains.append((base - merged) / (base - own))
     return sum(gains) / 2
+
+
+def sources(windows, documents):
+    """For each window, the documents whose tokens contain it as one contiguous run."""
+    def inside(row, doc):
+        return any(doc[i:i + len(row)] == row for i in range(len(doc) - len(row) + 1))
+    return [{k for k, doc in enumerate(documents) if inside(row, doc)} for row in windows.input_ids.tolist()]
+
+
+def test_scoring_windows_are_spread_one_per_document(models):
+    """The windows `lambda: auto` and `learned` score on: a long document gives one window, not the
+    run of windows packing takes from it, so a few long files cannot be all the merge is fitted on."""
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    long = [" ".join(f"{letter}{j}" for j in range(150)) for letter in "abcdefhilm"]  # > 32 tokens, all known
+    documents = [tok(t, add_special_tokens=False)["input_ids"] for t in long]
+    spread = spread_windows(long, tok, 8, 32, seed=5)
+    assert spread.input_ids.shape == (8, 32) and bool(spread.attention_mask.all())
+    found = sources(spread, documents)
+    assert all(len(s) == 1 for s in found) and len(set().union(*found)) == 8  # eight documents, one window each
+    packed = sources(make_windows(long, tok, 8, 32, seed=5), documents)
+    assert len(set().union(*packed)) <= 3  # packing: whole documents in turn
+    assert torch.equal(spread.input_ids, spread_windows(long, tok, 8, 32, seed=5).input_ids)
+    assert not torch.equal(spread.input_ids, spread_windows(long, tok, 8, 32, seed=6).input_ids)
+    # fewer documents than windows: every document gives one before any gives a second
+    again = sources(spread_windows(long[:3], tok, 7, 32, seed=0), documents[:3])
+    assert [len(s) for s in again] == [1] * 7
+    assert set().union(*again[:3]) == set().union(*again[3:6]) == {0, 1, 2}  # round by round
+    # documents shorter than a window are packed as make_windows packs them: EOS after each
+    short = ["x = 1", "def add(a, b):", "hello there"]
+    eos = tok.eos_token_id
+    order = torch.randperm(3, generator=torch.Generator().manual_seed(0)).tolist()
+    stream = [t for i in order for t in tok(short[i], add_special_tokens=False)["input_ids"] + [eos]]
+    window = spread_windows(short, tok, 1, 8, seed=0)
+    assert window.input_ids[0].tolist() == stream[:8]
+    with pytest.raises(MergeCliError, match="tiny set has .* tokens, 4 windows of 32 need 128"):
+        spread_windows(short, tok, 4, 32, seed=0, what="tiny set")
 
 
 def test_lambda_auto_chooses_the_best_scale_on_calibration_windows(trained, models):
