@@ -185,7 +185,7 @@ def card_lines(learned: dict[str, Any]) -> list[str]:
     they bought on the selection windows, and every value."""
     trace = ", ".join(f"{100 * v:.1f}%" for v in learned["trace"][1:])
     lines = [f"lambda: learned: one scale per module of each layer and fine-tune, learned on {learned['windows']} "
-             f"held-out calibration windows of {learned['seq_len']} tokens per fine-tune "
+             f"held-out calibration windows of {learned['seq_len']} tokens per fine-tune, spread over its documents "
              f"({', '.join(learned['domains'])}) and selected on {learned['selected_on']} others. On those the "
              f"merge keeps {100 * learned['score']:.1f}% of the fine-tunes' gain, {100 * learned['start']:.1f}% "
              f"with every scale 1 (after each epoch: {trace}).", "",
