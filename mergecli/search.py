@@ -10,10 +10,11 @@ the merged delta is computed once, by the same engine that writes the merge.
 
 Windows: `SAMPLES` windows of `calibration.seq_len` tokens from each fine-tune's calibration part,
 drawn with seed `calibration.seed + 1` (other windows than the hessian stage's; the held-out part
-the eval stage reads is never touched), one per document (`calibration.spread_windows`, whatever
-`calibration.pack` says): packed windows of a corpus of long files come from a handful of them and
-judge a merge by those files. References: the base and each fine-tune on its own
-windows; a fine-tune that does not beat the base there is left out of the score (as in compare).
+the eval stage reads is never touched), one per document: `calibration.spread_windows` (packed
+windows of a corpus of long files come from a handful of them and judge a merge by those files),
+or with `pack: false` one padded window per document, as the hessian stage draws them.
+References: the base and each fine-tune on its own windows; a fine-tune that does not beat the
+base there is left out of the score (as in compare).
 Search: golden section on `BRACKET` to `TOLERANCE`, both ends evaluated too, so a best scale at
 the edge is seen (at most `EVALUATIONS` forward passes per domain).
 Memory: the base and the merged delta in fp32 beside the model being scored: about three fp32
@@ -122,7 +123,7 @@ def scoring(ctx: "Context", merge: "MergeSpec", what: str, samples: tuple[int, .
     (`calibration.seed + 1`, `+ 2`, ...) per entry of `samples`, of that many windows per fine-tune
     (at most `calibration.samples`), sharing one loaded base. `what` names the choice in the error
     raised when no fine-tune beats the base on its own (first) set of windows."""
-    from .calibration import load_texts, spread_windows
+    from .calibration import load_texts, make_windows, spread_windows
     from .data import describe_spec
     from .models.loading import load_causal_lm, load_tokenizer
     from .perplexity import window_nlls
@@ -132,9 +133,13 @@ def scoring(ctx: "Context", merge: "MergeSpec", what: str, samples: tuple[int, .
     models = [m for m in ctx.recipe.models_of(merge) if m.dataset is not None]
     tokenizer = load_tokenizer(ctx.base.path)
     texts = {m.name: load_texts(m.dataset, ctx.recipe.root, tokenizer) for m in models}
-    windows = [{m.name: spread_windows(texts[m.name], tokenizer, min(count, cal.samples), cal.seq_len,
-                                       cal.seed + 1 + k,
-                                       what=f"calibration part of dataset {describe_spec(m.dataset)} ({m.name})")
+    def draw(texts: list[str], count: int, seed: int, what: str) -> Any:
+        if cal.pack:
+            return spread_windows(texts, tokenizer, count, cal.seq_len, seed, what=what)
+        return make_windows(texts, tokenizer, count, cal.seq_len, seed, pack=False, what=what)  # one per document
+
+    windows = [{m.name: draw(texts[m.name], min(count, cal.samples), cal.seed + 1 + k,
+                             f"calibration part of dataset {describe_spec(m.dataset)} ({m.name})")
                 for m in models} for k, count in enumerate(samples)]
     own = [{} for _ in windows]
     for m in models:

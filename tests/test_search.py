@@ -159,6 +159,20 @@ def test_lambda_learned_scales_each_fine_tunes_part_per_layer(trained, models, m
     assert not fewer["reused"] and fewer["search"]["windows"] == 4 and fewer["search"]["selected_on"] == 8
 
 
+def test_with_pack_false_the_scoring_windows_are_one_padded_window_per_document(trained, models, tmp_path):
+    """A recipe that does not pack (each document one padded window) scores on its documents' first
+    tokens, as its hessian stage reads them: a few one-line documents are enough for eight windows."""
+    for name, texts in (("code", CODE), ("verse", VERSE)):
+        write_jsonl(tmp_path / f"{name}.jsonl", [t.splitlines()[0] for t in texts[:12]])  # a few held out
+    recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"), [
+        {"name": n, "model": str(trained / n), "dataset": {"path": f"./{n}.jsonl"}}
+        for n in ("code", "verse")], [{"name": "ta", "method": "task_arithmetic", "lambda": "auto"}],
+        calibration={"samples": 8, "seq_len": 32, "pack": False})
+    result = cli("--json", "merge", str(recipe))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)[0]["search"]["windows"] == 8
+
+
 def test_lambda_learned_needs_an_additive_method(trained, models):
     bad = recipe_for(trained, models, [{"name": "t", "method": "ties", "lambda": "learned"}])
     result = cli("validate", str(bad), code=None)
