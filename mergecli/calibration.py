@@ -5,8 +5,9 @@ loader name with data_files, or a hub dataset). Chat data (a column of `messages
 rendered with the tokenizer's chat template. Documents are shuffled with the seed, then either
 packed into full windows of `seq_len` tokens (EOS between documents) or, with `pack: false`,
 truncated/padded one per window with the padding masked out; or spread, one window per document
-(`spread_windows`, for the windows a merge's scales are fitted and judged on). A dataset that cannot be loaded,
-lacks the field, or is too small is an error naming the spec, never a silent fallback.
+(`spread_windows`, for the windows a merge's scales are fitted and judged on). A dataset that
+cannot be loaded, lacks the field, or is too small is an error naming the spec, never a silent
+fallback.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ calibration text instead of entropy on test inputs, over a data-aware method's p
 Windows: two sets drawn as `lambda: auto`'s (`search.scoring`: one window per document), the
 scales learn on `WINDOWS` per fine-tune (seed `calibration.seed + 1`; with 16, or with packed
 windows from a few long documents, they fitted their windows and kept less of the gain on held-out
-documents, see benchmarks/quality-results.md) and are selected on `search.SAMPLES` others (seed `+ 2`): after
-each pass the second set is scored and the best scales seen -- the start included -- are kept, so
+documents, see benchmarks/quality-results.md) and are selected on `search.SAMPLES` others (seed
+`+ 2`): after each pass the second set is scored and the best scales seen -- the start included -- are kept, so
 the merge never scores below the method's own merge on windows it did not learn from, and scales
 that fit the learning windows but not others are not taken. A fine-tune that does not beat the
 base on its windows still gets scales (they follow the other domains' loss) but no term of its own.

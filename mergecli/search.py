@@ -72,7 +72,7 @@ def key_of(ctx: "Context", merge: "MergeSpec") -> dict[str, Any] | None:
            else {"bracket": list(BRACKET), "tolerance": TOLERANCE, "evaluations": EVALUATIONS})
     return {"datasets": [fingerprint(m.dataset, ctx.recipe.root).model_dump(mode="json")
                          for m in ctx.recipe.models_of(merge) if m.dataset is not None],
-            "calibration": key_view(ctx.recipe.calibration), "samples": SAMPLES, "draw": "spread", **own}
+            "calibration": key_view(ctx.recipe.calibration), "samples": SAMPLES, "draw": "one per document", **own}
 
 
 def with_param(merge: "MergeSpec", name: str, value: Any) -> "MergeSpec":
@@ -133,10 +133,11 @@ def scoring(ctx: "Context", merge: "MergeSpec", what: str, samples: tuple[int, .
     models = [m for m in ctx.recipe.models_of(merge) if m.dataset is not None]
     tokenizer = load_tokenizer(ctx.base.path)
     texts = {m.name: load_texts(m.dataset, ctx.recipe.root, tokenizer) for m in models}
-    def draw(texts: list[str], count: int, seed: int, what: str) -> Any:
+
+    def draw(documents: list[str], count: int, seed: int, label: str) -> Any:
         if cal.pack:
-            return spread_windows(texts, tokenizer, count, cal.seq_len, seed, what=what)
-        return make_windows(texts, tokenizer, count, cal.seq_len, seed, pack=False, what=what)  # one per document
+            return spread_windows(documents, tokenizer, count, cal.seq_len, seed, what=label)
+        return make_windows(documents, tokenizer, count, cal.seq_len, seed, pack=False, what=label)
 
     windows = [{m.name: draw(texts[m.name], min(count, cal.samples), cal.seed + 1 + k,
                              f"calibration part of dataset {describe_spec(m.dataset)} ({m.name})")
