@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .calibration import Windows, load_texts, make_windows
+from .calibration import Windows, draw_windows, load_texts
 from .collect import Statistics, collect, find_groups, linear_modules
 from .data import describe_spec
 from .distributed import Group
@@ -65,7 +65,7 @@ def prepare(name: str, source: ModelSource, base: Path, dataset: DatasetSpec, ro
     if the workspace disk cannot hold the result."""
     tokenizer = load_tokenizer(source.path, base)
     texts = load_texts(dataset, root, tokenizer)
-    windows = make_windows(texts, tokenizer, cal.samples, cal.seq_len, cal.seed, cal.pack,
+    windows = draw_windows(texts, tokenizer, cal.samples, cal, cal.seed,
                            what=f"dataset {describe_spec(dataset)} of {name}")
     model = load_causal_lm(source, base, use_base=cal.source == "base")
     groups = find_groups(model, windows.input_ids)

@@ -103,7 +103,8 @@ class CalibrationSpec(_Strict):
     batch_size: int = runtime(4, "windows per forward pass", ge=1, le=100_000)
     seed: int = Field(0, ge=0, lt=2**63)
     source: Literal["finetune", "base"] = Field("finetune", description="model whose activations are collected")
-    pack: bool = Field(True, description="pack documents into full windows (else one padded window per document)")
+    pack: bool = Field(True, description="full windows spread one per document, short documents packed "
+                                         "(else one padded window per document)")
     layer_by_layer: bool = runtime(False, "one decoder block on the device at a time")
 
 

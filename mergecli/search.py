@@ -10,9 +10,9 @@ the merged delta is computed once, by the same engine that writes the merge.
 
 Windows: `SAMPLES` windows of `calibration.seq_len` tokens from each fine-tune's calibration part,
 drawn with seed `calibration.seed + 1` (other windows than the hessian stage's; the held-out part
-the eval stage reads is never touched), one per document: `calibration.spread_windows` (packed
-windows of a corpus of long files come from a handful of them and judge a merge by those files),
-or with `pack: false` one padded window per document, as the hessian stage draws them.
+the eval stage reads is never touched), one per document, as the hessian stage draws them
+(`calibration.draw_windows`: packed windows of a corpus of long files come from a handful of them
+and judge a merge by those files).
 References: the base and each fine-tune on its own windows; a fine-tune that does not beat the
 base there is left out of the score (as in compare).
 Search: golden section on `BRACKET` to `TOLERANCE`, both ends evaluated too, so a best scale at
@@ -63,6 +63,7 @@ def key_of(ctx: "Context", merge: "MergeSpec") -> dict[str, Any] | None:
     calibration text of each merged fine-tune, the calibration settings and this search's own."""
     if not merge.searched:
         return None
+    from .calibration import DRAW
     from .data import fingerprint
     from .learn import settings
     from .methods.table import LEARNED
@@ -72,7 +73,7 @@ def key_of(ctx: "Context", merge: "MergeSpec") -> dict[str, Any] | None:
            else {"bracket": list(BRACKET), "tolerance": TOLERANCE, "evaluations": EVALUATIONS})
     return {"datasets": [fingerprint(m.dataset, ctx.recipe.root).model_dump(mode="json")
                          for m in ctx.recipe.models_of(merge) if m.dataset is not None],
-            "calibration": key_view(ctx.recipe.calibration), "samples": SAMPLES, "draw": "one per document", **own}
+            "calibration": key_view(ctx.recipe.calibration), "samples": SAMPLES, "draw": DRAW, **own}
 
 
 def with_param(merge: "MergeSpec", name: str, value: Any) -> "MergeSpec":
@@ -123,7 +124,7 @@ def scoring(ctx: "Context", merge: "MergeSpec", what: str, samples: tuple[int, .
     (`calibration.seed + 1`, `+ 2`, ...) per entry of `samples`, of that many windows per fine-tune
     (at most `calibration.samples`), sharing one loaded base. `what` names the choice in the error
     raised when no fine-tune beats the base on its own (first) set of windows."""
-    from .calibration import load_texts, make_windows, spread_windows
+    from .calibration import draw_windows, load_texts
     from .data import describe_spec
     from .models.loading import load_causal_lm, load_tokenizer
     from .perplexity import window_nlls
@@ -134,13 +135,8 @@ def scoring(ctx: "Context", merge: "MergeSpec", what: str, samples: tuple[int, .
     tokenizer = load_tokenizer(ctx.base.path)
     texts = {m.name: load_texts(m.dataset, ctx.recipe.root, tokenizer) for m in models}
 
-    def draw(documents: list[str], count: int, seed: int, label: str) -> Any:
-        if cal.pack:
-            return spread_windows(documents, tokenizer, count, cal.seq_len, seed, what=label)
-        return make_windows(documents, tokenizer, count, cal.seq_len, seed, pack=False, what=label)
-
-    windows = [{m.name: draw(texts[m.name], min(count, cal.samples), cal.seed + 1 + k,
-                             f"calibration part of dataset {describe_spec(m.dataset)} ({m.name})")
+    windows = [{m.name: draw_windows(texts[m.name], tokenizer, min(count, cal.samples), cal, cal.seed + 1 + k,
+                                     f"calibration part of dataset {describe_spec(m.dataset)} ({m.name})")
                 for m in models} for k, count in enumerate(samples)]
     own = [{} for _ in windows]
     for m in models:

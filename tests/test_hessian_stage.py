@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import CODE, VERSE, cli, write_jsonl, write_recipe
-from mergecli.calibration import make_windows
+from mergecli.calibration import make_windows, spread_windows
 from mergecli.collect import collect, find_groups, linear_modules
 
 
@@ -125,11 +125,11 @@ def test_embedding_token_counts_are_stored_and_regmean_merges_embedding_rows_by_
     freqs = {}
     for name, path in (("a", data / "code.jsonl"), ("b", data / "verse.txt")):
         stored = load_file(Path(rows[name]["path"]) / "hessian.safetensors")[f"{emb}.counts"]
-        windows = make_windows(load_texts(DatasetSpec(path=str(path)), tmp_path, tok), tok, 4, 16, 0)
-        reference = torch.zeros(stored.shape[0], dtype=torch.int64)
-        for token in windows.input_ids[windows.attention_mask.bool()].tolist():
-            reference[token] += 1
+        texts = load_texts(DatasetSpec(path=str(path)), tmp_path, tok)
+        reference, packed = (hand_counts(w, stored.shape[0]) for w in
+                             (spread_windows(texts, tok, 4, 16, 0), make_windows(texts, tok, 4, 16, 0)))
         assert torch.equal(stored, reference) and int(stored.sum()) == rows[name]["tokens"]
+        assert not torch.equal(stored, packed)  # the windows are spread one per document, not packed
         freqs[name] = stored.double() / stored.sum()
     cli("merge", recipe)
     base = AutoModelForCausalLM.from_pretrained(models / "base").state_dict()[emb].double()
@@ -144,6 +144,14 @@ def test_embedding_token_counts_are_stored_and_regmean_merges_embedding_rows_by_
         assert torch.allclose(merged["rm"][v], expected, atol=1e-6), v
     assert torch.allclose(merged["rm-mean"], (taus["a"] + taus["b"]) / 2, atol=1e-6)
     assert (freqs["a"] > 0).sum() < base.shape[0]  # some rows unseen: the fallback is exercised
+
+
+def hand_counts(windows, rows: int) -> torch.Tensor:
+    """How often each token id is an unpadded position of the windows, counted one by one."""
+    counts = torch.zeros(rows, dtype=torch.int64)
+    for token in windows.input_ids[windows.attention_mask.bool()].tolist():
+        counts[token] += 1
+    return counts
 
 
 def test_different_calibration_settings_are_different_cache_entries(tmp_path, models, data):

@@ -30,6 +30,7 @@ class HessianSpec(ArtifactSpec):
     base: str
     dataset: DataFingerprint
     calibration: dict[str, Any]
+    draw: str  # how the windows are drawn from the documents (`calibration.DRAW`)
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,14 @@ class HessianSet:
 
 
 def spec_of(ctx: Context, model: ModelSpec) -> HessianSpec:
+    from ..calibration import DRAW
     from ..data import fingerprint
 
     cal = ctx.recipe.calibration
     ran = ctx.base if cal.source == "base" else ctx.source(model.model)
     assert model.dataset is not None
     return HessianSpec(model=ran.fingerprint, base=ctx.base.fingerprint,
-                       dataset=fingerprint(model.dataset, ctx.recipe.root), calibration=key_view(cal))
+                       dataset=fingerprint(model.dataset, ctx.recipe.root), calibration=key_view(cal), draw=DRAW)
 
 
 def check_context(ctx: Context, seq_len: int, field: str) -> None:
