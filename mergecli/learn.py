@@ -38,6 +38,7 @@ from .search import SAMPLES, merged_delta, placed, scoring, with_param
 if TYPE_CHECKING:
     import torch
 
+    from .calibration import Windows
     from .models.architecture import Architecture
     from .recipe import MergeSpec
     from .search import Scoring
@@ -48,12 +49,13 @@ WINDOWS = 32  # per fine-tune to learn on (at most calibration.samples); selecte
 EPOCHS = 8
 BATCH = 2  # windows of each domain per step
 LEARNING_RATE = 0.05
+BASE_TEXT = ""  # the base's own text among a step's batches (no domain has an empty name)
 
 
 def settings() -> dict[str, Any]:
     """What the learned scales depend on beyond the windows (part of the merge's key)."""
     return {"windows": WINDOWS, "epochs": EPOCHS, "batch": BATCH, "learning_rate": LEARNING_RATE,
-            "groups": "layer module"}
+            "groups": "layer module", "forgetting": "base text, hinge at scale 1"}
 
 
 def group_of(arch: "Architecture", name: str) -> str:
@@ -75,6 +77,8 @@ class Learned:
     start: float  # mean gain retained on the selection windows at scale 1 (the method's own merge)
     score: float  # ... with the scales kept
     trace: list[float]  # ... after each epoch (the start first)
+    forgetting: list[float]  # NLL on the base's own text over the start's, same points as `trace`
+    kept: int  # the pass kept (0: the start)
     domains: list[str]
     windows: int  # per domain, learned on
     selected_on: int  # per domain, other windows
@@ -95,9 +99,16 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
                  workers: int) -> Learned:
     import torch
 
+    from .basetext import sample_windows
+    from .perplexity import window_nlls
+
     begin = time.perf_counter()
     names = [m.name for m in ctx.recipe.models_of(merge)]
+    cal = ctx.recipe.calibration
     learn_on, select_on = scoring(ctx, merge, "lambda: learned", samples=(WINDOWS, SAMPLES))
+    model, device = learn_on.model, learn_on.device
+    text = [sample_windows(model, on.count, cal.seq_len, cal.seed + 1 + k, cal.batch_size, device)
+            for k, on in enumerate((learn_on, select_on))]
     unit = with_param(merge, "lambda", 1.0)
     parts = []
     for i in range(len(names)):  # each fine-tune's part: the merge with only its task vector, at scale 1
@@ -114,70 +125,99 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
     def weights(scales: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: base[n] + torch.tensordot(scales[row[n]], stacked[n], dims=1) for n in tensors}
 
-    def score(scales: torch.Tensor) -> float:
+    def place(scales: torch.Tensor) -> None:
         with torch.no_grad():
             for n, w in weights(scales).items():
                 state[n].copy_(w)
-        return select_on.gain()
 
     label = f"learning scales {merge.name}"
-    scales = torch.ones(len(groups), len(names), dtype=torch.float32, device=learn_on.device, requires_grad=True)
-    start = score(scales.detach())
-    best, kept, trace = start, scales.detach().clone(), [start]
+    scales = torch.ones(len(groups), len(names), dtype=torch.float32, device=device, requires_grad=True)
+    place(scales.detach())
+    start = select_on.gain()
+    # the method's own merge on the base's text: the level the learned scales may not exceed
+    reference = [_per_window(window_nlls(model, t, cal.batch_size, device)).to(device) for t in text]
+    forget = [0.0]
+    gap = sum(select_on.gap(d) for d in select_on.domains) / len(select_on.domains)
+    kept, pass_kept, trace = scales.detach().clone(), 0, [start]
+
+    def judged(k: int) -> float:  # pass k's gain, less what it forgot beyond the start, in mean gaps
+        return trace[k] - max(forget[k], 0.0) / gap
+
     ctx.reporter.log(f"{label}: scale 1 keeps {100 * start:.1f}% of the gain on the selection windows")
-    steps, batches = _epochs(learn_on)
+    steps, batches = _epochs({**{d: len(learn_on.windows[d].input_ids) for d in learn_on.domains},
+                              BASE_TEXT: learn_on.count})
     optimizer = torch.optim.Adam([scales], lr=LEARNING_RATE)
-    generator = torch.Generator().manual_seed(ctx.recipe.calibration.seed + 1)
+    generator = torch.Generator().manual_seed(cal.seed + 1)
     with ctx.reporter.track(label, EPOCHS * steps) as advance:
         for epoch in range(EPOCHS):
             for batch in batches(generator):
                 optimizer.zero_grad()
-                _loss(learn_on, weights(scales), batch).backward()
+                current = weights(scales)
+                pick = batch.pop(BASE_TEXT)
+                excess = (_window_means(learn_on, current, text[0], pick) - reference[0][pick]).mean()
+                (_loss(learn_on, current, batch) + excess.clamp(min=0) / gap).backward()
                 optimizer.step()
                 advance(1)
-            value = score(scales.detach())
+            place(scales.detach())
+            value = select_on.gain()
+            forgot = _mean(window_nlls(model, text[1], cal.batch_size, device)) - float(reference[1].mean())
             trace.append(value)
+            forget.append(forgot)
             ctx.reporter.log(f"{label}: epoch {epoch + 1} keeps {100 * value:.1f}% of the gain on the selection "
-                             "windows")
-            if value > best:
-                best, kept = value, scales.detach().clone()
-    return Learned(names, {g: [round(float(v), 6) for v in kept[i]] for i, g in enumerate(groups)}, start, best,
-                   trace, select_on.domains, learn_on.count, select_on.count, ctx.recipe.calibration.seq_len,
+                             f"windows, {forgot:+.4f} NLL on the base's text")
+            if judged(epoch + 1) > judged(pass_kept):
+                kept, pass_kept = scales.detach().clone(), epoch + 1
+    return Learned(names, {g: [round(float(v), 6) for v in kept[i]] for i, g in enumerate(groups)}, start,
+                   trace[pass_kept],
+                   trace, forget, pass_kept, select_on.domains, learn_on.count, select_on.count, cal.seq_len,
                    round(time.perf_counter() - begin, 3))
 
 
-def _epochs(on: "Scoring"):
+def _epochs(count: dict[str, int]):
     """Steps per epoch, and one epoch's batches drawn by a generator: per step, `BATCH` windows of
-    each domain (a domain with fewer windows than the others starts over)."""
+    each set (a set with fewer windows than the others starts over)."""
     import torch
 
-    count = {d: on.windows[d].input_ids.shape[0] for d in on.domains}
     steps = math.ceil(max(count.values()) / BATCH)
 
     def epoch(generator: "torch.Generator") -> list[dict[str, "torch.Tensor"]]:
-        order = {d: torch.randperm(count[d], generator=generator) for d in on.domains}
-        return [{d: order[d][[(step * BATCH + b) % count[d] for b in range(BATCH)]] for d in on.domains}
+        order = {d: torch.randperm(n, generator=generator) for d, n in count.items()}
+        return [{d: order[d][[(step * BATCH + b) % count[d] for b in range(BATCH)]] for d in count}
                 for step in range(steps)]
     return steps, epoch
 
 
-def _loss(on: "Scoring", weights: dict[str, "torch.Tensor"], batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
-    """The score to descend: mean over domains of the batch's token-mean NLL divided by the
-    domain's gap between the base and its fine-tune (so a domain weighs by how much gain there is
-    to keep, as in the mean gain retained)."""
+def _window_means(on: "Scoring", weights: dict[str, "torch.Tensor"], windows: "Windows",
+                  pick: "torch.Tensor") -> "torch.Tensor":
+    """The token-mean NLL of each picked window under `weights` (differentiable)."""
     from torch.func import functional_call
 
     from .perplexity import next_token_nll
 
-    total = 0.0
-    for d, pick in batch.items():
-        ids = on.windows[d].input_ids[pick].to(on.device)
-        mask = on.windows[d].attention_mask[pick].to(on.device)
-        logits = functional_call(on.model, weights, (), {"input_ids": ids, "attention_mask": mask,
-                                                          "use_cache": False}).logits
-        nll, valid = next_token_nll(logits, ids, mask)
-        total = total + (nll * valid).sum() / valid.sum().clamp(min=1) / on.gap(d)
-    return total / len(batch)
+    ids = windows.input_ids[pick].to(on.device)
+    mask = windows.attention_mask[pick].to(on.device)
+    logits = functional_call(on.model, weights, (), {"input_ids": ids, "attention_mask": mask,
+                                                      "use_cache": False}).logits
+    nll, valid = next_token_nll(logits, ids, mask)
+    return (nll * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+
+
+def _per_window(found: list[tuple[float, int]]) -> "torch.Tensor":
+    import torch
+
+    return torch.tensor([s / max(n, 1) for s, n in found])
+
+
+def _mean(found: list[tuple[float, int]]) -> float:
+    return float(_per_window(found).mean())
+
+
+def _loss(on: "Scoring", weights: dict[str, "torch.Tensor"], batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+    """The score to descend: mean over domains of the batch's NLL divided by the domain's gap
+    between the base and its fine-tune (so a domain weighs by how much gain there is to keep, as in
+    the mean gain retained)."""
+    return sum(_window_means(on, weights, on.windows[d], pick).mean() / on.gap(d) for d, pick in batch.items()) \
+        / len(batch)
 
 
 def card_lines(learned: dict[str, Any]) -> list[str]:
@@ -188,7 +228,10 @@ def card_lines(learned: dict[str, Any]) -> list[str]:
              f"held-out calibration windows of {learned['seq_len']} tokens per fine-tune, spread over its documents "
              f"({', '.join(learned['domains'])}) and selected on {learned['selected_on']} others. On those the "
              f"merge keeps {100 * learned['score']:.1f}% of the fine-tunes' gain, {100 * learned['start']:.1f}% "
-             f"with every scale 1 (after each epoch: {trace}).", "",
+             f"with every scale 1 (after each epoch: {trace}). Held to text sampled from the base: its NLL there "
+             f"is {learned['forgetting'][learned['kept']]:+.4f} from the merge with every scale 1 (after each epoch: "
+             f"{', '.join(f'{v:+.4f}' for v in learned['forgetting'][1:])}); pass {learned['kept']} kept "
+             "(0: every scale 1).", "",
              "| tensors | " + " | ".join(learned["models"]) + " |", "|---|" + "---|" * len(learned["models"])]
     lines += [f"| {group} | " + " | ".join(f"{v:.3f}" for v in values) + " |"
               for group, values in learned["scales"].items()]

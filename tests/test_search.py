@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import CODE, VERSE, cli, write_jsonl, write_recipe
-from mergecli.calibration import load_texts, make_windows, spread_windows
+from mergecli.calibration import Windows, load_texts, make_windows, spread_windows
 from mergecli.errors import MergeCliError
 from mergecli.recipe import DatasetSpec
 
@@ -40,17 +40,19 @@ def loss(folder, windows):
         return float(model(input_ids=windows.input_ids, labels=windows.input_ids).loss)
 
 
-def calibration_gain(trained, models, folder, seed):
+def calibration_gain(trained, models, folder, seed, gaps=False):
     """Mean gain retained by the model in `folder` on held-out calibration windows (drawn with
-    `seed` from each fine-tune's calibration part), from transformers' own loss."""
+    `seed` from each fine-tune's calibration part), from transformers' own loss; with `gaps`, also
+    the mean gap between the base and the fine-tunes there."""
     tok = AutoTokenizer.from_pretrained(models / "base")
-    gains = []
+    gains, gap = [], []
     for name in ("code", "verse"):
         texts = load_texts(DatasetSpec(path=str(trained / f"{name}.jsonl")), trained, tok)
         windows = spread_windows(texts, tok, 8, 32, seed)
         base, own, merged = (loss(f, windows) for f in (models / "base", trained / name, folder))
         gains.append((base - merged) / (base - own))
-    return sum(gains) / 2
+        gap.append(base - own)
+    return (sum(gains) / 2, sum(gap) / 2) if gaps else sum(gains) / 2
 
 
 def sources(windows, documents):
@@ -119,10 +121,46 @@ def test_lambda_auto_chooses_the_best_scale_on_calibration_windows(trained, mode
     assert not json.loads(other.stdout)[0]["reused"]
 
 
+def sampled(folder, count, seq_len, seed, batch_size):
+    """Text sampled from a model as the spec says, step by step without a cache: the start token,
+    then each next token drawn from the softmax of the logits (temperature 1, the whole vocabulary,
+    EOS excluded), `batch_size` rows at a time from one seeded random stream."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    torch.manual_seed(seed)
+    rows = []
+    for begin in range(0, count, batch_size):
+        ids = torch.full((min(batch_size, count - begin), 1), model.config.bos_token_id)
+        with torch.no_grad():
+            while ids.shape[1] < seq_len:
+                logits = model(input_ids=ids).logits[:, -1].float()
+                logits[:, model.config.eos_token_id] = -float("inf")
+                ids = torch.cat([ids, torch.multinomial(torch.softmax(logits, -1), 1)], 1)
+        rows.append(ids)
+    ids = torch.cat(rows)
+    return Windows(ids, torch.ones_like(ids))
+
+
+def test_base_text_is_sampled_at_temperature_one_from_the_start_token(models, tmp_path):
+    from mergecli.basetext import sample_windows
+
+    model = AutoModelForCausalLM.from_pretrained(models / "base").eval()
+    model.generation_config.do_sample, model.generation_config.top_k = False, 1  # its defaults are not used
+    state = torch.get_rng_state()
+    windows = sample_windows(model, 5, 24, seed=5, batch_size=2, device=torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left as it was
+    assert windows.input_ids.shape == (5, 24) and bool(windows.attention_mask.all())
+    assert torch.equal(windows.input_ids, sampled(models / "base", 5, 24, 5, 2).input_ids)
+    assert not torch.equal(windows.input_ids, sample_windows(model, 5, 24, 6, 2, torch.device("cpu")).input_ids)
+    model.config.bos_token_id = model.config.eos_token_id = None
+    with pytest.raises(MergeCliError, match="no BOS or EOS token"):
+        sample_windows(model, 1, 8, 0, 1, torch.device("cpu"))
+
+
 def test_lambda_learned_scales_each_fine_tunes_part_per_layer(trained, models, monkeypatch):
     from mergecli import learn
 
-    recipe = recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic", "lambda": "learned"}])
+    recipe = recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic", "lambda": "learned"},
+                                          {"name": "ta1", "method": "task_arithmetic", "lambda": 1.0}])
     result = json.loads(cli("--json", "merge", str(recipe)).stdout)[0]
     learned = result["search"]
     assert learned["mode"] == "learned" and learned["models"] == ["code", "verse"]
@@ -132,11 +170,19 @@ def test_lambda_learned_scales_each_fine_tunes_part_per_layer(trained, models, m
     assert {g for g in learned["scales"] if g.startswith("layer ")} == groups and len(groups) >= 8
     assert "model.embed_tokens.weight" in learned["scales"]
     assert all(len(v) == 2 for v in learned["scales"].values())
-    # learned on windows of seed + 1, selected on windows of seed + 2: the best of the start (every
-    # scale 1) and the epochs there is kept, so never below the plain merge on unseen windows
-    assert learned["score"] == max(learned["trace"]) >= learned["trace"][0] == learned["start"]
+    # learned on windows of seed + 1, selected on windows of seed + 2 and on 8 windows of text the
+    # base samples (seed + 2): the pass kept is the best start (every scale 1) or epoch by its gain less
+    # what it forgot of the base's text beyond the start, in mean gaps between base and fine-tune
+    gain, gap = calibration_gain(trained, models, trained / "out" / "ta", 2, gaps=True)
+    assert learned["score"] == learned["trace"][learned["kept"]] and learned["trace"][0] == learned["start"]
+    assert learned["forgetting"][0] == 0 and len(learned["forgetting"]) == len(learned["trace"]) == 9
+    judged = [t - max(f, 0) / gap for t, f in zip(learned["trace"], learned["forgetting"])]
+    assert learned["kept"] == judged.index(max(judged)) and judged[learned["kept"]] >= judged[0]
     assert learned["score"] > learned["start"]  # these fine-tunes are far from their best sum at scale 1
-    assert learned["score"] == pytest.approx(calibration_gain(trained, models, trained / "out" / "ta", 2), abs=1e-4)
+    assert learned["score"] == pytest.approx(gain, abs=1e-4)
+    text = sampled(models / "base", 8, 32, 2, 4)  # calibration.batch_size rows at a time
+    forgot = loss(trained / "out" / "ta", text) - loss(trained / "out" / "ta1", text)
+    assert learned["forgetting"][learned["kept"]] == pytest.approx(forgot, abs=1e-4)
     # the written model: base + sum_i s[layer, i] * tau_i, tensor by tensor
     base = AutoModelForCausalLM.from_pretrained(models / "base").state_dict()
     fine = {n: AutoModelForCausalLM.from_pretrained(trained / n).state_dict() for n in ("code", "verse")}
