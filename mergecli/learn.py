@@ -109,6 +109,7 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
     import torch
 
     from .basetext import sample_windows
+    from .gain import mean_nll
     from .perplexity import window_nlls
 
     begin = time.perf_counter()
@@ -144,7 +145,8 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
     place(scales.detach())
     start = select_on.gain()
     # the method's own merge on the base's text: the level the learned scales may not exceed
-    reference = [_per_window(window_nlls(model, t, cal.batch_size, device)).to(device) for t in text]
+    reference = [window_nlls(model, t, cal.batch_size, device) for t in text]
+    per_window = torch.tensor([s / n for s, n in reference[0]], device=device)
     forget = [0.0]
     gap = sum(select_on.gap(d) for d in select_on.domains) / len(select_on.domains)
     kept, pass_kept, trace = scales.detach().clone(), 0, [start]
@@ -163,13 +165,13 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
                 optimizer.zero_grad()
                 current = weights(scales)
                 pick = batch.pop(BASE_TEXT)
-                excess = (_window_means(learn_on, current, text[0], pick) - reference[0][pick]).mean()
+                excess = (_window_means(learn_on, current, text[0], pick) - per_window[pick]).mean()
                 (_loss(learn_on, current, batch) + excess.clamp(min=0) / gap).backward()
                 optimizer.step()
                 advance(1)
             place(scales.detach())
             value = select_on.gain()
-            forgot = _mean(window_nlls(model, text[1], cal.batch_size, device)) - float(reference[1].mean())
+            forgot = mean_nll(window_nlls(model, text[1], cal.batch_size, device)) - mean_nll(reference[1])
             trace.append(value)
             forget.append(forgot)
             ctx.reporter.log(f"{label}: epoch {epoch + 1} keeps {100 * value:.1f}% of the gain on the selection "
@@ -208,16 +210,6 @@ def _window_means(on: "Scoring", weights: dict[str, "torch.Tensor"], windows: "W
                                                       "use_cache": False}).logits
     nll, valid = next_token_nll(logits, ids, mask)
     return (nll * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
-
-
-def _per_window(found: list[tuple[float, int]]) -> "torch.Tensor":
-    import torch
-
-    return torch.tensor([s / max(n, 1) for s, n in found])
-
-
-def _mean(found: list[tuple[float, int]]) -> float:
-    return float(_per_window(found).mean())
 
 
 def _loss(on: "Scoring", weights: dict[str, "torch.Tensor"], batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":

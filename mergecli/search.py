@@ -134,7 +134,6 @@ def scoring(ctx: "Context", merge: "MergeSpec", what: str, samples: tuple[int, .
     models = [m for m in ctx.recipe.models_of(merge) if m.dataset is not None]
     tokenizer = load_tokenizer(ctx.base.path)
     texts = {m.name: load_texts(m.dataset, ctx.recipe.root, tokenizer) for m in models}
-
     windows = [{m.name: draw_windows(texts[m.name], tokenizer, min(count, cal.samples), cal, cal.seed + 1 + k,
                                      f"calibration part of dataset {describe_spec(m.dataset)} ({m.name})")
                 for m in models} for k, count in enumerate(samples)]
