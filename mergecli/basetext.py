@@ -11,12 +11,15 @@ sampled windows of 128 tokens ranked its six merges in the same order as the hel
 Sampling: from the base's start-of-text token (BOS, else EOS) at temperature 1 over the whole
 vocabulary (no top-k/top-p, no repetition penalty: the model's own generation defaults are not
 used), exactly `seq_len` tokens per window (end of text is suppressed), seeded (the global random
-state is restored afterwards).
+state is restored afterwards). `generate` fills every field its caller leaves unset from the model's
+own generation_config.json (a checkpoint's `no_repeat_ngram_size`, `min_p`, `suppress_tokens`, ...
+would reshape the distribution), so the model carries a blank one while it samples.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import GenerationConfig
 
 from .calibration import Windows
 from .errors import MergeCliError
@@ -33,15 +36,20 @@ def sample_windows(model: torch.nn.Module, count: int, seq_len: int, seed: int, 
         raise MergeCliError("lambda: learned samples text from the base, and the base's config has no BOS or EOS "
                             "token to start it from", "set bos_token_id in the base's config.json")
     eos = config.eos_token_id
-    rows = []
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for begin in range(0, count, batch_size):
-                prompt = torch.full((min(batch_size, count - begin), 1), start, dtype=torch.long, device=device)
-                rows.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                                           temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                                           max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                                           pad_token_id=eos if eos is not None else start).cpu())
+    settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
+                                min_new_tokens=seq_len - 1, bos_token_id=start, eos_token_id=eos,
+                                pad_token_id=eos if eos is not None else start)
+    rows, own = [], model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for begin in range(0, count, batch_size):
+                    prompt = torch.full((min(batch_size, count - begin), 1), start, dtype=torch.long, device=device)
+                    rows.append(model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                               generation_config=settings).cpu())
+    finally:
+        model.generation_config = own
     ids = torch.cat(rows)
     return Windows(ids, torch.ones_like(ids))

@@ -64,7 +64,7 @@ BASE_TEXT = ""  # the base's own text among a step's batches (no domain has an e
 def settings() -> dict[str, Any]:
     """What the learned scales depend on beyond the windows (part of the merge's key)."""
     return {"windows": WINDOWS, "epochs": EPOCHS, "batch": BATCH, "learning_rate": LEARNING_RATE,
-            "groups": "layer module", "forgetting": "base text, hinge at scale 1"}
+            "groups": "layer module", "forgetting": "base text (no generation defaults), hinge at scale 1"}
 
 
 def group_of(arch: "Architecture", name: str) -> str:

@@ -144,10 +144,13 @@ def test_base_text_is_sampled_at_temperature_one_from_the_start_token(models, tm
     from mergecli.basetext import sample_windows
 
     model = AutoModelForCausalLM.from_pretrained(models / "base").eval()
-    model.generation_config.do_sample, model.generation_config.top_k = False, 1  # its defaults are not used
+    defaults = {"do_sample": False, "top_k": 1, "no_repeat_ngram_size": 1, "min_p": 0.9, "suppress_tokens": [3]}
+    for field, value in defaults.items():  # the model's generation defaults are not used
+        setattr(model.generation_config, field, value)
     state = torch.get_rng_state()
     windows = sample_windows(model, 5, 24, seed=5, batch_size=2, device=torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left as it was
+    assert model.generation_config.no_repeat_ngram_size == 1  # ... and the model's defaults are its own again
     assert windows.input_ids.shape == (5, 24) and bool(windows.attention_mask.all())
     assert torch.equal(windows.input_ids, sampled(models / "base", 5, 24, 5, 2).input_ids)
     assert not torch.equal(windows.input_ids, sample_windows(model, 5, 24, 6, 2, torch.device("cpu")).input_ids)
