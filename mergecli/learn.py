@@ -120,25 +120,28 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
     text = [sample_windows(model, on.count, cal.seq_len, cal.seed + 1 + k, cal.batch_size, device)
             for k, on in enumerate((learn_on, select_on))]
     unit = with_param(merge, "lambda", 1.0)
-    parts = []
+    stacked: dict[str, torch.Tensor] = {}  # tensor -> one row per fine-tune
     for i in range(len(names)):  # each fine-tune's part: the merge with only its task vector, at scale 1
         one = [float(i == j) for j in range(len(names))]
-        parts.append(merged_delta(ctx, unit, vectors, hessians, workers, scales=lambda _, one=one: one))
-    tensors = sorted(set().union(*parts))
+        part = merged_delta(ctx, unit, vectors, hessians, workers, scales=lambda _, one=one: one)
+        while part:  # into its row, tensor by tensor: the parts are held once (a tensor no part changes is absent)
+            n, delta = part.popitem()
+            if n not in stacked:
+                stacked[n] = delta.new_zeros((len(names), *delta.shape))
+            stacked[n][i] = delta
+    tensors = sorted(stacked)
     state = placed(merge, "lambda: learned", tensors, learn_on.model)
     base = {n: state[n].detach().to(torch.float32, copy=True) for n in tensors}
-    stacked = {n: torch.stack([p[n] if n in p else torch.zeros_like(base[n]) for p in parts]) for n in tensors}
-    del parts
     groups = sorted({group_of(ctx.arch, n) for n in tensors}, key=_order)
     row = {n: groups.index(group_of(ctx.arch, n)) for n in tensors}
 
-    def weights(scales: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: base[n] + torch.tensordot(scales[row[n]], stacked[n], dims=1) for n in tensors}
+    def weight(n: str, scales: torch.Tensor) -> torch.Tensor:
+        return base[n] + torch.tensordot(scales[row[n]], stacked[n], dims=1)
 
-    def place(scales: torch.Tensor) -> None:
+    def place(scales: torch.Tensor) -> None:  # tensor by tensor: no second copy of the model
         with torch.no_grad():
-            for n, w in weights(scales).items():
-                state[n].copy_(w)
+            for n in tensors:
+                state[n].copy_(weight(n, scales))
 
     label = f"learning scales {merge.name}"
     scales = torch.ones(len(groups), len(names), dtype=torch.float32, device=device, requires_grad=True)
@@ -163,7 +166,7 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
         for epoch in range(EPOCHS):
             for batch in batches(generator):
                 optimizer.zero_grad()
-                current = weights(scales)
+                current = {n: weight(n, scales) for n in tensors}
                 pick = batch.pop(BASE_TEXT)
                 excess = (_window_means(learn_on, current, text[0], pick) - per_window[pick]).mean()
                 (_loss(learn_on, current, batch) + excess.clamp(min=0) / gap).backward()
