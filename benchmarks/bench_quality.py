@@ -17,7 +17,8 @@ Everything runs through the product: this script only prepares inputs and reads 
 2. Base: SmolLM2-135M-Instruct from the demo's GGUF (or --base); one full fine-tune per domain with
    `mergecli.finetune.train` (full: 40 steps x 4 x 128 tokens, AdamW lr 1e-4), cached under --work.
 3. A mergecli recipe per testbed (--work/<testbed>/recipe.yaml) with every method of the project
-   (METHODS), calibration 32 x 128 tokens per fine-tune, evaluation 32 x 128 held-out tokens per
+   (METHODS), calibration 32 x 128 tokens per fine-tune (and the general set's training documents as
+   `calibration.general`, what the learned merges are held to), evaluation 32 x 128 held-out tokens per
    domain plus the general set (seed 1), then `mergecli compare` and `mergecli --json eval`
    (hessians, merges, perplexities: all cached in --work/ws, so a rerun is quick).
 4. The results table (markdown, --work/<testbed>/results.md, printed): perplexity per domain and on
@@ -258,7 +259,9 @@ def write_recipe(folder: Path, base: Path, data: Path, fts: dict[str, Path], con
         "output_dir": str(folder / "merged"),
         "models": [{"name": d, "model": str(p), "dataset": dataset(d)} for d, p in fts.items()],
         "merges": [{"name": m, **METHODS[m]} for m in methods],
-        "calibration": {"samples": config.calibration[0], "seq_len": config.calibration[1], "seed": 0},
+        # lambda: learned is held to other documents of the general text than those it is evaluated on
+        "calibration": {"samples": config.calibration[0], "seq_len": config.calibration[1], "seed": 0,
+                        "general": dataset(GENERAL)},
         "evaluation": {"samples": config.evaluation[0], "seq_len": config.evaluation[1], "seed": 1,
                        "batch_size": 8, "datasets": {GENERAL: dataset(GENERAL)}},
     }

@@ -106,6 +106,8 @@ class CalibrationSpec(_Strict):
     pack: bool = Field(True, description="full windows spread one per document, short documents packed "
                                          "(else one padded window per document)")
     layer_by_layer: bool = runtime(False, "one decoder block on the device at a time")
+    general: DatasetSpec | None = Field(None, description="text no fine-tune trained on that `lambda: learned` "
+                                        "must not forget (its calibration part); default: text the base samples")
 
 
 class ModelSpec(_Strict):

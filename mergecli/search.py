@@ -69,11 +69,12 @@ def key_of(ctx: "Context", merge: "MergeSpec") -> dict[str, Any] | None:
     from .methods.table import LEARNED
     from .recipe import key_view
 
-    own = (settings() if merge.params.get("lambda") == LEARNED
+    own = (settings(ctx) if merge.params.get("lambda") == LEARNED
            else {"bracket": list(BRACKET), "tolerance": TOLERANCE, "evaluations": EVALUATIONS})
     return {"datasets": [fingerprint(m.dataset, ctx.recipe.root).model_dump(mode="json")
                          for m in ctx.recipe.models_of(merge) if m.dataset is not None],
-            "calibration": key_view(ctx.recipe.calibration), "samples": SAMPLES, "draw": DRAW, **own}
+            "calibration": key_view(ctx.recipe.calibration, exclude={"general"}),  # general: in `own`, if read
+            "samples": SAMPLES, "draw": DRAW, **own}
 
 
 def with_param(merge: "MergeSpec", name: str, value: Any) -> "MergeSpec":

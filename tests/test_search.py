@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import CODE, VERSE, cli, write_jsonl, write_recipe
+from helpers import CODE, VERSE, cli, error_line, write_jsonl, write_recipe
 from mergecli.calibration import Windows, load_texts, make_windows, spread_windows
 from mergecli.errors import MergeCliError
 from mergecli.recipe import DatasetSpec
@@ -264,3 +264,48 @@ def test_lambda_choice_under_torchrun_is_the_single_process_choice(trained, mode
     one, two = ({k: v for f in sorted((trained / f"out-{choice}-{label}" / "ta").glob("*.safetensors"))
                  for k, v in load_file(f).items()} for label in ("one", "two"))
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+GENERAL = [f"The river number {i} runs past the old mill, and the town sleeps under the hill." for i in range(60)]
+
+
+def test_lambda_learned_is_held_to_the_general_text_the_recipe_gives(trained, models, monkeypatch):
+    """With `calibration.general`, the learned scales are held to windows of that text's calibration
+    part (drawn as the domains' are) instead of the base's samples: the forgetting the merge reports
+    is the NLL there over the merge at scale 1, recomputed here; the text is an input of the merge's
+    key, not of the Hessians'."""
+    from mergecli import learn
+
+    monkeypatch.setattr(learn, "EPOCHS", 2)
+    general = write_jsonl(trained / "general.jsonl", GENERAL)
+    merges = [{"name": "held", "method": "task_arithmetic", "lambda": "learned"},
+              {"name": "held1", "method": "task_arithmetic", "lambda": 1.0}]
+    plain = recipe_for(trained, models, merges)
+    hessians = json.loads(cli("--json", "hessian", str(plain)).stdout)
+    recipe = write_recipe(trained / "r.yaml", str(models / "base"), [
+        {"name": n, "model": str(trained / n), "dataset": {"path": f"./{n}.jsonl"}} for n in ("code", "verse")],
+        merges, calibration={"samples": 8, "seq_len": 32, "seed": 0, "general": {"path": "./general.jsonl"}})
+    assert all(h["reused"] for h in json.loads(cli("--json", "hessian", str(recipe)).stdout)) and hessians
+    result = json.loads(cli("--json", "merge", str(recipe)).stdout)
+    learned = result[0]["search"]
+    assert learned["held_to"] == "calibration.general (./general.jsonl [train])" and len(learned["forgetting"]) == 3
+    _, gap = calibration_gain(trained, models, trained / "out" / "held", 2, gaps=True)
+    judged = [t - max(f, 0) / gap for t, f in zip(learned["trace"], learned["forgetting"])]
+    assert learned["kept"] == judged.index(max(judged))
+    # selected on the general text's calibration part (its last tenth is held out for evaluation),
+    # 8 windows spread one per document with seed + 2
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    texts = load_texts(DatasetSpec(path=str(general)), trained, tok)
+    assert len(texts) == 54
+    text = spread_windows(texts, tok, 8, 32, 2)
+    forgot = loss(trained / "out" / "held", text) - loss(trained / "out" / "held1", text)
+    assert learned["forgetting"][learned["kept"]] == pytest.approx(forgot, abs=1e-4)
+    card = (trained / "out" / "held" / "README.md").read_text()
+    assert "Held to calibration.general (./general.jsonl [train])" in card
+    # other general text is another learned merge; the plain merge does not depend on it
+    write_jsonl(general, GENERAL[::-1])
+    again = json.loads(cli("--json", "merge", str(recipe)).stdout)
+    assert [r["reused"] for r in again] == [False, True]
+    general.unlink()
+    missing = cli("merge", str(recipe), code=1)
+    assert error_line(missing).startswith("Error: calibration.general: dataset ./general.jsonl")

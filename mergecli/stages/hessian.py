@@ -54,7 +54,8 @@ def spec_of(ctx: Context, model: ModelSpec) -> HessianSpec:
     ran = ctx.base if cal.source == "base" else ctx.source(model.model)
     assert model.dataset is not None
     return HessianSpec(model=ran.fingerprint, base=ctx.base.fingerprint,
-                       dataset=fingerprint(model.dataset, ctx.recipe.root), calibration=key_view(cal), draw=DRAW)
+                       dataset=fingerprint(model.dataset, ctx.recipe.root),
+                       calibration=key_view(cal, exclude={"general"}), draw=DRAW)  # general: lambda: learned's
 
 
 def check_context(ctx: Context, seq_len: int, field: str) -> None:

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
+
 from .. import __version__
 from ..artifacts import ArtifactSpec
 from ..errors import MergeCliError, RecipeError, WorkspaceBusyError
@@ -189,7 +191,7 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
         search = ctx.dist.decide(lambda: learn_scales(ctx, merge, vectors, hessians, workers))
         ctx.reporter.log(f"merge [bold]{merge.name}[/]: scales per layer module and fine-tune learned on "
                          f"calibration windows (the merge keeps {100 * search.score:.1f}% of the gain on the "
-                         f"selection windows; {100 * search.start:.1f}% at scale 1; on text sampled from the base "
+                         f"selection windows; {100 * search.start:.1f}% at scale 1; on {escape(search.held_to)} "
                          f"{search.forgetting[search.kept]:+.4f} NLL from scale 1)")
         built = with_param(merge, "lambda", 1.0)
         scales = search.scales_of(ctx.arch)
