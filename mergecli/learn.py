@@ -196,6 +196,9 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
         return trace[k] - max(forget[k], 0.0) / gap
 
     ctx.reporter.log(f"{label}: scale 1 keeps {100 * start:.1f}% of the gain on the selection windows")
+    if cal.general is None:
+        ctx.reporter.log(f"{label}: held to text sampled from the base, a proxy for what it knew; set "
+                         "calibration.general to text no fine-tune trained on to hold the merge to that")
     steps, batches = _epochs({**{d: len(learn_on.windows[d].input_ids) for d in learn_on.domains},
                               HELD_TO: learn_on.count})
     optimizer = torch.optim.Adam([scales], lr=LEARNING_RATE)

@@ -164,9 +164,9 @@ def test_lambda_learned_scales_each_fine_tunes_part_per_layer(trained, models, m
 
     recipe = recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic", "lambda": "learned"},
                                           {"name": "ta1", "method": "task_arithmetic", "lambda": 1.0}])
-    result = json.loads(cli("--json", "merge", str(recipe)).stdout)[0]
-    learned = result["search"]
+    learned = json.loads(cli("--json", "merge", str(recipe)).stdout)[0]["search"]
     assert learned["mode"] == "learned" and learned["models"] == ["code", "verse"]
+    assert learned["held_to"] == "text sampled from the base"  # no calibration.general
     assert learned["windows"] == learned["selected_on"] == 8  # both sets capped by calibration.samples
     groups = {f"layer {k.split('.')[2]} {k.split('.')[3]}" for k in AutoModelForCausalLM.from_pretrained(
         models / "base").state_dict() if k.startswith("model.layers.")}  # a layer's attention, MLP, each norm
