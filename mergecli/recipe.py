@@ -308,6 +308,12 @@ class Recipe(_Strict):
         found = {m.name: m.dataset for m in self.models if m.dataset is not None}
         return {**found, **self.evaluation.datasets}
 
+    def read_datasets(self) -> dict[str, DatasetSpec]:
+        """Every dataset a stage reads, by name: the evaluated ones and the text a learned merge is
+        held to (what mergecli must never write into)."""
+        general = self.calibration.general
+        return {**self.eval_datasets(), **({"calibration.general": general} if general is not None else {})}
+
     def models_of(self, merge: MergeSpec) -> list[ModelSpec]:
         names = merge.model_names
         return [m for m in self.models if names is None or m.name in names]

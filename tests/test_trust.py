@@ -93,6 +93,21 @@ def test_an_output_that_is_or_is_inside_an_input_is_refused_even_with_overwrite(
     refused(lab, "merge", recipe, "--overwrite", message="mergecli never writes into its inputs")
 
 
+@pytest.mark.parametrize("field", ["output_dir", "workspace"])
+def test_nothing_is_written_into_the_general_text_a_learned_merge_is_held_to(lab, field):
+    """`calibration.general` is an input like a fine-tune's dataset: a workspace or output inside its
+    folder is refused before anything is computed, and its files stay byte-identical."""
+    general = lab.root / "general"
+    general.mkdir()
+    write_jsonl(general / "train.jsonl", VERSE)
+    before = digests(general)
+    recipe = lab.recipe(**{field: "general/inside"},
+                        calibration={"samples": 2, "seq_len": 16, "general": {"path": "./general"}},
+                        merges=[{"name": "l", "method": "task_arithmetic", "lambda": "learned"}])
+    refused(lab, "merge", recipe, message="dataset 'calibration.general'")
+    assert digests(general) == before and not (general / "inside").exists()
+
+
 def test_chaining_merges_never_overwrites_the_base(lab):
     cli("merge", lab.recipe(merges=[{"name": "step", "method": "ties"}]))
     chained = lab.recipe("chain.yaml", base="./out/step", models=[{"name": "a", "model": "./ft_a"}],
@@ -179,13 +194,16 @@ def test_every_recipe_field_that_changes_a_result_changes_some_key(lab):
          "dataset": {"path": "./code.jsonl", "text_field": "text", "split": "train", "holdout": 0.1}},
         {"name": "b", "model": "./ft_b", "dataset": {"path": "./verse.jsonl"}}],
         merges=[{"name": "m", "method": "ties", "score": "sparsegpt", "density": 0.3, "lambda": 1.0, "topk": "tensor",
-                 "damp": 0.01, "compensate": False, "dtype": "float32", "overflow": "error", "models": ["a", "b"]}])
+                 "damp": 0.01, "compensate": False, "dtype": "float32", "overflow": "error", "models": ["a", "b"]},
+                {"name": "l", "method": "task_arithmetic", "lambda": "learned"}],
+        calibration={"samples": 2, "seq_len": 16, "general": {"path": "./verse.jsonl"}})
     changes = {"extra_tokens": "base", "shard_size": "1GB", "models__0__weight": 0.5, "models__0__check_base": False,
                "models__0__dataset__holdout": 0.2, "models__0__dataset__split": "all",
                "merges__0__density": 0.4, "merges__0__lambda": 0.9, "merges__0__topk": "row", "merges__0__damp": 0.1,
                "merges__0__compensate": True, "merges__0__dtype": "bfloat16", "merges__0__overflow": "clamp",
                "merges__0__models": ["b", "a"], "calibration__samples": 3, "calibration__seq_len": 17,
                "calibration__seed": 1, "calibration__pack": False, "calibration__source": "base",
+               "calibration__general": {"path": "./code.jsonl"},
                "evaluation__samples": 3, "evaluation__seq_len": 17, "evaluation__seed": 2, "name": "other"}
     runtime = {"calibration__batch_size": 9, "calibration__layer_by_layer": True, "evaluation__batch_size": 9}
     data = yaml.safe_load(full.read_text())

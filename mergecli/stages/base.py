@@ -126,7 +126,7 @@ class Context:
     # -- where mergecli may write ---------------------------------------------------------------
     @cached_property
     def inputs(self) -> list[tuple[str, Path]]:
-        """(what, real path) of every input: models, adapters, dataset files, the recipe itself."""
+        """(what, real path) of every input: models, adapters, every dataset file read, lm-eval's tasks."""
         from ..models.reference import resolve_reference
 
         recipe = self.recipe
@@ -134,7 +134,7 @@ class Context:
         for what, ref in [("the base model", recipe.base)] + [(f"model {m.name!r}", m.model) for m in recipe.models]:
             if isinstance(resolve_reference(ref, recipe.root), Path):
                 found += [(what, p) for p in self.source(ref).input_paths]
-        for name, spec in recipe.eval_datasets().items():
+        for name, spec in recipe.read_datasets().items():
             for ref in [spec.path, *([spec.data_files] if isinstance(spec.data_files, str) else spec.data_files or [])]:
                 location = resolve_reference(ref, recipe.root)
                 if isinstance(location, Path) and location.exists():
