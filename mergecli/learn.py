@@ -82,10 +82,11 @@ def settings(ctx: "Context") -> dict[str, Any]:
             "groups": "layer module", "forgetting": forgetting}
 
 
-def forgetting_text(ctx: "Context", model: "torch.nn.Module", sets: list["Scoring"]) -> list["Windows"]:
-    """The text the scales are held to, as many windows as each set of the domains' (seeds + 1, + 2):
-    windows of `calibration.general`'s calibration part, drawn as the domains' are (its held-out
-    part, which the eval stage may read, is never touched), else text the base samples itself."""
+def forgetting_text(ctx: "Context", model: "torch.nn.Module", sets: list["Scoring"]) -> tuple[str, list["Windows"]]:
+    """The text the scales are held to, in words, and as many windows of it as each set of the
+    domains' (seeds + 1, + 2): windows of `calibration.general`'s calibration part, drawn as the
+    domains' are (its held-out part, which the eval stage may read, is never touched), else text the
+    base samples itself."""
     from .basetext import sample_windows
     from .calibration import draw_windows, load_texts
     from .data import describe_spec
@@ -93,13 +94,15 @@ def forgetting_text(ctx: "Context", model: "torch.nn.Module", sets: list["Scorin
 
     cal = ctx.recipe.calibration
     if cal.general is None:
-        return [sample_windows(model, on.count, cal.seq_len, cal.seed + 1 + k, cal.batch_size, on.device)
-                for k, on in enumerate(sets)]
+        return "text sampled from the base", [
+            sample_windows(model, on.count, cal.seq_len, cal.seed + 1 + k, cal.batch_size, on.device)
+            for k, on in enumerate(sets)]
     tokenizer = load_tokenizer(ctx.base.path)
     texts = load_texts(cal.general, ctx.recipe.root, tokenizer)
-    return [draw_windows(texts, tokenizer, on.count, cal, cal.seed + 1 + k,
-                         f"calibration part of calibration.general (dataset {describe_spec(cal.general)})")
-            for k, on in enumerate(sets)]
+    source = describe_spec(cal.general)
+    return f"calibration.general ({source})", [
+        draw_windows(texts, tokenizer, on.count, cal, cal.seed + 1 + k,
+                     f"calibration part of calibration.general (dataset {source})") for k, on in enumerate(sets)]
 
 
 def group_of(arch: "Architecture", name: str) -> str:
@@ -145,7 +148,6 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
     import torch
     from rich.markup import escape
 
-    from .data import describe_spec
     from .gain import mean_nll
     from .perplexity import window_nlls
 
@@ -154,9 +156,7 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
     cal = ctx.recipe.calibration
     learn_on, select_on = scoring(ctx, merge, "lambda: learned", samples=(WINDOWS, SAMPLES))
     model, device = learn_on.model, learn_on.device
-    text = forgetting_text(ctx, model, [learn_on, select_on])
-    held_to = ("text sampled from the base" if cal.general is None
-               else f"calibration.general ({describe_spec(cal.general)})")
+    held_to, text = forgetting_text(ctx, model, [learn_on, select_on])
     unit = with_param(merge, "lambda", 1.0)
     stacked: dict[str, torch.Tensor] = {}  # tensor -> one row per fine-tune
     for i in range(len(names)):  # each fine-tune's part: the merge with only its task vector, at scale 1

@@ -28,10 +28,10 @@ def trained(tmp_path_factory, models):
     return root
 
 
-def recipe_for(root, models, merges, seed=0):
+def recipe_for(root, models, merges, seed=0, **calibration):
     return write_recipe(root / "r.yaml", str(models / "base"), [
         {"name": n, "model": str(root / n), "dataset": {"path": f"./{n}.jsonl"}} for n in ("code", "verse")],
-        merges, calibration={"samples": 8, "seq_len": 32, "seed": seed})
+        merges, calibration={"samples": 8, "seq_len": 32, "seed": seed, **calibration})
 
 
 def loss(folder, windows):
@@ -280,11 +280,8 @@ def test_lambda_learned_is_held_to_the_general_text_the_recipe_gives(trained, mo
     general = write_jsonl(trained / "general.jsonl", GENERAL)
     merges = [{"name": "held", "method": "task_arithmetic", "lambda": "learned"},
               {"name": "held1", "method": "task_arithmetic", "lambda": 1.0}]
-    plain = recipe_for(trained, models, merges)
-    hessians = json.loads(cli("--json", "hessian", str(plain)).stdout)
-    recipe = write_recipe(trained / "r.yaml", str(models / "base"), [
-        {"name": n, "model": str(trained / n), "dataset": {"path": f"./{n}.jsonl"}} for n in ("code", "verse")],
-        merges, calibration={"samples": 8, "seq_len": 32, "seed": 0, "general": {"path": "./general.jsonl"}})
+    hessians = json.loads(cli("--json", "hessian", str(recipe_for(trained, models, merges))).stdout)
+    recipe = recipe_for(trained, models, merges, general={"path": "./general.jsonl"})
     assert all(h["reused"] for h in json.loads(cli("--json", "hessian", str(recipe)).stdout)) and hessians
     result = json.loads(cli("--json", "merge", str(recipe)).stdout)
     learned = result[0]["search"]
