@@ -31,7 +31,7 @@ fine-tune, and a pass is judged by its selection gain less that excess on the se
 nat of excess costs one mean gap of gain (not tuned). The base's samples are a proxy: on testbed B
 they put the learned merge below RegMean there, yet on the held-out general text (the Jargon File)
 it sat +0.012 log-PPL above RegMean; held to other documents of that text it read the held-out
-ones 2.6% better, below RegMean and task arithmetic, for half a point of gain
+ones 2.5% better, below RegMean and task arithmetic, for half a point of gain
 (benchmarks/quality-results.md).
 Cost: one merge per fine-tune to compute its part, the base's text sampled (without general text),
 then `EPOCHS` x (forward + backward) over the windows. Memory: the base and every part in fp32
