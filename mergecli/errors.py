@@ -29,7 +29,10 @@ class RecipeError(MergeCliError):
 
 
 class ModelMismatchError(MergeCliError):
-    """A fine-tune does not fit its base (names, shapes, architecture)."""
+    """A fine-tune does not fit its base (names, shapes, architecture): the inputs cannot be merged
+    as given, like a recipe that cannot; refused before anything is written."""
+
+    exit_code = 2
 
 
 class WorkspaceBusyError(MergeCliError):

@@ -192,19 +192,21 @@ def write_merged_adapter(folder: Path, plan: "VariantPlan", base: Path, base_mod
     factored as it comes, the factors written in `dtype`."""
     import time
 
-    from .merging import Written, merged_tensors, output_infos
+    from .merging import Written, account_of, merged_tensors, output_infos
     from .models.safetensors_io import Checkpoint
 
     start = time.perf_counter()
     kinds = base_kinds(base)
     totals = {"kept": 0, "offered": 0, "without_stats": 0}
+    how: dict[str, str] = {}
     with Checkpoint.open(base) as ckpt:
         infos = output_infos(plan, ckpt, arch, {})
         with reporter.track(label, len(infos)) as advance:
             def deltas() -> Iterable[tuple[str, torch.Tensor]]:
-                for info, (tensor, kept, offered, missing), first in merged_tensors(plan, ckpt, infos, arch, device,
-                                                                                     workers, label):
+                for info, (tensor, kept, offered, missing, what), first in merged_tensors(plan, ckpt, infos, arch,
+                                                                                           device, workers, label):
                     advance(1)
+                    how[info.name] = what
                     if first and tensor.dtype.is_floating_point:  # a tied alias follows its canonical tensor
                         totals["kept"] += kept
                         totals["offered"] += offered
@@ -213,4 +215,4 @@ def write_merged_adapter(folder: Path, plan: "VariantPlan", base: Path, base_mod
             report = write_adapter(folder, deltas(), kinds, rank, base_model, ckpt.get, dtype)
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
     return Written(round(time.perf_counter() - start, 3), totals["kept"], totals["offered"], len(infos),
-                   totals["without_stats"], files), report
+                   totals["without_stats"], files, account_of(how, plan.vectors)), report

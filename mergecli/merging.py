@@ -26,6 +26,7 @@ from .errors import MergeCliError
 from .hessians import HessianReader
 from .methods.pipeline import NonFiniteTaskVector, OutOfRange, fit, merge_tensor
 from .methods.settings import VariantSettings
+from .methods.table import Unbounded
 from .models.architecture import Architecture
 from .models.safetensors_io import Checkpoint, ShardedWriter, TensorInfo
 from .progress import Reporter
@@ -62,6 +63,7 @@ class Written:
     tensors: int
     without_stats: int
     files: list[str] = field(default_factory=list)
+    account: dict = field(default_factory=dict)  # what happened to every tensor (`account_of`)
 
     @property
     def kept_density(self) -> float:
@@ -76,6 +78,7 @@ def write_variant(folder: Path, plan: VariantPlan, base: Path, arch: Architectur
     bytes; a tied pair stays together); once all are done, rank 0 writes the other files."""
     start = time.perf_counter()
     kept = offered = without_stats = 0
+    how: dict[str, str] = {}
     with Checkpoint.open(base) as ckpt:
         extra = _extra_rows(plan.vectors) if plan.extra_tokens == "union" else {}
         infos = output_infos(plan, ckpt, arch, extra)
@@ -84,19 +87,41 @@ def write_variant(folder: Path, plan: VariantPlan, base: Path, arch: Architectur
         writer = ShardedWriter(folder, infos, plan.shard_bytes, owners=[owner[arch.canonical(i.name)] for i in infos],
                                rank=group.rank)
         with writer, reporter.track(label, len(infos)) as advance:
-            for info, (tensor, k, n, missing), first in merged_tensors(plan, ckpt, list(writer.order), arch, device,
-                                                                      workers, label, extra):
+            for info, (tensor, k, n, missing, what), first in merged_tensors(plan, ckpt, list(writer.order), arch,
+                                                                            device, workers, label, extra):
                 if first:  # a tied pair is merged once: count it once
                     kept, offered, without_stats = kept + k, offered + n, without_stats + missing
                 writer.write(info.name, tensor)
+                how[info.name] = what
                 advance(1)
     kept, offered, without_stats = map(sum, zip(*group.gather((kept, offered, without_stats))))
+    how = {name: what for part in group.gather(how) for name, what in part.items()}
     if group.main:
         copy_side_files(base, folder, None if plan.dtype is None else str(plan.dtype).removeprefix("torch."))
         if extra:
             adopt_vocabulary(folder, extra, sources, infos, arch)
     return Written(round(time.perf_counter() - start, 3), kept, offered, len(infos), without_stats,
-                   writer.all_files)
+                   writer.all_files, account_of(how, plan.vectors))
+
+
+MERGED = "merged"
+BUFFER = "a buffer, not a weight"
+INTEGER = "an integer tensor, equal in every fine-tune"
+UNCHANGED = "no fine-tune changes it"
+
+
+def account_of(how: dict[str, str], vectors: Sequence[TaskVector]) -> dict:
+    """What happened to every tensor of the inputs: how many output tensors were merged, which were
+    copied from the base and why, and which tensors of a fine-tune were not written (buffers the
+    base lacks) or were lacked (buffers the base has)."""
+    copied: dict[str, list[str]] = {}
+    for name, what in sorted(how.items()):
+        if what != MERGED:
+            copied.setdefault(what, []).append(name)
+    skipped = {v.model: v.buffers("skipped") for v in vectors if v.buffers("skipped")}
+    lacking = {v.model: v.buffers("lacking") for v in vectors if v.buffers("lacking")}
+    return {"merged": sum(what == MERGED for what in how.values()), "copied": copied,
+            "skipped_buffers": skipped, "lacking_buffers": lacking}
 
 
 def output_infos(plan: VariantPlan, ckpt: Checkpoint, arch: Architecture,
@@ -110,42 +135,52 @@ def output_infos(plan: VariantPlan, ckpt: Checkpoint, arch: Architecture,
 
 def merged_tensors(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo], arch: Architecture,
                    device: torch.device, workers: int, label: str, extra: dict[str, tuple[int, int]] | None = None
-                   ) -> Iterator[tuple[TensorInfo, tuple[torch.Tensor, int, int, bool], bool]]:
+                   ) -> Iterator[tuple[TensorInfo, tuple[torch.Tensor, int, int, bool, str], bool]]:
     """Every output tensor of `infos`, in that order, `workers` at a time: (info, (tensor, entries
-    kept, entries offered, whether some statistics were missing), first time for its tied group).
+    kept, entries offered, whether some statistics were missing, merged or why it was copied from
+    the base), first time for its tied group).
     Every parameter and weight is resolved for the tensor (name and layer) before it is merged."""
     vectors = plan.vectors
     extra = extra or {}
 
-    def merged(info: TensorInfo) -> tuple[torch.Tensor, int, int, bool]:
+    def merged(info: TensorInfo) -> tuple[torch.Tensor, int, int, bool, str]:
         canonical = arch.canonical(info.name)
         theta = ckpt.get(info.name)
         k = n = 0
         missing = False
+        what = MERGED
         if theta.dtype.is_floating_point and any(canonical in v for v in vectors):
             theta = theta.to(device)
-            stats = [r.stats(canonical) for r in plan.readers] if plan.readers else None
+            module = arch.module_of(canonical)
+            stats = [r.stats(module) for r in plan.readers] if plan.readers else None
             missing = bool(plan.readers) and any(s is None for s in stats)
             sources_ = [v.tensor(canonical, theta) for v in vectors]
             sources_ = [None if t is None else t.to(device) for t in sources_]
             values = plan.settings.at(canonical, arch.layer_of(canonical), arch.num_layers)
             try:
                 theta, k, n = merge_tensor(plan.settings.method, sources_, values.weights, values.params,
-                                           canonical, canonical in arch.transposed, stats, base=theta,
+                                           canonical, arch.is_transposed(canonical), stats, base=theta,
                                            dtype=info.dtype, model_params=values.model_params, clamp=plan.clamp,
-                                           scales=plan.scales(canonical) if plan.scales else None)
+                                           scales=plan.scales(canonical) if plan.scales else None,
+                                           linear=arch.is_linear(canonical))
             except NonFiniteTaskVector as exc:
                 raise MergeCliError(f"{vectors[exc.index].model}: tensor {canonical} has NaN/Inf entries in its "
                                     "task vector", "the checkpoint (or the base) is corrupt") from None
             except OutOfRange as exc:
                 raise out_of_range(exc, label) from None
+            except Unbounded as exc:
+                raise MergeCliError(f"{label}: tensor {canonical}: {exc}", "merge without this method, or with "
+                                    "other models") from None
             theta = theta.cpu()
         elif theta.dtype.is_floating_point:  # copied from the base: still finite and representable
             theta = _fitted(theta, info.dtype, plan.clamp, canonical, label)
+            what = BUFFER if arch.is_buffer(canonical) else UNCHANGED
+        else:
+            what = BUFFER if arch.is_buffer(canonical) else INTEGER
         if canonical in extra:
             index, _ = extra[canonical]
             theta = torch.cat([theta.to(info.dtype), vectors[index].extra(canonical).to(info.dtype)])
-        return theta.to(info.dtype), k, n, missing
+        return theta.to(info.dtype), k, n, missing, what
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // workers))

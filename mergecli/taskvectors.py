@@ -11,6 +11,13 @@ materialized in fp32, one tensor at a time.
 Only floating-point weights have task vectors. Integer tensors (buffers, quantization indices)
 must be identical to the base's; a fine-tune storing a float weight as an integer type (a
 quantized checkpoint) is refused, never differenced as if it were floats.
+
+The checkpoints' stored names are the truth: every tensor of the fine-tune is paired with the
+base's tensor of that name (legacy prefixes and tied aliases resolved by the architecture), never
+filtered by the model class's parameter list, which transformers renames and fuses on load. A
+fine-tune tensor the base lacks is refused, naming it and its file; buffers (tensors that are no
+weights: old checkpoints' causal masks, rotary tables) are never merged: the base's are copied, a
+fine-tune's are skipped, and the manifest lists them so the merge's account can say so.
 """
 
 from __future__ import annotations
@@ -91,6 +98,11 @@ class TaskVector:
         whole = source.oriented(False)
         return whole.rows(0, whole.weights.shape[0]).reshape(base.shape)
 
+    def buffers(self, which: str) -> list[str]:
+        """Buffers of the fine-tune the base lacks (`skipped`: not written) or of the base the
+        fine-tune lacks (`lacking`: the base's are copied), as each checkpoint names them."""
+        return list(self._manifest.get("buffers", {}).get(which, []))
+
     def extra_rows(self) -> dict[str, int]:
         """canonical tensor -> rows this fine-tune added beyond the base vocabulary."""
         return dict(self._manifest.get("extra_rows", {}))
@@ -134,9 +146,10 @@ def _reference_full(name: str, source: ModelSource, base: Checkpoint, arch: Arch
                     path: Path, reporter: Reporter) -> dict:
     """Check a full fine-tune against the base and map its tensors; only added-token rows are copied."""
     with Checkpoint.open(source.path) as ft:
-        base_map, ft_map = _weights(base, arch), _weights(ft, arch)
-        grown = _check_match(name, base, base_map, ft, ft_map, extra_tokens)
-        tensors = {c: ft_map[c] for c in base_map if _is_delta(name, c, base, base_map[c], ft, ft_map[c])}
+        base_map, ft_map = by_canonical(base, arch), by_canonical(ft, arch)
+        grown = _check_match(name, base, base_map, ft, ft_map, arch, extra_tokens)
+        tensors = {c: ft_map[c] for c in base_map
+                   if c in ft_map and not arch.is_buffer(c) and _is_delta(name, c, base, base_map[c], ft, ft_map[c])}
         extra = {c: ft.info(ft_map[c]).shape[0] - base.info(base_map[c]).shape[0] for c in grown}
         if extra:
             infos = [TensorInfo(f"{c}{EXTRA_ROWS}", (rows, *base.info(base_map[c]).shape[1:]), ft.info(ft_map[c]).dtype)
@@ -147,7 +160,10 @@ def _reference_full(name: str, source: ModelSource, base: Checkpoint, arch: Arch
                 return ft.get(ft_map[canonical])[-extra[canonical]:]
 
             _write(name, path, infos, added_rows, reporter)
-    return {"storage": "reference", "tensors": tensors, "extra_rows": extra}
+        skipped = sorted(ft_map[c] for c in ft_map if c not in base_map)  # buffers only: others were refused
+        lacking = sorted(base_map[c] for c in base_map if c not in ft_map)  # buffers only, likewise
+    return {"storage": "reference", "tensors": tensors, "extra_rows": extra,
+            "buffers": {"skipped": skipped, "lacking": lacking}}
 
 
 def _is_delta(model: str, canonical: str, base: Checkpoint, base_name: str, ft: Checkpoint, ft_name: str) -> bool:
@@ -166,38 +182,35 @@ def _is_delta(model: str, canonical: str, base: Checkpoint, base_name: str, ft: 
     return False
 
 
-def _by_canonical(ckpt: Checkpoint, canonical: Callable[[str], str]) -> dict[str, str]:
-    """canonical name -> the name stored in this checkpoint (tied pairs are often saved once)."""
+def by_canonical(ckpt: Checkpoint, arch: Architecture) -> dict[str, str]:
+    """canonical name -> the name stored in this checkpoint, for every tensor the files hold (a
+    tied pair saved twice is one entry: its first name as stored, or the canonical one)."""
     found: dict[str, str] = {}
     for name in ckpt.names():
-        key = canonical(name)
+        key = arch.canonical(name)
         if key == name or key not in found:
             found[key] = name
     return found
 
 
-def _weights(ckpt: Checkpoint, arch: Architecture) -> dict[str, str]:
-    """`_by_canonical` of the tensors that are the model's parameters: an old checkpoint's buffers
-    (the hub gpt2's causal masks `h.N.attn.bias`) are no weights to merge -- the base's are copied
-    as they are, a fine-tune need not have them. Without the parameter list every tensor counts."""
-    found = _by_canonical(ckpt, arch.canonical)
-    return {c: n for c, n in found.items() if not arch.params or c in arch.params}
-
-
 def _check_match(model: str, base: Checkpoint, base_map: dict[str, str], ft: Checkpoint,
-                 ft_map: dict[str, str], extra_tokens: str) -> list[str]:
+                 ft_map: dict[str, str], arch: Architecture, extra_tokens: str) -> list[str]:
     """Names and shapes must agree; the error lists the first few disagreements.
 
-    The one allowed difference is a fine-tune with added tokens (more rows in vocab-indexed
-    tensors) when the recipe says what to do with them (`extra_tokens: base | union`); the
-    returned names are those tensors.
+    A fine-tune tensor the base lacks is refused naming it and its file: whatever it carries would
+    be lost. Buffers (`Architecture.is_buffer`) are exempt both ways. The one allowed shape
+    difference is a fine-tune with added tokens (more rows in vocab-indexed tensors) when the
+    recipe says what to do with them (`extra_tokens: base | union`); the returned names are those
+    tensors.
     """
-    problems = [f"missing in the fine-tune: {n}" for n in base_map if n not in ft_map]
-    problems += [f"not in the base: {n}" for n in ft_map if n not in base_map]
+    problems = [f"missing in the fine-tune: {base_map[n]}" for n in base_map
+                if n not in ft_map and not arch.is_buffer(n)]
+    problems += [f"not in the base: {ft_map[n]} (in {ft.file_of(ft_map[n])})" for n in ft_map
+                 if n not in base_map and not arch.is_buffer(n)]
     grown = []
     for name in sorted(base_map.keys() & ft_map.keys()):
         b, f = base.info(base_map[name]).shape, ft.info(ft_map[name]).shape
-        if b == f:
+        if b == f or arch.is_buffer(name):
             continue
         if len(b) == 2 and f[1:] == b[1:] and f[0] > b[0] and extra_tokens != "error":
             grown.append(name)
@@ -206,25 +219,27 @@ def _check_match(model: str, base: Checkpoint, base_map: dict[str, str], ft: Che
             problems.append(f"{name}: shape {list(f)} in the fine-tune, {list(b)} in the base{hint}")
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ModelMismatchError(f"{model} does not match the base: " + "; ".join(problems[:5]) + more)
+        raise ModelMismatchError(f"{model} does not match the base: " + "; ".join(problems[:5]) + more,
+                                 "a fine-tune's tensors must be the base's; mergecli drops none of them")
     return grown
 
 
 def _write_lora(name: str, adapter: LoraAdapter, base: Checkpoint, arch: Architecture, path: Path,
                 reporter: Reporter) -> dict:
+    stored = by_canonical(base, arch)
     names = adapter.tensor_names(arch)
-    missing = [n for n in names if n not in base]
+    missing = [n for n in names if n not in stored]
     if missing:
         raise ModelMismatchError(f"{name}: the adapter targets tensors the base does not have: "
                                  + ", ".join(missing[:5]), "is it an adapter for another base model?")
-    not_float = [n for n in names if not base.info(n).dtype.is_floating_point]
+    not_float = [n for n in names if not base.info(stored[n]).dtype.is_floating_point]
     if not_float:
         raise ModelMismatchError(f"{name}: the adapter changes non-floating-point tensor {not_float[0]} "
-                                 f"({base.info(not_float[0]).dtype})")
-    order = {n: i for i, n in enumerate(base.names())}
+                                 f"({base.info(stored[not_float[0]]).dtype})")
+    order = {n: i for i, n in enumerate(stored)}
     names.sort(key=order.__getitem__)
-    infos = [TensorInfo(n, base.info(n).shape, torch.float32) for n in names]
-    _write(name, path, infos, lambda n: adapter.delta(n, base, arch), reporter)
+    infos = [TensorInfo(n, base.info(stored[n]).shape, torch.float32) for n in names]
+    _write(name, path, infos, lambda n: adapter.delta(n, stored[n], base, arch), reporter)
     return {"storage": "materialized", "tensors": {n: n for n in names}}
 
 

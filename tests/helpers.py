@@ -21,7 +21,13 @@ TINY_CONFIGS: dict[str, dict] = {
     "gpt2": dict(SMALL, n_embd=32, n_layer=2, n_head=4, n_positions=128),
     "bloom": dict(SMALL, hidden_size=32, n_layer=2, n_head=4),
     "gpt_neox": dict(SMALL, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     max_position_embeddings=128),
+                     max_position_embeddings=128),  # untied: the files' `embed_out` is the module `lm_head`
+    # mixtures of experts: one tensor per expert in the files, one fused tensor per layer in the module tree
+    "mixtral": dict(SMALL, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128),
+    "qwen2_moe": dict(SMALL, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=128),
 }
 
 

@@ -89,7 +89,7 @@ def model_tensors(ref: str, base: dict[str, torch.Tensor], base_folder: Path) ->
     adapter, arch, ckpt = LoraAdapter(folder), describe(base_folder), Checkpoint.open(base_folder)
     out = dict(base)
     for name in adapter.tensor_names(arch):
-        out[name] = base[name] + adapter.delta(name, ckpt, arch)
+        out[name] = base[name] + adapter.delta(name, name, ckpt, arch)
     return out
 
 

@@ -32,11 +32,14 @@ def architecture_row(model) -> dict:
     groups = find_groups(model, torch.tensor([[1, 5, 9, 12, 7, 4, 8, 10]]))
 
     def block(names) -> list[str]:
-        return sorted({re.sub(r"^.*?\.\d+\.", "", n) for n in names if re.search(r"\.0\.", n)})
+        return sorted({re.sub(r"\.experts\.\d+\.", ".experts.*.", re.sub(r"^.*?\.\d+\.", "", n))
+                       for n in names if re.search(r"\.0\.", n)})
+
+    experts = [n for n in arch.sliced if arch.is_linear(n)]  # one expert's projection, as the files store it
 
     shared = [block(m) for m in groups.values() if any(".0." in n for n in m)]
     return {"model_type": model.config.model_type, "class": type(model).__name__,
-            "linear weights per block": ", ".join(n.removesuffix(".weight") for n in block(arch.linear)),
+            "linear weights per block": ", ".join(n.removesuffix(".weight") for n in block([*arch.linear, *experts])),
             "shared input groups": "; ".join("+".join(g) for g in shared if len(g) > 1) or "-",
             "stored in x out": ", ".join(n.removesuffix(".weight") for n in block(arch.transposed)) or "-",
             "tied embeddings by default": bool(type(model.config)().tie_word_embeddings)}

@@ -209,7 +209,7 @@ def test_a_missing_weight_is_refused_and_a_stray_buffer_is_not_a_weight(tmp_path
     save_file({k: v for k, v in tensors.items() if k != gone}, weights, metadata={"format": "pt"})
     recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"), [{"name": "f", "model": str(tmp_path / "ft")}],
                           [{"name": "m", "method": "task_arithmetic"}])
-    assert f"f does not match the base: missing in the fine-tune: {gone}" in cli("merge", recipe, code=1).stderr
+    assert f"f does not match the base: missing in the fine-tune: {gone}" in cli("merge", recipe, code=2).stderr
     stray = {**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}
     save_file(stray, weights, metadata={"format": "pt"})
     cli("merge", recipe)
@@ -221,7 +221,7 @@ def test_shape_mismatch_names_tensor_and_shapes(tmp_path, models):
     make_llama(tmp_path / "other", seed=0, vocab_size=100)
     recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"), [{"name": "o", "model": str(tmp_path / "other")}],
                           [{"name": "m", "method": "ties"}])
-    result = cli("merge", recipe, code=1)
+    result = cli("merge", recipe, code=2)
     assert "o does not match the base" in result.stderr
     assert "model.embed_tokens.weight: shape [100, 32] in the fine-tune, [96, 32] in the base (added tokens? set extra_tokens" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
@@ -233,7 +233,7 @@ def test_architecture_mismatch_is_refused(tmp_path, models):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=96, bos_token_id=0,
                                eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
     recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"), [{"name": "g", "model": str(tmp_path / "gpt2")}], [])
-    result = cli("taskvec", recipe, code=1)
+    result = cli("taskvec", recipe, code=2)
     assert "architecture 'gpt2' does not match the base's 'llama'" in result.stderr
 
 
@@ -241,7 +241,7 @@ def test_lora_for_another_base_is_refused_unless_overridden(tmp_path, models):
     make_llama(tmp_path / "elsewhere", seed=5)
     make_lora(tmp_path / "elsewhere", tmp_path / "lora", seed=1)
     recipe = write_recipe(tmp_path / "r.yaml", str(models / "base"), [{"name": "l", "model": str(tmp_path / "lora")}], [])
-    result = cli("taskvec", recipe, code=1)
+    result = cli("taskvec", recipe, code=2)
     assert "adapter was trained on" in result.stderr and "check_base" in result.stderr
     cli("taskvec", recipe, "models.l.check_base=false")
 

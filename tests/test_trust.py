@@ -282,7 +282,7 @@ def test_an_integer_tensor_in_a_fine_tune_is_refused_with_its_name_and_dtype(lab
     weights = load_file(lab.root / "ft_a" / "model.safetensors")
     weights["model.norm.weight"] = weights["model.norm.weight"].to(torch.int8)
     save_file(weights, lab.root / "ft_a" / "model.safetensors", metadata={"format": "pt"})
-    refused(lab, "merge", lab.recipe(), message="model.norm.weight is int8 in the fine-tune")
+    refused(lab, "merge", lab.recipe(), code=2, message="model.norm.weight is int8 in the fine-tune")
 
 
 def test_two_runs_with_different_workspaces_into_one_output_both_finish(lab):

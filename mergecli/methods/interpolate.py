@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .table import NORMALIZE, Param, register_method
+from .table import NORMALIZE, Param, means_stay_bounded, register_method
 
 DOT_THRESHOLD = 0.9995
 """Above this |cos| the two tensors are treated as parallel and interpolated linearly (mergekit)."""
@@ -101,6 +101,9 @@ def average_defined(params, weights) -> None:
     total = params["base_weight"] + sum(weights)
     if params["normalize"] and total == 0:
         raise ValueError("weight: the weights (base_weight included) sum to 0; a weighted average is undefined")
+    if params["normalize"]:  # the base's weight divides too: its change is 0, its weight counts
+        means_stay_bounded([params["base_weight"], *weights] if params["base_weight"] else weights, subsets=False,
+                           extra=" (base_weight first)" if params["base_weight"] else "")
 
 
 @register_method("slerp", params=(T,), needs_base=True, elementwise=False, check=one_model, absent="zero")

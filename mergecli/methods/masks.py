@@ -31,7 +31,7 @@ import torch
 from .consensus import added, elected
 from .sparsify import RandomStream, TopK, keep_count, topk_threshold
 from .table import (DAMP, DENSITY, LAMBDA, NORMALIZE, RANKING, RESCALE_DRAWN, RESCALE_KEPT, SEED, Param,
-                    register_method, sign_election_needs_positive_weights)
+                    normalized_mean_bounded, register_method, sign_election_needs_positive_weights)
 
 
 def normalized_ranks(scores: torch.Tensor, per_row: bool = True) -> torch.Tensor:
@@ -142,6 +142,11 @@ def della_bounds(params, weights) -> None:
         raise ValueError(f"epsilon: density {d:g} - epsilon {eps:g} must be > 0 and density + epsilon < 1")
 
 
+def della_linear_rules(params, weights) -> None:
+    della_bounds(params, weights)
+    normalized_mean_bounded(params, weights)
+
+
 def della_ties_rules(params, weights) -> None:
     della_bounds(params, weights)
     sign_election_needs_positive_weights(params, weights)
@@ -155,13 +160,14 @@ def della(trimmed, weights, *, params, **_):
 
 
 @register_method("della_linear", params=(*TRIM_DELLA, LAMBDA, NORMALIZE), trim="della", additive=True,
-                 check=della_bounds)
+                 check=della_linear_rules)
 def della_linear(trimmed, weights, *, params, **_):
     """DELLA's drop and rescale, then the weighted sum."""
     return added(trimmed, weights, params["normalize"])
 
 
-@register_method("breadcrumbs", params=(*TRIM_BAND, LAMBDA, NORMALIZE), trim="breadcrumbs", additive=True)
+@register_method("breadcrumbs", params=(*TRIM_BAND, LAMBDA, NORMALIZE), trim="breadcrumbs", additive=True,
+                 check=normalized_mean_bounded)
 def breadcrumbs(trimmed, weights, *, params, **_):
     """Keep a band: drop the gamma fraction of largest and the smallest entries (Davari & Belilovsky 2023), sum."""
     return added(trimmed, weights, params["normalize"])

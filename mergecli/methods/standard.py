@@ -13,19 +13,20 @@ from .consensus import added, elected
 from .hessian_math import count_weighted_delta, regmean_delta
 from .stats import LayerStats, TokenCounts
 from .table import (ALPHA, DAMP, DENSITY, LAMBDA, NORMALIZE, SCORE, TOPK, TRIM_DARE, TRIM_TOPK, Param,
-                    compensate_needs_sparsegpt, register_method, sign_election_needs_positive_weights)
+                    compensate_needs_sparsegpt, normalized_mean_bounded, register_method,
+                    sign_election_needs_positive_weights)
 
 MEAN = NORMALIZE.with_default(True)
 
 
-@register_method("task_arithmetic", params=(LAMBDA, NORMALIZE), additive=True)
+@register_method("task_arithmetic", params=(LAMBDA, NORMALIZE), additive=True, check=normalized_mean_bounded)
 def task_arithmetic(trimmed, weights, *, params, **_):
     """theta_base + lambda * sum_i w_i tau_i (whole task vectors)."""
     return added(trimmed, weights, params["normalize"])
 
 
 @register_method("linear", params=(*TRIM_TOPK, LAMBDA, NORMALIZE), trim="topk", additive=True,
-                 check=compensate_needs_sparsegpt)
+                 check=normalized_mean_bounded)
 def linear(trimmed, weights, *, params, **_):
     """Trimmed task arithmetic: keep the top-k by score, then sum_i w_i t_i (no rescale)."""
     return added(trimmed, weights, params["normalize"])
@@ -37,7 +38,8 @@ def ties(trimmed, weights, *, params, **_):
     return elected(trimmed, weights, params["normalize"])
 
 
-@register_method("dare_linear", params=(*TRIM_DARE, LAMBDA, NORMALIZE), trim="dare", additive=True)
+@register_method("dare_linear", params=(*TRIM_DARE, LAMBDA, NORMALIZE), trim="dare", additive=True,
+                 check=normalized_mean_bounded)
 def dare_linear(trimmed, weights, *, params, **_):
     """Drop, rescale survivors by 1/keep-probability, weighted sum (Yu et al. 2023)."""
     return added(trimmed, weights, params["normalize"])
@@ -55,8 +57,17 @@ EMBEDDING = Param("embedding", str, "count", "regmean: input-embedding rows weig
                   choices=("count", "mean"))
 
 
+def positive_weights(params, weights) -> None:
+    """RegMean weighs each fine-tune's Gram matrix: a weight <= 0 makes sum_i w_i G~_i indefinite or
+    singular, and its inverse unbounded."""
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"weight: regmean weighs each model's statistics and needs positive weights, got "
+                         f"{', '.join(f'{w:g}' for w in weights)}")
+    compensate_needs_sparsegpt(params, weights)
+
+
 @register_method("regmean", params=(ALPHA, EMBEDDING, DENSITY.with_default(1.0), SCORE, TOPK, DAMP, LAMBDA),
-                 trim="topk", needs_stats=True, elementwise=False, additive=True)
+                 trim="topk", needs_stats=True, elementwise=False, additive=True, check=positive_weights)
 def regmean(trimmed, weights, *, params, stats, **_):
     """Linear layers: (sum w_i W_i G~_i)(sum w_i G~_i)^-1 (Jin et al. 2023); the input embedding:
     each row's count-weighted mean (`embedding: count`); other tensors: weighted mean."""

@@ -10,7 +10,8 @@ so the method needs only the task vectors (the base cancels), but whole tensors:
 the mean over all pairs i < j of cos(tau_i, tau_j), over the tensor (or per row, `filter_wise`).
 Details as mergekit 0.1.5 (`merge_methods/model_stock.py`): each pair's cosine divides by
 max(|tau_i| |tau_j|, 1e-6) and is clamped to [-1, 1]; where |1 + (N - 1) cos| < 1e-6 the ratio has
-no finite value and the base is kept (t = 0). The weights of the models play no part. A model
+no finite value and the base is kept (t = 0); where |t| would exceed `MAX_AMPLIFICATION` (cos near
+-1 / (N - 1)) mergecli stops naming the tensor (mergekit writes it). The weights of the models play no part. A model
 without a tensor has tau = 0 there (mergekit sees a LoRA's untouched weights as the base's).
 """
 
@@ -20,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .table import Param, register_method
+from .table import MAX_AMPLIFICATION, Param, Unbounded, register_method
 
 
 def stock_ratio(taus: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
@@ -41,6 +42,10 @@ def stock_ratio(taus: Sequence[torch.Tensor], filter_wise: bool = False) -> torc
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(cos), denominator))
+    worst = int(t.abs().argmax())
+    if float(t[worst].abs()) > MAX_AMPLIFICATION:
+        raise Unbounded(f"model stock's ratio N cos / (1 + (N - 1) cos) is {float(t[worst]):.4g} (cos {float(cos[worst]):.4g}, "
+                        f"N {n}): the merged change would be {abs(float(t[worst])):.4g} times the models' mean task vector")
     if filter_wise and len(shape) >= 2:
         return t.reshape(rows, *([1] * (len(shape) - 1)))
     return t.reshape(())

@@ -31,8 +31,11 @@ LEARNED = "learned"  # a scale per layer module and model, learned on calibratio
 
 
 class CombineFn(Protocol):
+    """`linear`: the tensor is a linear layer's weight (not an embedding, a norm or a bias)."""
+
     def __call__(self, trimmed: Sequence["torch.Tensor"], weights: "torch.Tensor", *, params: Mapping[str, Any],
-                 stats: Sequence["LayerStats | TokenCounts | None"], base: "torch.Tensor | None") -> "torch.Tensor": ...
+                 stats: Sequence["LayerStats | TokenCounts | None"], base: "torch.Tensor | None",
+                 linear: bool) -> "torch.Tensor": ...
 
 
 @dataclass(frozen=True)
@@ -211,9 +214,62 @@ def compensate_needs_sparsegpt(params: Mapping[str, Any], weights: Sequence[floa
         raise ValueError("compensate: true needs score: sparsegpt")
 
 
+MAX_AMPLIFICATION = 10.0
+"""A weighted mean sum_i w_i t_i / sum_i w_i is at most A = sum_i |w_i| / |sum_i w_i| times the largest
+|t_i|: 1 when every weight is positive, without bound as a mix of signs sums towards zero (weights 1
+and -0.999 give 1999). A variant whose means could exceed the task vectors this many times is refused
+(mergekit divides silently); with positive weights it never applies."""
+
+
+def amplification(weights: Sequence[float], subsets: bool = False) -> tuple[float, tuple[float, ...]]:
+    """(A, the weights it is reached for): over all the weights, or, with `subsets`, over every
+    non-empty subset of them (a sign election averages the models that agree on an entry, any set of
+    them). A sum of exactly zero gives inf."""
+    groups = [tuple(weights)]
+    if subsets and any(w < 0 for w in weights):
+        n = len(weights)
+        if n > 16:  # 2^n subsets: bound them all by the worst pair of signs instead
+            groups = [tuple(w for w in weights if w > 0) + tuple(w for w in weights if w < 0)]
+        else:
+            groups = [tuple(w for i, w in enumerate(weights) if mask >> i & 1) for mask in range(1, 1 << n)]
+
+    def bound(group: tuple[float, ...]) -> float:
+        total = abs(sum(group))
+        return sum(map(abs, group)) / total if total > 0 else math.inf
+
+    worst = max(groups, key=bound)
+    return bound(worst), worst
+
+
+def means_stay_bounded(weights: Sequence[float], subsets: bool, extra: str = "") -> None:
+    """Refuse weights whose mean could amplify a task vector more than MAX_AMPLIFICATION times."""
+    a, group = amplification(weights, subsets)
+    if a > MAX_AMPLIFICATION:
+        which = "the weights" if len(group) == len(weights) else "the models weighted"
+        raise ValueError(f"weight: {which} {', '.join(f'{w:g}' for w in group)}{extra} sum to {sum(group):g}; "
+                         f"their weighted mean can be {a:.4g} times the largest task-vector entry (at most "
+                         f"{MAX_AMPLIFICATION:g} is allowed): use weights whose sums stay away from 0, or "
+                         "normalize: false")
+
+
+def normalized_mean_bounded(params: Mapping[str, Any], weights: Sequence[float]) -> None:
+    """Additive methods with `normalize: true` divide by the sum of the weights."""
+    if params.get("normalize"):
+        means_stay_bounded(weights, subsets=False)
+    compensate_needs_sparsegpt(params, weights)
+
+
 def sign_election_needs_positive_weights(params: Mapping[str, Any], weights: Sequence[float]) -> None:
     """TIES elects each entry's sign by the weighted sum and divides by the agreeing weights: with
-    weights summing to <= 0 the election is inverted or the mean divides by zero."""
+    weights summing to <= 0 the election is inverted or the mean divides by zero, and with a mix of
+    signs the agreeing models' weights can sum to almost zero (`means_stay_bounded`)."""
     if sum(weights) <= 0:
         raise ValueError(f"weight: the models' weights sum to {sum(weights):g}; sign election needs a positive sum")
+    if params.get("normalize", True):
+        means_stay_bounded(weights, subsets=True)
     compensate_needs_sparsegpt(params, weights)
+
+
+class Unbounded(ValueError):
+    """A method's own divisor came near zero on one tensor (e.g. Model Stock's 1 + (N - 1) cos):
+    the merged value would be many times the task vectors. The merge stops naming the tensor."""

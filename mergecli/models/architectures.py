@@ -1,7 +1,7 @@
 """The architectures mergecli is tested on end to end, as data (`mergecli archs` prints this table).
 
 Everything the merge needs of an architecture (linear layers, Conv1D orientation, tied parameters,
-input groups, the decoder stack) is read off the model class itself (see `architecture.py` and
+input groups, the decoder stack, the names its checkpoints store) is read off the model class itself (see `architecture.py` and
 `collect.py`), so a model_type outside this table still works, with a warning that it is untested.
 Each row is what those readers find on a tiny instance; `tests/test_architectures.py` rebuilds
 every row that way and fails if the table and the classes disagree.
@@ -44,5 +44,13 @@ TESTED: tuple[TestedArchitecture, ...] = (
                        "self_attention.query_key_value", "-", "-", True),
     TestedArchitecture("gpt_neox", "GPTNeoXForCausalLM", "attention.dense, attention.query_key_value, "
                        "mlp.dense_4h_to_h, mlp.dense_h_to_4h", "-", "-", False),
+    TestedArchitecture("mixtral", "MixtralForCausalLM", "block_sparse_moe.experts.*.w1, block_sparse_moe.experts.*.w2, "
+                       "block_sparse_moe.experts.*.w3, self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, "
+                       "self_attn.v_proj", "self_attn.k_proj+self_attn.q_proj+self_attn.v_proj", "-", False),
+    TestedArchitecture("qwen2_moe", "Qwen2MoeForCausalLM", "mlp.experts.*.down_proj, mlp.experts.*.gate_proj, "
+                       "mlp.experts.*.up_proj, mlp.shared_expert.down_proj, mlp.shared_expert.gate_proj, "
+                       "mlp.shared_expert.up_proj, mlp.shared_expert_gate, self_attn.k_proj, self_attn.o_proj, "
+                       "self_attn.q_proj, self_attn.v_proj", "self_attn.k_proj+self_attn.q_proj+self_attn.v_proj; "
+                       "mlp.shared_expert.gate_proj+mlp.shared_expert.up_proj+mlp.shared_expert_gate", "-", False),
 )
 TESTED_TYPES = frozenset(a.model_type for a in TESTED)

@@ -79,24 +79,24 @@ class LoraAdapter:
 
     def tensor_names(self, arch: Architecture) -> list[str]:
         """Base tensor names this adapter changes (tied aliases mapped to their canonical name)."""
-        names = [arch.canonical(n) for n in self._targets]
+        names = [arch.canonical(arch.checkpoint_name(n)) for n in self._targets]
         if len(set(names)) != len(names):
             raise MergeCliError(f"{self.folder}: changes both halves of tied embeddings separately; "
                                 "such an adapter unties them and cannot be merged into a tied base")
         return names
 
-    def delta(self, name: str, base: Checkpoint, arch: Architecture) -> torch.Tensor:
-        """Task vector of one base tensor (fp32)."""
-        alias = next((a for a, c in arch.tied.items() if c == name and a in self._targets), None)
-        target = self._targets[alias or name]
-        shape = base.info(name).shape
+    def delta(self, name: str, stored: str, base: Checkpoint, arch: Architecture) -> torch.Tensor:
+        """Task vector of one base tensor (fp32): `name` as `tensor_names` gives it, `stored` the
+        base checkpoint's name for it."""
+        target = next(t for module, t in self._targets.items() if arch.canonical(arch.checkpoint_name(module)) == name)
+        shape = base.info(stored).shape
         delta = torch.zeros(shape)
         if "W" in target.keys:
             saved = self.state[target.keys["W"]].float()
             if tuple(saved.shape) != shape:
                 raise ModelMismatchError(f"{self.folder}: {target.module} has shape {tuple(saved.shape)}, "
                                          f"base has {shape}")
-            delta = saved - base.get(name).float()
+            delta = saved - base.get(stored).float()
         if target.kind == "full":
             return delta
         if set(target.keys) - {"W"} != {"A", "B"}:

@@ -87,8 +87,8 @@ class ModelSource:
     def input_paths(self) -> list[Path]:
         """Every real path this model's files live at (for the never-write-into-an-input check)."""
         paths = {real(self.path)} | ({real(self.origin)} if self.origin else set())
-        if self.path.is_dir() and self.origin is None:
-            paths |= {real(p).parent for p in self.path.iterdir() if p.is_symlink()}
+        if self.path.is_dir() and self.origin is None:  # a linked file's folder (a hub cache's blobs), a linked folder
+            paths |= {real(p) if p.is_dir() else real(p).parent for p in self.path.iterdir() if p.is_symlink()}
         return sorted(paths)
 
 

@@ -10,6 +10,7 @@ little-endian header length, a JSON header padded with spaces to 8 bytes, then r
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -116,7 +117,8 @@ class Checkpoint:
             infos: dict[str, TensorInfo] = {}
             for shard in shards:
                 if not shard.is_file():
-                    raise MergeCliError(f"{index}: lists missing shard {shard.name}")
+                    raise MergeCliError(_unreadable(shard) if shard.is_symlink() or not index.is_file()
+                                        else f"{index}: lists missing shard {shard.name}")
                 header = read_header(shard)
                 for name, meta in header.items():
                     if name == "__metadata__":
@@ -153,6 +155,10 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         return self._infos[name]
 
+    def file_of(self, name: str) -> Path:
+        """The file holding tensor `name` (for messages that name it)."""
+        return self._files[name]
+
     def get(self, name: str) -> torch.Tensor:
         if self._bin is not None:
             return self._bin[name]
@@ -170,6 +176,17 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _unreadable(path: Path) -> str:
+    """Why a weights file that is listed or globbed is no file: a link that loops or points nowhere."""
+    try:
+        path.resolve(strict=True)
+    except (RuntimeError, OSError) as exc:  # Python < 3.13 raises RuntimeError on a loop
+        if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP:
+            return f"{path}: a symbolic link that loops; no weights can be read through it"
+        return f"{path}: a symbolic link to {os.readlink(path)}, which does not exist"
+    return f"{path}: not a regular file"
 
 
 def _index_shards(index: Path) -> list[Path]:

@@ -40,7 +40,7 @@ ROLE = "merged model"  # the marker inside every output folder
 
 class MergedModelSpec(ArtifactSpec):
     kind = "merge"
-    format = 3
+    format = 4
     base: str
     inputs: tuple[dict[str, Any], ...]
     variant: dict[str, Any]
@@ -63,6 +63,8 @@ class MergeResult:
     adapter: dict[str, Any] | None = None  # output: lora: the rank, and per module its rank and kept energy
     # lambda: auto: the value chosen and every candidate's score; lambda: learned: the scales
     search: dict[str, Any] | None = None
+    # every tensor accounted for: merged, copied from the base (why), fine-tunes' buffers skipped
+    account: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -225,14 +227,17 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
                 ctx.reporter.log(f"merge [bold]{merge.name}[/]: {module}: {r.kind}" + (
                     f" rank {r.rank}, energy kept {r.energy_kept:.4f}" if r.kind != "full" else " (saved whole)"))
         if ctx.dist.main:  # every rank's shards are complete: write_variant gathered from them
+            for line in account_lines(written.account):
+                ctx.reporter.log(f"merge [bold]{merge.name}[/]: {escape(line)}")
             if written.without_stats:
                 ctx.reporter.log(f"merge [bold]{merge.name}[/]: {written.without_stats} tensors have no calibration "
-                                 "statistics (embeddings, norms, biases, lm_head) and used "
+                                 "statistics (no linear layer the hooks saw reads them: embeddings, norms, biases, the output layer, "
+                                 "fused MoE experts) and used "
                                  + ("a weighted mean" if merge.method_spec.needs_stats else "magnitude scores"))
             seconds = written.seconds + (search.seconds if search else 0.0)
             result = MergeResult(merge.name, merge.method, merge.params, out, False, seconds,
                                  written.kept_density, written.tensors, spec.key(), [m.name for m in models],
-                                 merge.output, adapter, search.as_dict() if search else None)
+                                 merge.output, adapter, search.as_dict() if search else None, written.account)
             (tmp / "mergecli_recipe.yaml").write_text(recipe.to_yaml())
             (tmp / "README.md").write_text(card_of(recipe, merge, result))
             files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != OWNER_MARKER}
@@ -287,6 +292,22 @@ def check_replaceable(out: Path, stamp: dict | None) -> None:
                             "move those files elsewhere, then rerun")
 
 
+def account_lines(account: dict[str, Any], names: bool = True, shown: int = 4) -> list[str]:
+    """What happened to every tensor, in words: merged, copied from the base (and why), fine-tunes'
+    buffers not written or lacked (`merging.account_of`)."""
+    def listed(items: list[str]) -> str:
+        more = f", +{len(items) - shown} more" if len(items) > shown else ""
+        return f" ({', '.join(items[:shown])}{more})" if names else ""
+
+    lines = [f"{account.get('merged', 0)} merged"]
+    lines += [f"{len(items)} copied from the base: {why}{listed(items)}" for why, items in account.get("copied", {}).items()]
+    lines += [f"{len(items)} buffers of {model} skipped (not weights; the base has none){listed(items)}"
+              for model, items in account.get("skipped_buffers", {}).items()]
+    lines += [f"{model} lacks {len(items)} buffers of the base (copied from the base){listed(items)}"
+              for model, items in account.get("lacking_buffers", {}).items()]
+    return lines
+
+
 def card_of(recipe: Recipe, merge: MergeSpec, result: MergeResult) -> str:
     """The README of a merged folder (`card.model_card`): what was merged with which weights, the
     method and its parameters, what was kept, and the recipe."""
@@ -299,7 +320,8 @@ def card_of(recipe: Recipe, merge: MergeSpec, result: MergeResult) -> str:
             for m, levels in zip(models, settings.weights)]
     params = ", ".join(f"{k} {setting_text(v)}" for k, v in merge.params.items())
     summary = [f"Merged with mergecli {__version__}: method `{merge.method}` ({params or 'no parameters'}).", "",
-               f"Fraction of task-vector entries kept: {result.kept_density:.4f}. Merge time: {result.seconds:.1f} s."]
+               f"Fraction of task-vector entries kept: {result.kept_density:.4f}. Merge time: {result.seconds:.1f} s.",
+               "", "Tensors: " + "; ".join(account_lines(result.account, names=False)) + " (names in `mergecli.json`)."]
     if result.search and result.search.get("mode") == LEARNED:
         from ..learn import card_lines
 

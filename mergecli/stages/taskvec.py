@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 class TaskVectorSpec(ArtifactSpec):
     kind = "taskvec"
-    format = 3
+    format = 4
     base: str
     model: str
     entry: dict[str, Any]  # the fine-tune's recipe entry, less what reaches other artifacts
