@@ -242,7 +242,8 @@ def merge_tensor(method: Method, taus: Iterable[TaskTensor | torch.Tensor | None
                  params: Mapping[str, Any] | None = None, tensor_name: str = "", transposed: bool = False,
                  stats: Sequence[LayerStats | TokenCounts | None] | None = None, base: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None, model_params: Sequence[Mapping[str, Any]] | None = None,
-                 clamp: bool = False, scales: Sequence[float] | None = None) -> tuple[torch.Tensor, int, int]:
+                 clamp: bool = False, scales: Sequence[float] | None = None,
+                 linear: bool = False) -> tuple[torch.Tensor, int, int]:
     """Merged delta for one tensor (or, given `base`, the merged weight `base + lambda * delta` in
     `dtype`), plus (entries kept, entries offered) for the density report.
 
@@ -253,9 +254,11 @@ def merge_tensor(method: Method, taus: Iterable[TaskTensor | torch.Tensor | None
     model without this tensor (None, e.g. a LoRA that did not target it) is what the method's
     `absent` says: skipped (it neither votes in TIES nor counts in a mean) or a zero task vector
     with its weight. `transposed` marks weights stored in x out (GPT-2's Conv1D); all math sees
-    them out x in. A task vector with NaN/Inf raises NonFiniteTaskVector naming the model; a merged
-    value that is not finite, or beyond the range of `dtype`, raises OutOfRange (with `clamp`,
-    values beyond the range are clamped to it instead; NaN is never clamped).
+    them out x in. `linear` marks the weight of a linear layer (not an embedding or a norm): it
+    reaches the method's combine, and methods with per-matrix subspace math (`subspace.py`) use
+    that math only there. A task vector with NaN/Inf raises NonFiniteTaskVector naming the model;
+    a merged value that is not finite, or beyond the range of `dtype`, raises OutOfRange (with
+    `clamp`, values beyond the range are clamped to it instead; NaN is never clamped).
     """
     values = {**method.defaults(), **(params or {})}
     given = [t if t is None or isinstance(t, TaskTensor) else TaskTensor(t) for t in taus]
@@ -299,7 +302,7 @@ def merge_tensor(method: Method, taus: Iterable[TaskTensor | torch.Tensor | None
             trimmed.append(t)
         base_rows = None if reference is None else reference[start:stop].to(torch.float32, copy=True)
         delta = method.combine(trimmed, w, params=values, stats=used_stats,
-                               base=base_rows if method.needs_base else None)
+                               base=base_rows if method.needs_base else None, linear=linear)
         target[start:stop] = fit(delta if base_rows is None else base_rows.add_(delta, alpha=lam), out.dtype,
                                   clamp, tensor_name)
     return out, kept, len(present) * out.numel()
