@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_merge import METHODS, build_models, timed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mergecli.workspace import Workspace  # noqa: E402
+from mergecli.store.workspace import Workspace  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 CONFIGS = {  # name -> command up to the mergecli arguments

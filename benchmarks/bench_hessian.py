@@ -22,8 +22,8 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from mergecli.calibration import Windows
-from mergecli.collect import collect, find_groups
+from mergecli.engine.calibration import Windows
+from mergecli.engine.collect import collect, find_groups
 mode, samples, seq_len, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 device = torch.device(sys.argv[5])
 torch.manual_seed(0)

@@ -23,7 +23,7 @@ Everything runs through the product: this script only prepares inputs and reads 
    (hessians, merges, perplexities: all cached in --work/ws, so a rerun is quick).
 4. The results table (markdown, --work/<testbed>/results.md, printed): perplexity per domain and on
    general text, gain retained per domain and its mean +- jackknife SE over evaluation windows,
-   the paired difference to RegMean (mergecli.gain: the same code as `compare`), general-text
+   the paired difference to RegMean (mergecli.quality.gain: the same code as `compare`), general-text
    log-perplexity difference to RegMean with its paired SE, merge time.
 """
 
@@ -47,7 +47,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mergecli.gain import difference_with_se, gain_with_se, log_ratio_with_se, mean_nll  # noqa: E402
+from mergecli.quality.gain import difference_with_se, gain_with_se, log_ratio_with_se, mean_nll  # noqa: E402
 
 GENERAL = "general"
 TESTBEDS = {"A": ["code", "drama", "arith"], "B": ["fortune", "cheader", "manpage"],
@@ -223,7 +223,7 @@ def base_model(work: Path, given: str | None) -> Path:
     """The base as a folder: --base, else the demo's SmolLM2 GGUF, dequantized (fp32) by mergecli."""
     if given:
         return Path(given).resolve()
-    from mergecli.demo import fetch_base
+    from mergecli.app.demo import fetch_base
     from mergecli.models.reference import resolve_model
     from mergecli.progress import SILENT
 
@@ -232,7 +232,7 @@ def base_model(work: Path, given: str | None) -> Path:
 
 def fine_tune(base: Path, data: Path, domain: str, out: Path, steps: int) -> Path:
     """A full fine-tune of `base` on the domain's training text (cached: done.json marks it done)."""
-    from mergecli.finetune import TrainSettings, train
+    from mergecli.app.finetune import TrainSettings, train
     from mergecli.progress import SILENT
 
     if (out / "done.json").exists():

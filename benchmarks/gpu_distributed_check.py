@@ -33,8 +33,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONP
 MEMORY = r"""
 import json, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from mergecli.calibration import Windows
-from mergecli.collect import collect, find_groups
+from mergecli.engine.calibration import Windows
+from mergecli.engine.collect import collect, find_groups
 layers, samples, seq_len, batch = map(int, sys.argv[1:5])
 torch.manual_seed(0)
 config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
@@ -95,7 +95,7 @@ def nccl_path(work: Path, device: str) -> dict:
 def _hessians_equal(a: Path, b: Path) -> dict:
     from safetensors.torch import load_file
 
-    from mergecli.workspace import Workspace
+    from mergecli.store.workspace import Workspace
 
     def sets(ws: Path) -> dict:
         return {x.label: (load_file(x.path / "hessian.safetensors"), json.loads((x.path / "hessian.json").read_text()))

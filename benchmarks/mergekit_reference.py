@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from bench_merge import ensure_mergekit  # noqa: E402
 
-from mergecli import schedule  # noqa: E402
-from mergecli.mergekit_config import import_config  # noqa: E402
+from mergecli.methods import schedule  # noqa: E402
+from mergecli.recipe.mergekit import import_config  # noqa: E402
 from mergecli.methods.combine import disjoint_mean, weighted_sum  # noqa: E402
 from mergecli.methods.consensus import disjoint_sum, weighted_mean  # noqa: E402
 from mergecli.methods.interpolate import slerp, soup  # noqa: E402

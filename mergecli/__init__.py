@@ -6,9 +6,8 @@ The Python API mirrors the CLI (one `run_<stage>` per stage)::
     results = compare(load_recipe("recipe.yaml", ["density=0.3"]))
 """
 
-__version__ = "0.2.0"
-
-from . import api  # noqa: E402
-from .api import *  # noqa: E402,F401,F403
+from .app import api
+from .app.api import *  # noqa: F401,F403
+from .version import __version__
 
 __all__ = [*api.__all__, "__version__"]

@@ -195,3 +195,16 @@ def publish(tmp: Path, final: Path, owned: Callable[[Path], bool]) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def size_text(n: float) -> str:
+    """Bytes as people read them: 512 B, 1.5 KiB, 3.2 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MERGECLI_CACHE", Path.home() / ".cache" / "mergecli"))

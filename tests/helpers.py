@@ -175,7 +175,7 @@ def cli(*args, code: int | None = 0, input: str | None = None):
     """Run `mergecli ARGS` in-process; assert the exit code (unless None) and return the result."""
     from typer.testing import CliRunner
 
-    from mergecli.cli import app
+    from mergecli.app.cli import app
 
     result = CliRunner().invoke(app, [str(a) for a in args], input=input)
     if code is not None:

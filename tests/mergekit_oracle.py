@@ -1,5 +1,5 @@
 """mergekit configs merged by an independent composition: the translated recipe's settings
-resolved per tensor with `mergecli.schedule`, the math done by `mergecli.methods`' pure functions
+resolved per tensor with `mergecli.methods.schedule`, the math done by `mergecli.methods`' pure functions
 called directly (not the merge pipeline: no chunking, no trim planning, no threads, no stage).
 
 Used by the CLI tests (a `mergecli merge` of each config must match it) and by
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from helpers import make_llama, make_lora
-from mergecli import schedule
+from mergecli.methods import schedule
 from mergecli.methods.combine import disjoint_mean, weighted_sum
 from mergecli.methods.consensus import disjoint_sum, weighted_mean
 from mergecli.methods.interpolate import slerp, soup

@@ -25,7 +25,7 @@ def architecture_row(model) -> dict:
     """What mergecli reads off a model instance, in the form of `mergecli archs`' table."""
     import re
 
-    from mergecli.collect import find_groups
+    from mergecli.engine.collect import find_groups
     from mergecli.models.architecture import describe_model
 
     arch = describe_model(model)
@@ -113,7 +113,7 @@ def test_a_legacy_gpt2_base_without_the_model_prefix_merges_with_its_fine_tunes(
     from safetensors.torch import load_file, save_file
 
     from helpers import VERSE
-    from mergecli.finetune import TrainSettings, train
+    from mergecli.app.finetune import TrainSettings, train
     from mergecli.progress import SILENT
 
     torch.manual_seed(0)

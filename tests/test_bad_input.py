@@ -180,7 +180,7 @@ def test_debug_shows_the_traceback(lab):
 def test_disk_too_small_for_the_hessians_is_refused_before_writing(lab, monkeypatch):
     from collections import namedtuple
 
-    import mergecli.hessians as hessian_stage
+    import mergecli.engine.hessians as hessian_stage
 
     tmp, recipe, _ = lab
     (tmp / "r.yaml").write_text(yaml.safe_dump(recipe))

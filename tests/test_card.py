@@ -2,7 +2,7 @@
 
 import yaml
 
-from mergecli.card import card_metadata, hub_id, model_card
+from mergecli.engine.card import card_metadata, hub_id, model_card
 
 
 def front_matter(text: str) -> dict:

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import make_gguf
-from mergecli import demo
-from mergecli.cli import app
+from mergecli.app import demo
+from mergecli.app.cli import app
 from mergecli.models.safetensors_io import read_header
 
 runner = CliRunner()
@@ -66,7 +66,7 @@ def test_demo_says_what_it_writes_writes_bf16_and_nothing_else_talks(tiny_demo, 
 def test_the_estimate_counts_every_model_task_vector_and_hessian(tmp_path, models):
     from transformers import AutoModelForCausalLM
 
-    from mergecli.recipe import load_recipe
+    from mergecli.recipe.load import load_recipe
 
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text((demo.data_dir() / "recipe.yaml").read_text().replace("DATA", str(demo.data_dir())))

@@ -24,12 +24,12 @@ from torch.distributed import HashStore
 from typer.testing import CliRunner
 
 from helpers import write_recipe
-from mergecli.cli import app
+from mergecli.app.cli import app
 from mergecli.distributed import Group, PeerFailed, SharedProgress
 from mergecli.models.safetensors_io import ShardedWriter, TensorInfo
 from mergecli.progress import SILENT
 from mergecli.stages.merge import read_stamp, stamp_problem
-from mergecli.workspace import Workspace
+from mergecli.store.workspace import Workspace
 
 runner = CliRunner()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import CODE, TEXT, VERSE, cli, write_jsonl, write_recipe
-from mergecli.calibration import make_windows
-from mergecli.report import comparison, plot
-from mergecli.perplexity import nll_sum
-from mergecli.stages.evaluate import Evaluated
+from mergecli.engine.calibration import make_windows
+from mergecli.quality.report import comparison, plot
+from mergecli.engine.perplexity import nll_sum
+from mergecli.quality.report import Evaluated
 
 
 
@@ -99,7 +99,7 @@ def test_compare_replaces_only_its_own_unchanged_reports(tmp_path, recipe):
 
 
 def test_gain_has_a_jackknife_se_and_general_text_only_a_perplexity(recipe):
-    from mergecli.gain import gain_with_se
+    from mergecli.quality.gain import gain_with_se
 
     rows = json.loads(cli("compare", str(recipe), "--format", "json", code=None).stdout)
     data = {d["model"]: d for d in json.loads(cli("--json", "eval", str(recipe), code=None).stdout)}

@@ -20,7 +20,7 @@ TOY_STAGE = '''"""toy stage: how many tensors each fine-tune has, cached per fin
 
 import json
 
-from mergecli.artifacts import ArtifactSpec
+from mergecli.store.artifacts import ArtifactSpec
 from mergecli.stages.base import Stage, View
 
 
@@ -68,8 +68,8 @@ def toy_method():
 
 @pytest.fixture
 def toy_stage(tmp_path):
-    import mergecli.api
-    import mergecli.cli
+    import mergecli.app.api
+    import mergecli.app.cli
     import mergecli.stages as stages
 
     package = tmp_path / "plugins"
@@ -77,11 +77,11 @@ def toy_stage(tmp_path):
     (package / "toy.py").write_text(TOY_STAGE)
     stages.__path__.append(str(package))
     stages.stages.cache_clear()
-    yield importlib.reload(mergecli.api), importlib.reload(mergecli.cli)
+    yield importlib.reload(mergecli.app.api), importlib.reload(mergecli.app.cli)
     stages.__path__.remove(str(package))
     stages.stages.cache_clear()
-    importlib.reload(mergecli.api)
-    importlib.reload(mergecli.cli)
+    importlib.reload(mergecli.app.api)
+    importlib.reload(mergecli.app.cli)
 
 
 def recipe(tmp_path, models, merge: dict):

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from mergecli.gain import difference_with_se, gain_retained, gain_with_se, log_ratio_with_se, mean_gain
+from mergecli.quality.gain import difference_with_se, gain_retained, gain_with_se, log_ratio_with_se, mean_gain
 
 
 def test_gain_retained_by_hand():

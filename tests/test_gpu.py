@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import cli
-from mergecli.collect import collect, find_groups
+from mergecli.engine.collect import collect, find_groups
 from test_hessian_stage import data, recipe_with_data, tiny  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

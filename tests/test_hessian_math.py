@@ -153,7 +153,7 @@ def test_dare_with_sparsegpt_is_unbiased():
 @pytest.mark.parametrize("d", [5, 128, 300, 1100])
 def test_upper_gram_accumulation_then_symmetrize_is_x_transpose_x(d):
     """H is accumulated on and right of the diagonal blocks only, then mirrored: equal to X^T X."""
-    from mergecli.collect import add_upper_gram, symmetrize
+    from mergecli.engine.collect import add_upper_gram, symmetrize
 
     gen = torch.Generator().manual_seed(d)
     h = torch.zeros(d, d)

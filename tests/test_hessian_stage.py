@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import CODE, VERSE, cli, write_jsonl, write_recipe
-from mergecli.calibration import make_windows, spread_windows
-from mergecli.collect import collect, find_groups, linear_modules
+from mergecli.engine.calibration import make_windows, spread_windows
+from mergecli.engine.collect import collect, find_groups, linear_modules
 
 
 
@@ -114,8 +114,8 @@ def test_hessian_cli_caches_reports_size_and_feeds_activation_aware_merges(tmp_p
 def test_embedding_token_counts_are_stored_and_regmean_merges_embedding_rows_by_them(tmp_path, models, data):
     from safetensors.torch import load_file
 
-    from mergecli.calibration import load_texts
-    from mergecli.recipe import DatasetSpec
+    from mergecli.engine.calibration import load_texts
+    from mergecli.recipe.schema import DatasetSpec
 
     recipe = recipe_with_data(tmp_path, models, data, [{"name": "rm", "method": "regmean"},
                                                        {"name": "rm-mean", "method": "regmean", "embedding": "mean"}])
@@ -164,8 +164,8 @@ def test_different_calibration_settings_are_different_cache_entries(tmp_path, mo
 
 
 def test_chat_messages_are_rendered_with_the_chat_template(tmp_path, models, data):
-    from mergecli.calibration import load_texts
-    from mergecli.recipe import DatasetSpec
+    from mergecli.engine.calibration import load_texts
+    from mergecli.recipe.schema import DatasetSpec
 
     tok = AutoTokenizer.from_pretrained(models / "base")
     tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"

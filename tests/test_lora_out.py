@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import make_llama, make_lora
-from mergecli.lora_out import module_kinds, truncate, write_adapter
+from mergecli.engine.lora_out import module_kinds, truncate, write_adapter
 
 
 def _state(model):

@@ -16,7 +16,7 @@ import yaml
 
 from helpers import cli, digests, error_line, make_lora, write_recipe
 from mergekit_oracle import CONFIGS, build_models, load_folder, reference_merge, render
-from mergecli.mergekit_config import import_config
+from mergecli.recipe.mergekit import import_config
 
 CONFIG_NAMES = sorted(p.stem for p in CONFIGS.glob("*.yml"))
 

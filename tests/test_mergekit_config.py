@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from mergecli.errors import RecipeError
-from mergecli.mergekit_config import is_mergekit_config, translate
+from mergecli.recipe.mergekit import is_mergekit_config, translate
 from mergecli.models.architecture import Architecture
-from mergecli.schedule import resolve, resolve_first
+from mergecli.methods.schedule import resolve, resolve_first
 
 LAYER_OF = Architecture("llama", {}, frozenset(), frozenset(), 4).layer_of
 
@@ -240,7 +240,7 @@ def test_every_fixture_translates():
 
 
 def test_import_config_file(tmp_path):
-    from mergecli.mergekit_config import import_config
+    from mergecli.recipe.mergekit import import_config
 
     (tmp_path / "models" / "base").mkdir(parents=True)
     (tmp_path / "models" / "ft").mkdir()

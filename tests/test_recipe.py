@@ -7,7 +7,7 @@ import yaml
 
 from helpers import cli
 from mergecli import load_recipe
-from mergecli.cli import builtin_recipes
+from mergecli.app.cli import builtin_recipes
 
 
 
@@ -123,7 +123,7 @@ def test_help_archs_and_validate_never_load_torch():
     import subprocess
     import sys
 
-    script = ("import sys\nfrom typer.testing import CliRunner\nfrom mergecli.cli import app\n"
+    script = ("import sys\nfrom typer.testing import CliRunner\nfrom mergecli.app.cli import app\n"
               "for args in (['--help'], ['merge', '--help'], ['archs'], ['recipes', 'ls']):\n"
               "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
               "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules))")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import CODE, write_jsonl, write_recipe
-from mergecli.workspace import Workspace
+from mergecli.store.workspace import Workspace
 
 
 

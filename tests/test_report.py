@@ -8,10 +8,10 @@ import pytest
 from matplotlib.colors import to_rgb
 from rich.console import Console
 
-from mergecli.display import table
-from mergecli.report import comparison, comparison_table, comparison_text, log_ticks, perplexity_text, plot
+from mergecli.app.display import table
+from mergecli.quality.report import comparison, comparison_table, comparison_text, log_ticks, perplexity_text, plot
 from mergecli.stages.compare import comparison_view
-from mergecli.stages.evaluate import Evaluated
+from mergecli.quality.report import Evaluated
 
 # model, role, method and its parameters, perplexity on code / verse / arithmetic
 DEMO = [
@@ -139,7 +139,7 @@ def test_chart_every_model_its_colour_references_grey_mean_group_best_starred(tm
 
 
 def test_gain_cell_carries_the_jackknife_se_when_windows_are_kept():
-    from mergecli.gain import difference_with_se, gain_with_se
+    from mergecli.quality.gain import difference_with_se, gain_with_se
 
     def windows(level, wobble):
         return [(level * 100 * (1 + wobble * ((k * 7) % 5 - 2) / 10), 100) for k in range(8)]

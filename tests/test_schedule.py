@@ -7,7 +7,7 @@ import math
 import pytest
 
 from mergecli.models.architecture import Architecture
-from mergecli.schedule import chain, check, depth_position, evaluate, resolve, resolve_first
+from mergecli.methods.schedule import chain, check, depth_position, evaluate, resolve, resolve_first
 
 Q = "model.layers.{}.self_attn.q_proj.weight"
 UP = "model.layers.{}.mlp.up_proj.weight"

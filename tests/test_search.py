@@ -10,15 +10,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import CODE, VERSE, cli, error_line, write_jsonl, write_recipe
-from mergecli.calibration import Windows, load_texts, make_windows, spread_windows
+from mergecli.engine.calibration import Windows, load_texts, make_windows, spread_windows
 from mergecli.errors import MergeCliError
-from mergecli.recipe import DatasetSpec
+from mergecli.recipe.schema import DatasetSpec
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, models):
     """Two real (tiny) fine-tunes, each clearly better than the base on its own text."""
-    from mergecli.finetune import TrainSettings, train
+    from mergecli.app.finetune import TrainSettings, train
     from mergecli.progress import SILENT
 
     root = tmp_path_factory.mktemp("trained")
@@ -141,7 +141,7 @@ def sampled(folder, count, seq_len, seed, batch_size):
 
 
 def test_base_text_is_sampled_at_temperature_one_from_the_start_token(models, tmp_path):
-    from mergecli.basetext import sample_windows
+    from mergecli.quality.basetext import sample_windows
 
     model = AutoModelForCausalLM.from_pretrained(models / "base").eval()
     defaults = {"do_sample": False, "top_k": 1, "no_repeat_ngram_size": 1, "min_p": 0.9, "suppress_tokens": [3]}
@@ -160,7 +160,7 @@ def test_base_text_is_sampled_at_temperature_one_from_the_start_token(models, tm
 
 
 def test_lambda_learned_scales_each_fine_tunes_part_per_layer(trained, models, monkeypatch):
-    from mergecli import learn
+    from mergecli.quality import learn
 
     recipe = recipe_for(trained, models, [{"name": "ta", "method": "task_arithmetic", "lambda": "learned"},
                                           {"name": "ta1", "method": "task_arithmetic", "lambda": 1.0}])
@@ -274,7 +274,7 @@ def test_lambda_learned_is_held_to_the_general_text_the_recipe_gives(trained, mo
     part (drawn as the domains' are) instead of the base's samples: the forgetting the merge reports
     is the NLL there over the merge at scale 1, recomputed here; the text is an input of the merge's
     key, not of the Hessians'."""
-    from mergecli import learn
+    from mergecli.quality import learn
 
     monkeypatch.setattr(learn, "EPOCHS", 2)
     general = write_jsonl(trained / "general.jsonl", GENERAL)

@@ -1,4 +1,4 @@
-"""The block-streamed runner (`mergecli.streamed`) against the whole model loaded by transformers:
+"""The block-streamed runner (`mergecli.engine.streamed`) against the whole model loaded by transformers:
 the same NLL per window, the same gradient of every weight, the same per-layer statistics, and
 never more than one decoder block's weights materialized, whatever the depth."""
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import TINY_CONFIGS
 
-from mergecli.calibration import Windows
+from mergecli.engine.calibration import Windows
 from mergecli.errors import MergeCliError
 from mergecli.models.safetensors_io import Checkpoint
-from mergecli.perplexity import window_nlls
-from mergecli.streamed import StreamedModel, mean_of, window_means
+from mergecli.engine.perplexity import window_nlls
+from mergecli.engine.streamed import StreamedModel, mean_of, window_means
 
 # every tested architecture, and Qwen2 with a full-attention and a sliding-window layer (each layer
 # gets its own mask: reusing layer 0's arguments for layer 1 changes the NLL by 3% here)

@@ -187,7 +187,7 @@ def test_every_recipe_field_that_changes_a_result_changes_some_key(lab):
     """Keys are derived from the validated recipe, not listed by hand: change each field of a full
     recipe in turn; the artifacts it plans must change unless the field is declared `runtime`."""
     from mergecli import load_recipe
-    from mergecli.cli import used_by
+    from mergecli.app.cli import used_by
 
     full = lab.recipe(extra_tokens="error", shard_size="2GB", models=[
         {"name": "a", "model": "./ft_a", "weight": 1.0, "check_base": True,
@@ -384,7 +384,7 @@ def test_a_recipe_path_that_is_a_folder(lab):
 
 
 def test_the_demo_never_replaces_a_folder_it_did_not_make(lab):
-    from mergecli.demo import make_fine_tunes
+    from mergecli.app.demo import make_fine_tunes
     from mergecli.errors import MergeCliError
     from mergecli.progress import SILENT
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import CODE, cli, write_jsonl, write_recipe
-from mergecli.artifacts import ArtifactSpec
-from mergecli.workspace import Workspace
+from mergecli.store.artifacts import ArtifactSpec
+from mergecli.store.workspace import Workspace
 
 
 

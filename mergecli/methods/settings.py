@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .. import schedule
+from . import schedule
 from .table import WEIGHT, Method
 
 

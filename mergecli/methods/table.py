@@ -15,10 +15,11 @@ import difflib
 import importlib
 import math
 import pkgutil
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol, Sequence
 
-from .. import schedule
+from . import schedule
 
 if TYPE_CHECKING:
     import torch
@@ -168,15 +169,9 @@ def register_method(name: str, *, params: Sequence[Param], trim: Trim = "none", 
 
 def catalog() -> dict[str, Method]:
     """Every registered method (importing each module of this package registers its methods)."""
-    for module in pkgutil.iter_modules(_package_path()):
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
         importlib.import_module(f"{__package__}.{module.name}")
     return METHODS
-
-
-def _package_path() -> list[str]:
-    import mergecli.methods as package
-
-    return list(package.__path__)
 
 
 # -- parameters shared by several methods ------------------------------------------------------

@@ -131,7 +131,7 @@ def describe(config_folder: Path) -> Architecture:
 
 @lru_cache(maxsize=16)
 def _described(key: str, config_folder: Path) -> Architecture:
-    from .gguf import cache_root
+    from ..fsutil import cache_root
 
     cached = cache_root() / "arch" / f"{key}.json"
     try:

@@ -12,23 +12,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 from ..errors import MergeCliError
-from ..fsutil import building, is_owned, locked, publish, seal, unsealed
+from ..fsutil import building, cache_root, is_owned, locked, publish, seal, unsealed
+from .quiet import quiet_libraries
 
 
 ROLE = "converted gguf"
 # Part of every cache key: folders an older mergecli left here (without ownership markers) are
 # never read or replaced, a new format simply lands beside them.
 FORMAT = "2"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MERGECLI_CACHE", Path.home() / ".cache" / "mergecli"))
 
 
 def gguf_folder(file: Path, fingerprint: str, log: Callable[[str], None] = lambda message: None) -> Path:
@@ -63,7 +59,6 @@ def _convert(file: Path, folder: Path, log: Callable[[str], None]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .loading import quiet_libraries
 
     quiet_libraries()
     log(f"dequantizing {file.name} (once; cached in {cache_root()})")

@@ -11,18 +11,8 @@ from pathlib import Path
 import torch
 
 from ..errors import MergeCliError
+from .quiet import quiet_libraries
 from .reference import ModelSource, tokenizer_folder
-
-
-def quiet_libraries() -> None:
-    """No progress bars or advisory warnings from transformers/datasets/peft in our output."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", module=r"(transformers|peft|torch|datasets)(\.|$)")
 
 
 def load_tokenizer(*folders: Path):

@@ -18,8 +18,3 @@ def stages() -> dict[str, Stage]:
         if isinstance(stage, Stage):
             found.append(stage)
     return {s.name: s for s in sorted(found, key=lambda s: s.order)}
-
-
-def discover() -> None:
-    """Import every stage module (their artifact specs register their kinds)."""
-    stages()

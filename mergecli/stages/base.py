@@ -3,7 +3,7 @@
 A stage is one module of this package that defines `STAGE = Stage(...)`: its name (the command
 and the `run_<name>` API function), the options it takes, how its result is shown, what it
 produces for a recipe (`plan`: the artifact specs `ws ls`/`ws gc` derive from), and `run`. The
-CLI, the Python API and the exports are generated from the list of stages (`stages.STAGES`), so a
+CLI, the Python API and the exports are generated from the stages `stages.stages()` finds, so a
 new stage is one new module.
 
 Stage modules stay cheap to import (no torch at module level): the CLI builds its commands and
@@ -21,15 +21,16 @@ from ..distributed import SINGLE, Group, SharedProgress
 from ..errors import MergeCliError, ModelMismatchError
 from ..fsutil import overlaps, real
 from ..progress import SILENT, Reporter
+from ..store.coordinate import get_or_build
+from ..store.workspace import Artifact, Workspace
 
 if TYPE_CHECKING:
     import torch
 
-    from ..artifacts import ArtifactSpec
     from ..models.architecture import Architecture
     from ..models.reference import ModelSource
-    from ..recipe import Recipe
-    from ..workspace import Artifact, Workspace
+    from ..recipe.schema import Recipe
+    from ..store.artifacts import ArtifactSpec
 
 
 @dataclass(frozen=True)
@@ -163,27 +164,21 @@ class Context:
             raise MergeCliError(f"{what} {target} lies under {ancestor}, which is a file")
 
     @cached_property
-    def workspace(self) -> "Workspace":
-        from ..workspace import Workspace
-
+    def workspace(self) -> Workspace:
         self.guard(self.recipe.workspace_path, "workspace")
         return Workspace(self.recipe.workspace_path, wait=self.wait, log=self.reporter.log)
 
-    def get_or_build(self, spec: "ArtifactSpec", label: str, produce: Callable[[Path], None]) -> tuple["Artifact", bool]:
+    def get_or_build(self, spec: "ArtifactSpec", label: str, produce: Callable[[Path], None]) -> tuple[Artifact, bool]:
         """An artifact every process needs: reused, or built by `produce(folder)` (by rank 0 alone
         under torchrun); (artifact, reused)."""
-        from ..coordinate import get_or_build
-
-        return get_or_build(self, spec, label, produce)
+        return get_or_build(self.workspace, self.dist, spec, label, produce)
 
     # -- other stages ---------------------------------------------------------------------------
-    def need(self, stage: str, **options: Any) -> Any:
+    def need(self, stage: "Stage", **options: Any) -> Any:
         """Another stage's result, computed once per context."""
-        from . import stages
-
-        if stage not in self._results:
-            self._results[stage] = stages()[stage].run(self, **options)
-        return self._results[stage]
+        if stage.name not in self._results:
+            self._results[stage.name] = stage.run(self, **options)
+        return self._results[stage.name]
 
 
 def _relation(a: Path, b: Path) -> str:
@@ -205,8 +200,3 @@ def check_device(device: str) -> "torch.device":
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise MergeCliError("device 'mps' requested but MPS is not available", "use --device cpu")
     return dev
-
-
-def open_context(recipe: "Recipe", reporter: Reporter = SILENT, device: str = "cpu", wait: bool = True) -> Context:
-    return Context(recipe, reporter, device, wait)
-

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import MergeCliError
+from . import evaluate
 from .base import Context, Option, Stage, View
 
 FORMATS = ("table", "json", "csv", "markdown")
@@ -47,14 +48,14 @@ def write_report(ctx: Context, path: Path, write: Callable[[Path], Any]) -> None
 def run(ctx: Context, fmt: str = "table", output: Path | None = None, plot_path: Path | None = None
         ) -> tuple[str, list[dict[str, Any]]]:
     """Run what is missing, write the requested files; returns (format, comparison rows)."""
-    from ..report import comparison, comparison_text, plot
+    from ..quality.report import comparison, comparison_text, plot
 
     if fmt not in FORMATS:
         raise MergeCliError(f"unknown --format {fmt!r}", f"use {', '.join(FORMATS)}")
     for path, what in ((output, "--output"), (plot_path, "--plot")):
         if path is not None:
             check_output_file(ctx, path, what)
-    results = ctx.need("eval")
+    results = ctx.need(evaluate.STAGE)
     rows = comparison(results)
     if not ctx.dist.main:  # under torchrun rank 0 writes the files
         return fmt, rows
@@ -67,14 +68,14 @@ def run(ctx: Context, fmt: str = "table", output: Path | None = None, plot_path:
 
 
 def show(result: tuple[str, list[dict[str, Any]]]) -> View | str:
-    from ..report import comparison_text
+    from ..quality.report import comparison_text
 
     fmt, rows = result
     return comparison_view(rows) if fmt == "table" else comparison_text(rows, fmt)
 
 
 def comparison_view(rows: list[dict[str, Any]]) -> View:
-    from ..report import comparison_table
+    from ..quality.report import comparison_table
 
     columns, cells = comparison_table(rows)
     return View("perplexity on held-out text (lower is better; ★ best merge by mean)", columns, cells, rows)

@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..artifacts import ArtifactSpec, DataFingerprint
+from ..store.artifacts import ArtifactSpec, DataFingerprint
 from ..errors import MergeCliError
-from ..gain import mean_nll
-from ..recipe import DatasetSpec, key_view
+from ..quality.gain import mean_nll
+from ..quality.report import Evaluated
+from ..recipe.schema import DatasetSpec, key_view
+from ..store.coordinate import claim
+from . import merge
 from .base import Context, Stage, View
 from .hessian import check_context
 
 if TYPE_CHECKING:
     import torch
 
-    from ..calibration import Windows
+    from ..engine.calibration import Windows
     from ..models.reference import ModelSource
 
 
@@ -59,23 +62,8 @@ class Candidate:
     merge: dict | None = None
 
 
-@dataclass(frozen=True)
-class Evaluated:
-    model: str
-    role: str
-    perplexity: dict[str, float]
-    merge: dict | None = None
-    scores: dict[str, float] = field(default_factory=dict)  # lm-evaluation-harness "task:metric"
-    windows: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # per dataset: (NLL, tokens)
-
-    @property
-    def mean(self) -> float:
-        values = list(self.perplexity.values())
-        return sum(values) / len(values) if values else float("nan")
-
-
 def eval_spec(ctx: Context, identity: str, dataset: DatasetSpec) -> EvalSpec:
-    from ..data import fingerprint
+    from ..recipe.datasets import fingerprint
 
     return EvalSpec(model=identity, tokenizer=ctx.base.fingerprint, dataset=fingerprint(dataset, ctx.recipe.root),
                     evaluation=key_view(ctx.recipe.evaluation, exclude={"datasets", "lm_eval"}))
@@ -92,10 +80,8 @@ def harness_spec(ctx: Context, identity: str) -> HarnessSpec:
 
 def identities(ctx: Context) -> list[str]:
     """Cache identities of every model this recipe evaluates (merges by their key)."""
-    from .merge import spec_of
-
     return [ctx.base.fingerprint, *(ctx.source(m.model).fingerprint for m in ctx.recipe.models),
-            *(f"merge:{spec_of(ctx, m).key()}" for m in ctx.recipe.merges)]
+            *(f"merge:{merge.spec_of(ctx, m).key()}" for m in ctx.recipe.merges)]
 
 
 def plan(ctx: Context) -> list[ArtifactSpec]:
@@ -110,7 +96,7 @@ def plan(ctx: Context) -> list[ArtifactSpec]:
 def candidates(ctx: Context) -> list[Candidate]:
     from ..models.reference import resolve_model
 
-    merges = ctx.need("merge") if ctx.recipe.merges else []
+    merges = ctx.need(merge.STAGE) if ctx.recipe.merges else []
     found = [Candidate("base", "base", ctx.base, ctx.base.fingerprint)]
     found += [Candidate(m.name, "finetune", ctx.source(m.model), ctx.source(m.model).fingerprint)
               for m in ctx.recipe.models]
@@ -139,8 +125,6 @@ def _evaluate(ctx: Context, found: list[Candidate], windows: dict[str, tuple[Dat
     """Every (model, dataset) perplexity and lm-eval score, cached ones reused. The missing ones
     are jobs, in model order; under torchrun each process takes a contiguous run of them (so it
     loads few models), and rank 0 records every result. Returns (scores, per-window NLLs)."""
-    from ..coordinate import claim
-
     harness = ctx.recipe.evaluation.lm_eval is not None
     jobs = [(c, d) for c in found for d in ([None] if harness else []) + list(windows)]  # d None: lm-eval
     specs = [harness_spec(ctx, c.identity) if d is None else eval_spec(ctx, c.identity, windows[d][0])
@@ -150,7 +134,7 @@ def _evaluate(ctx: Context, found: list[Candidate], windows: dict[str, tuple[Dat
 
     def produce(candidate: Candidate, dataset: str | None, folder: Path) -> None:
         from ..models.loading import load_causal_lm
-        from ..perplexity import window_nlls
+        from ..engine.perplexity import window_nlls
 
         if candidate.name not in loaded:
             loaded.clear()  # one model in memory at a time
@@ -165,7 +149,7 @@ def _evaluate(ctx: Context, found: list[Candidate], windows: dict[str, tuple[Dat
                                 "broken (NaN/Inf activations)", "check the model, or the merge's parameters")
         (folder / "eval.json").write_text(json.dumps({"windows": per_window}))
 
-    with claim(ctx, specs, labels) as step:
+    with claim(ctx.workspace, ctx.dist, specs, labels) as step:
         missing = step.missing
         if missing:
             with ctx.reporter.track("evaluation", len(missing)) as advance:
@@ -186,7 +170,7 @@ def _evaluate(ctx: Context, found: list[Candidate], windows: dict[str, tuple[Dat
 
 def _harness(ctx: Context, candidate: Candidate, folder: Path) -> None:
     """lm-evaluation-harness scores of one model."""
-    from ..lmeval import run_tasks
+    from ..quality.lmeval import run_tasks
     from ..models.reference import tokenizer_folder
 
     source = candidate.source
@@ -210,8 +194,8 @@ def _windows(ctx: Context, datasets: dict[str, DatasetSpec]) -> dict[str, tuple[
     def loader(name: str, spec: DatasetSpec) -> Callable[[], "Windows"]:
         @cache
         def load() -> "Windows":
-            from ..calibration import load_texts, make_windows
-            from ..data import describe_spec
+            from ..engine.calibration import load_texts, make_windows
+            from ..recipe.datasets import describe_spec
 
             texts = load_texts(spec, ctx.recipe.root, tokenizer(), part="eval")
             return make_windows(texts, tokenizer(), ev.samples, ev.seq_len, ev.seed, pack=True,

@@ -8,19 +8,16 @@ dataset's fingerprint (files' sizes and digests) and every calibration setting t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from ..artifacts import ArtifactSpec, DataFingerprint
-from ..display import size_text
+from ..store.artifacts import ArtifactSpec, DataFingerprint
+from ..fsutil import size_text
+from ..engine.hessian_set import HessianSet
 from ..errors import MergeCliError
-from ..recipe import ModelSpec, key_view
+from ..recipe.schema import ModelSpec, key_view
 from .base import Context, Option, Stage, View
 
-if TYPE_CHECKING:
-    from ..coordinate import Claim
-    from ..workspace import Artifact
+from ..store.coordinate import Claim, claim
 
 
 class HessianSpec(ArtifactSpec):
@@ -33,22 +30,9 @@ class HessianSpec(ArtifactSpec):
     draw: str  # how the windows are drawn from the documents (`calibration.DRAW`)
 
 
-@dataclass(frozen=True)
-class HessianSet:
-    model: str
-    artifact: "Artifact"
-    reused: bool
-
-    @cached_property
-    def meta(self) -> dict:
-        from ..hessians import read_meta
-
-        return read_meta(self.artifact.path)
-
-
 def spec_of(ctx: Context, model: ModelSpec) -> HessianSpec:
-    from ..calibration import DRAW
-    from ..data import fingerprint
+    from ..engine.calibration import DRAW
+    from ..recipe.datasets import fingerprint
 
     cal = ctx.recipe.calibration
     ran = ctx.base if cal.source == "base" else ctx.source(model.model)
@@ -73,8 +57,6 @@ def hessian_sets(ctx: Context, models: list[ModelSpec]) -> list[HessianSet]:
     left over (fewer than the processes) one at a time by all processes together, each taking a
     contiguous part of the windows; rank 0 adds up the parts and writes. One process: every
     fine-tune is a round of its own."""
-    from ..coordinate import claim
-
     if not models:
         return []
     for model in models:
@@ -82,7 +64,7 @@ def hessian_sets(ctx: Context, models: list[ModelSpec]) -> list[HessianSet]:
             raise MergeCliError(f"models.{model.name}.dataset is needed for calibration statistics")
     check_context(ctx, ctx.recipe.calibration.seq_len, "calibration.seq_len")
     specs = [spec_of(ctx, m) for m in models]
-    with claim(ctx, specs, [f"hessian {m.name}" for m in models]) as step:
+    with claim(ctx.workspace, ctx.dist, specs, [f"hessian {m.name}" for m in models]) as step:
         missing = step.missing
         rounds = len(missing) - len(missing) % ctx.dist.world
         alone, together = missing[:rounds], missing[rounds:]
@@ -110,7 +92,7 @@ def _collect(ctx: Context, model: ModelSpec, step: "Claim", index: int, advance:
              shared: bool) -> None:
     """One fine-tune's statistics, written by this process; `shared`: this process's part of the
     windows, added up with the other processes' parts and written by rank 0."""
-    from ..hessians import collect_windows, combine, prepare, write_hessians
+    from ..engine.hessians import collect_windows, combine, prepare, write_hessians
 
     assert model.dataset is not None
     cal = ctx.recipe.calibration

@@ -23,16 +23,17 @@ from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
-from .. import __version__
-from ..artifacts import ArtifactSpec
+from ..version import __version__
+from ..store.artifacts import ArtifactSpec
 from ..errors import MergeCliError, RecipeError, WorkspaceBusyError
 from ..fsutil import OWNER_MARKER, building, file_record, is_owned, leftovers, locked, publish, record_problem
 from ..methods.table import LEARNED
-from ..recipe import MergeSpec, Recipe, key_view
+from ..recipe.schema import MergeSpec, Recipe, key_view
+from . import hessian, taskvec
 from .base import Context, Option, Stage, View
 
 if TYPE_CHECKING:
-    from .hessian import HessianSet
+    from ..engine.hessian_set import HessianSet
 
 STAMP = "mergecli.json"
 ROLE = "merged model"  # the marker inside every output folder
@@ -71,12 +72,10 @@ class MergeResult:
 
 
 def spec_of(ctx: Context, merge: MergeSpec) -> MergedModelSpec:
-    from . import hessian, taskvec
-
     inputs = tuple({"entry": key_view(m, exclude={"dataset"}), "taskvec": taskvec.spec_of(ctx, m).key(),
                     "hessian": hessian.spec_of(ctx, m).key() if merge.needs_stats else None}
                    for m in ctx.recipe.models_of(merge))
-    from ..search import key_of
+    from ..quality.search import key_of
 
     search = key_of(ctx, merge)  # lambda: auto also depends on the calibration text and settings
     return MergedModelSpec(base=ctx.base.fingerprint, inputs=inputs,
@@ -89,8 +88,6 @@ def run(ctx: Context, only: list[str] | None = None, overwrite: bool = False, wo
 
     `workers` tensors are computed at once (threads, each with its share of torch's threads); the
     result does not depend on it. `overwrite` rebuilds a variant even when its folder is current."""
-    from . import hessian
-
     recipe = ctx.recipe
     if workers < 1:
         raise MergeCliError(f"workers must be at least 1, got {workers}")
@@ -103,7 +100,7 @@ def run(ctx: Context, only: list[str] | None = None, overwrite: bool = False, wo
         ctx.guard(out, "output folder")
         check_replaceable(out, read_stamp(out))
     check_settings(ctx, variants)
-    vectors = {c.vector.model: c.vector for c in ctx.need("taskvec")}
+    vectors = {c.vector.model: c.vector for c in ctx.need(taskvec.STAGE)}
     needed = {m.name: m for merge in variants if merge.needs_stats for m in recipe.models_of(merge)}
     hessians = {h.model: h for h in hessian.hessian_sets(ctx, list(needed.values()))}
     results = []
@@ -173,9 +170,9 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
            spec: MergedModelSpec, out: Path) -> MergeResult:
     import torch
 
-    from ..hessians import HessianReader
-    from ..lora_out import write_merged_adapter
-    from ..merging import VariantPlan, write_variant
+    from ..engine.hessians import HessianReader
+    from ..engine.lora_out import write_merged_adapter
+    from ..engine.writer import VariantPlan, write_variant
     from ..methods.settings import settings_of
 
     recipe = ctx.recipe
@@ -186,8 +183,8 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
     built = merge
     scales = None
     if merge.params.get("lambda") == LEARNED:
-        from ..learn import learn_scales
-        from ..search import with_param
+        from ..quality.learn import learn_scales
+        from ..quality.search import with_param
 
         # under torchrun rank 0 learns and sends the scales, so every process builds the same merge
         search = ctx.dist.decide(lambda: learn_scales(ctx, merge, vectors, hessians, workers))
@@ -198,7 +195,7 @@ def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["Hessia
         built = with_param(merge, "lambda", 1.0)
         scales = search.scales_of(ctx.arch)
     elif merge.searched:
-        from ..search import choose_lambda, with_param
+        from ..quality.search import choose_lambda, with_param
 
         # under torchrun rank 0 searches and sends its choice, so every process builds the same merge
         search = ctx.dist.decide(lambda: choose_lambda(ctx, merge, vectors, hessians, workers))
@@ -311,7 +308,7 @@ def account_lines(account: dict[str, Any], names: bool = True, shown: int = 4) -
 def card_of(recipe: Recipe, merge: MergeSpec, result: MergeResult) -> str:
     """The README of a merged folder (`card.model_card`): what was merged with which weights, the
     method and its parameters, what was kept, and the recipe."""
-    from ..card import model_card, setting_text
+    from ..engine.card import model_card, setting_text
     from ..methods.settings import settings_of
 
     models = recipe.models_of(merge)
@@ -323,7 +320,7 @@ def card_of(recipe: Recipe, merge: MergeSpec, result: MergeResult) -> str:
                f"Fraction of task-vector entries kept: {result.kept_density:.4f}. Merge time: {result.seconds:.1f} s.",
                "", "Tensors: " + "; ".join(account_lines(result.account, names=False)) + " (names in `mergecli.json`)."]
     if result.search and result.search.get("mode") == LEARNED:
-        from ..learn import card_lines
+        from ..quality.learn import card_lines
 
         summary += ["", *card_lines(result.search)]
     elif result.search:

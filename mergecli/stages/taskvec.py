@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..artifacts import ArtifactSpec
-from ..display import size_text
-from ..recipe import ModelSpec, key_view
+from ..store.artifacts import ArtifactSpec
+from ..fsutil import size_text
+from ..recipe.schema import ModelSpec, key_view
 from .base import Context, Stage, View
 
 if TYPE_CHECKING:
-    from ..taskvectors import TaskVector
-    from ..workspace import Artifact
+    from ..engine.taskvectors import TaskVector
+    from ..store.workspace import Artifact
 
 
 class TaskVectorSpec(ArtifactSpec):
@@ -45,7 +45,7 @@ def spec_of(ctx: Context, model: ModelSpec) -> TaskVectorSpec:
 
 
 def task_vector(ctx: Context, model: ModelSpec) -> Computed:
-    from ..taskvectors import TaskVector, build_task_vector
+    from ..engine.taskvectors import TaskVector, build_task_vector
 
     source = ctx.source(model.model)
 

@@ -30,13 +30,13 @@ from typing import Callable
 
 import torch
 
-from .errors import MergeCliError, ModelMismatchError
-from .methods.pipeline import TaskTensor
-from .models.architecture import Architecture
-from .models.lora import LoraAdapter
-from .models.reference import ModelSource
-from .models.safetensors_io import Checkpoint, StreamingWriter, TensorInfo
-from .progress import Reporter
+from ..errors import MergeCliError, ModelMismatchError
+from ..methods.pipeline import TaskTensor
+from ..models.architecture import Architecture
+from ..models.lora import LoraAdapter
+from ..models.reference import ModelSource
+from ..models.safetensors_io import Checkpoint, StreamingWriter, TensorInfo
+from ..progress import Reporter
 
 FILENAME = "task_vector.safetensors"
 MANIFEST = "taskvec.json"

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .artifacts import DataFingerprint
-from .errors import MergeCliError
-from .fsutil import content_digest
-from .models.reference import is_local_reference
-from .recipe import DatasetSpec, key_view
+from ..store.artifacts import DataFingerprint
+from ..errors import MergeCliError
+from ..fsutil import content_digest
+from ..models.reference import is_local_reference
+from .schema import DatasetSpec, key_view
 
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import MergeCliError
-from .recipe import LmEvalSpec
+from ..errors import MergeCliError
+from ..recipe.schema import LmEvalSpec
 
 
 def run_tasks(folder: Path, spec: LmEvalSpec, root: Path, device: str, tokenizer: Path,

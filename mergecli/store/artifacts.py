@@ -37,10 +37,9 @@ class ArtifactSpec(BaseModel):
 
     @classmethod
     def kinds(cls) -> dict[str, type["ArtifactSpec"]]:
-        """Every kind, once every stage module (where the specs are declared) is imported."""
-        from .stages import discover
-
-        discover()
+        """Every kind declared so far: a stage module declares its kinds when it is imported, and
+        every entry point (the CLI, the API) imports the stages before it opens a workspace. A kind
+        not declared yet is one the workspace neither trusts nor removes."""
         return dict(ArtifactSpec._kinds)
 
     def key(self) -> str:

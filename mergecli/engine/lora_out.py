@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 import torch
 
 if TYPE_CHECKING:
-    from .merging import VariantPlan, Written
-    from .models.architecture import Architecture
-    from .progress import Reporter
+    from .writer import VariantPlan, Written
+    from ..models.architecture import Architecture
+    from ..progress import Reporter
 
 PREFIX = "base_model.model."
 KINDS = ("linear", "conv1d", "embedding")
@@ -192,8 +192,8 @@ def write_merged_adapter(folder: Path, plan: "VariantPlan", base: Path, base_mod
     factored as it comes, the factors written in `dtype`."""
     import time
 
-    from .merging import Written, account_of, merged_tensors, output_infos
-    from .models.safetensors_io import Checkpoint
+    from .writer import Written, account_of, merged_tensors, output_infos
+    from ..models.safetensors_io import Checkpoint
 
     start = time.perf_counter()
     kinds = base_kinds(base)

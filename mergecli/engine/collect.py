@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .calibration import Windows
-from .models.architecture import decoder_layers
+from ..models.architecture import decoder_layers
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:

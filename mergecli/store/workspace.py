@@ -27,9 +27,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 from .artifacts import KEY, ArtifactSpec
-from .errors import MergeCliError, WorkspaceBusyError
-from .fsutil import (OWNER_MARKER, building, content_digest, file_record, folder_bytes, is_owned, leftovers,
-                     locked, publish, real, record_problem)
+from ..errors import MergeCliError, WorkspaceBusyError
+from ..fsutil import (OWNER_MARKER, building, content_digest, file_record, folder_bytes, is_owned, leftovers, locked,
+                      publish, real, record_problem)
 
 MANIFEST_FORMAT = 3
 ROLE = "workspace artifact"  # the marker inside every artifact folder

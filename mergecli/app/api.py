@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .distributed import SINGLE, Group
-from .progress import SILENT, Reporter
-from .recipe import Recipe, load_recipe
-from .stages import stages
-from .stages.base import Context, Stage
+from ..distributed import SINGLE, Group
+from ..progress import SILENT, Reporter
+from ..recipe.schema import Recipe
+from ..recipe.load import load_recipe
+from ..stages import stages
+from ..stages.base import Context, Stage
 
 
 def _runner(stage: Stage) -> Callable[..., Any]:

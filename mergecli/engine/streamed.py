@@ -64,13 +64,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import MergeCliError
-from .models.architecture import decoder_layers
+from ..errors import MergeCliError
+from ..models.architecture import decoder_layers
 from .perplexity import next_token_nll
 
 if TYPE_CHECKING:
     from .calibration import Windows
-    from .models.safetensors_io import Checkpoint
+    from ..models.safetensors_io import Checkpoint
 
 Weights = Callable[[list[str]], dict[str, torch.Tensor]]  # module-tree names -> tensors (any device, dtype)
 Batch = tuple[torch.Tensor, torch.Tensor]  # input ids, attention mask (batch x seq_len)

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from . import schedule
-from .errors import RecipeError
-from .models.reference import is_local_reference
-from .recipe import default_model_name
+from ..methods import schedule
+from ..errors import RecipeError
+from ..models.reference import is_local_reference
+from .schema import default_model_name
 
 REQUIRED = object()
 """A parameter mergekit refuses to run without."""
@@ -478,7 +478,7 @@ def import_config(path: Path, dest: Path | None = None, data: Any = None) -> Tra
     """Read a mergekit YAML file (unless `data` is given: its contents, already read) and translate
     it (`mergecli recipes import`, and any command given a mergekit config); paths in the recipe
     are relative to `dest` (default: the config's folder)."""
-    from .recipe import read_yaml_file
+    from .yaml_io import read_yaml_file
 
     path = Path(os.path.abspath(path))
     data = read_yaml_file(path, "mergekit config") if data is None else data

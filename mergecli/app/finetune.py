@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .calibration import make_windows
-from .progress import Reporter
+from ..engine.calibration import make_windows
+from ..progress import Reporter
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every linear layer

@@ -51,12 +51,12 @@ from .search import SAMPLES, merged_delta, placed, scoring, with_param
 if TYPE_CHECKING:
     import torch
 
-    from .calibration import Windows
-    from .models.architecture import Architecture
-    from .recipe import MergeSpec
+    from ..engine.calibration import Windows
+    from ..models.architecture import Architecture
+    from ..recipe.schema import MergeSpec
     from .search import Scoring
-    from .stages.base import Context
-    from .stages.hessian import HessianSet
+    from ..stages.base import Context
+    from ..engine.hessian_set import HessianSet
 
 WINDOWS = 32  # per fine-tune to learn on (at most calibration.samples); selected on `search.SAMPLES` others
 EPOCHS = 8
@@ -68,8 +68,8 @@ HELD_TO = ""  # the text held to (`forgetting_text`) among a step's batches (no 
 def settings(ctx: "Context") -> dict[str, Any]:
     """What the learned scales depend on beyond the domains' windows (part of the merge's key): the
     text they are held to is `calibration.general` as it is now, else the base's own samples."""
-    from .data import fingerprint
-    from .errors import MergeCliError
+    from ..recipe.datasets import fingerprint
+    from ..errors import MergeCliError
 
     general = ctx.recipe.calibration.general
     forgetting: Any = "base text (no generation defaults), hinge at scale 1"
@@ -88,9 +88,9 @@ def forgetting_text(ctx: "Context", model: "torch.nn.Module", sets: list["Scorin
     domains' are (its held-out part, which the eval stage may read, is never touched), else text the
     base samples itself."""
     from .basetext import sample_windows
-    from .calibration import draw_windows, load_texts
-    from .data import describe_spec
-    from .models.loading import load_tokenizer
+    from ..engine.calibration import draw_windows, load_texts
+    from ..recipe.datasets import describe_spec
+    from ..models.loading import load_tokenizer
 
     cal = ctx.recipe.calibration
     if cal.general is None:
@@ -149,7 +149,7 @@ def learn_scales(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
     from rich.markup import escape
 
     from .gain import mean_nll
-    from .perplexity import window_nlls
+    from ..engine.perplexity import window_nlls
 
     begin = time.perf_counter()
     names = [m.name for m in ctx.recipe.models_of(merge)]
@@ -246,7 +246,7 @@ def _window_means(on: "Scoring", weights: dict[str, "torch.Tensor"], windows: "W
     """The token-mean NLL of each picked window under `weights` (differentiable)."""
     from torch.func import functional_call
 
-    from .perplexity import next_token_nll
+    from ..engine.perplexity import next_token_nll
 
     ids = windows.input_ids[pick].to(on.device)
     mask = windows.attention_mask[pick].to(on.device)

@@ -13,17 +13,31 @@ import io
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-from .card import setting_text
+from ..engine.card import setting_text
 from .gain import difference_with_se, gain_with_se
 
-if TYPE_CHECKING:
-    from .stages.evaluate import Evaluated
 
 
-def comparison(results: Sequence["Evaluated"]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Evaluated:
+    model: str
+    role: str
+    perplexity: dict[str, float]
+    merge: dict | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # lm-evaluation-harness "task:metric"
+    windows: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # per dataset: (NLL, tokens)
+
+    @property
+    def mean(self) -> float:
+        values = list(self.perplexity.values())
+        return sum(values) / len(values) if values else float("nan")
+
+
+def comparison(results: Sequence[Evaluated]) -> list[dict[str, Any]]:
     """One dict per model.
 
     `vs_own_finetune`: the mean relative change, over the datasets that belong to a fine-tune, of
@@ -63,7 +77,7 @@ def comparison(results: Sequence["Evaluated"]) -> list[dict[str, Any]]:
     return rows
 
 
-def _gain_with_se(base: "Evaluated", specialists: dict[str, "Evaluated"], model: "Evaluated",
+def _gain_with_se(base: Evaluated, specialists: dict[str, Evaluated], model: Evaluated,
                   reference: "Evaluated | None") -> tuple[float, float | None]:
     """The model's gain retained (minus the reference's, when given) and its jackknife SE, from the
     per-window losses the eval stage keeps. Results without them (made by hand) count as one window
@@ -71,7 +85,7 @@ def _gain_with_se(base: "Evaluated", specialists: dict[str, "Evaluated"], model:
     involved = [base, *specialists.values(), model, *([reference] if reference else [])]
     per_window = all(d in e.windows for e in involved for d in specialists)
 
-    def windows(e: "Evaluated", d: str) -> list[tuple[float, int]]:
+    def windows(e: Evaluated, d: str) -> list[tuple[float, int]]:
         return list(e.windows[d]) if per_window else [(math.log(e.perplexity[d]), 1)]
     sets = [{d: windows(e, d) for d in specialists} for e in (base, model, *([reference] if reference else []))]
     own = {d: windows(s, d) for d, s in specialists.items()}

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from .models.reference import HUB_ID, is_local_reference
+from ..models.reference import HUB_ID, is_local_reference
 
 
 def hub_id(ref: str, root: Path | None = None) -> str | None:

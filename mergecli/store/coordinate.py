@@ -18,18 +18,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from ..distributed import Group
+
 if TYPE_CHECKING:
     from .artifacts import ArtifactSpec
-    from .stages.base import Context
-    from .workspace import Artifact
+    from .workspace import Artifact, Workspace
 
 
 class Claim:
     """The artifacts of one step: found ones, and missing ones to build (locked by rank 0)."""
 
-    def __init__(self, ctx: "Context", specs: list["ArtifactSpec"], labels: list[str],
+    def __init__(self, workspace: "Workspace", group: Group, specs: list["ArtifactSpec"], labels: list[str],
                  found: list["Artifact | None"]) -> None:
-        self.ctx = ctx
+        self.workspace = workspace
+        self.group = group
         self.specs = specs
         self.labels = labels
         self.found = found
@@ -41,17 +43,17 @@ class Claim:
 
     def build(self, index: int, produce: Callable[[Path], None]) -> None:
         """Build missing artifact `index` on this rank (only one rank builds each)."""
-        files = self.ctx.workspace.build_folder(self.specs[index], produce)
-        if self.ctx.dist.main:
-            self.ctx.workspace.record(self.specs[index], self.labels[index], files)
+        files = self.workspace.build_folder(self.specs[index], produce)
+        if self.group.main:
+            self.workspace.record(self.specs[index], self.labels[index], files)
         else:
             self._unrecorded.append((index, files))
 
     def settle(self) -> list[tuple["Artifact", bool]]:
         """Every artifact of the step (built by any rank), with whether it was reused; all ranks
         call this once every missing artifact is built."""
-        ws = self.ctx.workspace
-        built = [item for part in self.ctx.dist.gather(self._unrecorded) for item in part]
+        ws = self.workspace
+        built = [item for part in self.group.gather(self._unrecorded) for item in part]
 
         def record() -> list[tuple["Artifact", bool]]:
             for index, files in built:
@@ -59,23 +61,23 @@ class Claim:
             return [(artifact, True) if artifact else (ws.built(spec), False)
                     for spec, artifact in zip(self.specs, self.found)]
 
-        return self.ctx.dist.decide(record)
+        return self.group.decide(record)
 
 
 @contextmanager
-def claim(ctx: "Context", specs: list["ArtifactSpec"], labels: list[str]) -> Iterator[Claim]:
+def claim(workspace: "Workspace", group: Group, specs: list["ArtifactSpec"], labels: list[str]) -> Iterator[Claim]:
     """The artifacts of `specs`: rank 0 finds them and holds the locks of the missing ones for the
     whole block; every rank gets the same `Claim`."""
-    with ctx.dist.lead(lambda: ctx.workspace.reserve(specs)) as found:
-        yield Claim(ctx, specs, labels, found)
+    with group.lead(lambda: workspace.reserve(specs)) as found:
+        yield Claim(workspace, group, specs, labels, found)
 
 
-def get_or_build(ctx: "Context", spec: "ArtifactSpec", label: str,
+def get_or_build(workspace: "Workspace", group: Group, spec: "ArtifactSpec", label: str,
                  produce: Callable[[Path], None]) -> tuple["Artifact", bool]:
     """One artifact every rank needs, built by rank 0 if missing; (artifact, reused)."""
-    if not ctx.dist.launched:
-        return ctx.workspace.get_or_build(spec, label, produce)
-    with claim(ctx, [spec], [label]) as step:
-        if step.missing and ctx.dist.main:
+    if not group.launched:
+        return workspace.get_or_build(spec, label, produce)
+    with claim(workspace, group, [spec], [label]) as step:
+        if step.missing and group.main:
             step.build(0, produce)
         return step.settle()[0]

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig
 
-from .calibration import Windows
-from .errors import MergeCliError
+from ..engine.calibration import Windows
+from ..errors import MergeCliError
 
 
 def sample_windows(model: torch.nn.Module, count: int, seq_len: int, seed: int, batch_size: int,

@@ -21,15 +21,15 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-from .distributed import SINGLE, Group
-from .errors import MergeCliError
+from ..distributed import SINGLE, Group
+from ..errors import MergeCliError
 from .hessians import HessianReader
-from .methods.pipeline import NonFiniteTaskVector, OutOfRange, fit, merge_tensor
-from .methods.settings import VariantSettings
-from .methods.table import Unbounded
-from .models.architecture import Architecture
-from .models.safetensors_io import Checkpoint, ShardedWriter, TensorInfo
-from .progress import Reporter
+from ..methods.pipeline import NonFiniteTaskVector, OutOfRange, fit, merge_tensor
+from ..methods.settings import VariantSettings
+from ..methods.table import Unbounded
+from ..models.architecture import Architecture
+from ..models.safetensors_io import Checkpoint, ShardedWriter, TensorInfo
+from ..progress import Reporter
 from .taskvectors import TaskVector
 
 T = TypeVar("T")

@@ -26,23 +26,17 @@ from typing import Callable
 import torch
 
 from .calibration import Windows, draw_windows, load_texts
+from .hessian_set import FILENAME, META, read_meta
 from .collect import Statistics, collect, find_groups, linear_modules
-from .data import describe_spec
-from .distributed import Group
-from .errors import MergeCliError
-from .methods.stats import LayerStats, TokenCounts
-from .models.loading import load_causal_lm, load_tokenizer
-from .models.reference import ModelSource
-from .models.safetensors_io import Checkpoint, StreamingWriter, TensorInfo
-from .progress import Reporter
-from .recipe import CalibrationSpec, DatasetSpec
-
-FILENAME = "hessian.safetensors"
-META = "hessian.json"
-
-
-def read_meta(folder: Path) -> dict:
-    return json.loads((folder / META).read_text())
+from ..recipe.datasets import describe_spec
+from ..distributed import Group
+from ..errors import MergeCliError
+from ..methods.stats import LayerStats, TokenCounts
+from ..models.loading import load_causal_lm, load_tokenizer
+from ..models.reference import ModelSource
+from ..models.safetensors_io import Checkpoint, StreamingWriter, TensorInfo
+from ..progress import Reporter
+from ..recipe.schema import CalibrationSpec, DatasetSpec
 
 
 @dataclass

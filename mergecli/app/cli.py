@@ -25,14 +25,16 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__
-from .display import RichReporter, size_text, table
-from .distributed import DEFAULT_TIMEOUT, SINGLE, Group, PeerFailed, join
-from .errors import MergeCliError
-from .fsutil import folder_bytes
-from .recipe import Recipe, load_recipe, recipes_dir
-from .stages import stages
-from .stages.base import Context, Stage, View
+from ..version import __version__
+from .display import RichReporter, table
+from ..fsutil import size_text
+from ..distributed import DEFAULT_TIMEOUT, SINGLE, Group, PeerFailed, join
+from ..errors import MergeCliError
+from ..fsutil import folder_bytes
+from ..recipe.schema import Recipe
+from ..recipe.load import load_recipe, recipes_dir
+from ..stages import stages
+from ..stages.base import Context, Stage, View
 
 app = typer.Typer(help="Merge fine-tuned language models: task vectors, Hessians, merges, evaluation.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -259,8 +261,8 @@ def recipes_import(config: Path = typer.Argument(..., help="mergekit YAML config
     """Translate a mergekit config into a mergecli recipe (any command also takes the config itself)."""
     import yaml
 
-    from .mergekit_config import import_config
-    from .recipe import validate_recipe
+    from ..recipe.mergekit import import_config
+    from ..recipe.load import validate_recipe
 
     dest = (output.absolute().parent if output else config.absolute().parent)
     translation = import_config(config, dest)
@@ -294,8 +296,8 @@ def demo(workdir: Path = typer.Option(Path("mergecli-demo"), "--workdir", help="
          overrides: Optional[list[str]] = OVERRIDES) -> None:
     """The whole pipeline on SmolLM2-135M-Instruct with three home-made fine-tunes; no model hub needed."""
     from .demo import run_demo
-    from .report import comparison, comparison_text, plot
-    from .stages.compare import comparison_view
+    from ..quality.report import comparison, comparison_text, plot
+    from ..stages.compare import comparison_view
 
     recipe, results = run_demo(workdir, OPTIONS.reporter, OPTIONS.device, OPTIONS.wait, overrides)
     rows = comparison(results)
@@ -313,8 +315,8 @@ def demo(workdir: Path = typer.Option(Path("mergecli-demo"), "--workdir", help="
 @command
 def archs(fmt: str = typer.Option("table", "--format", help="table | markdown | json")) -> None:
     """The architectures tested end to end, and what mergecli reads off each."""
-    from .models.architectures import TESTED
-    from .report import render
+    from ..models.architectures import TESTED
+    from ..quality.report import render
 
     rows = [a.row() for a in TESTED]
     if fmt in ("markdown", "json"):
@@ -327,7 +329,7 @@ def archs(fmt: str = typer.Option("table", "--format", help="table | markdown | 
 
 # -- workspace ------------------------------------------------------------------------------
 def _workspace(recipe: Optional[Recipe]):
-    from .workspace import Workspace
+    from ..store.workspace import Workspace
 
     if OPTIONS.workspace:
         if OPTIONS.workspace.exists() and not OPTIONS.workspace.is_dir():

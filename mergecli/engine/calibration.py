@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .data import dataset_source, describe_spec
-from .errors import MergeCliError
-from .recipe import CalibrationSpec, DatasetSpec
+from ..recipe.datasets import dataset_source, describe_spec
+from ..errors import MergeCliError
+from ..recipe.schema import CalibrationSpec, DatasetSpec
 
 
 @dataclass(frozen=True)

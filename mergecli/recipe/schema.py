@@ -1,8 +1,9 @@
-"""The YAML recipe: schema, validation, command-line overrides and path resolution.
+"""The recipe's schema: what a recipe may say, checked field by field, and its resolved views.
 
 The recipe is the single source of truth for a run (as in torchtune): every stage reads the same
 validated object, and validation runs before any model is opened, so a typo costs a second, not a
-half-finished merge. Relative paths are resolved against the recipe file, not the shell's cwd.
+half-finished merge. Relative paths are resolved against the recipe file, not the shell's cwd
+(reading, overriding and validating a file: `load.py`).
 
 A merge variant's method parameters are not fields of this schema: each method declares its own
 (`methods/table.py`), and a variant is checked against its method's declaration, so a new method
@@ -16,18 +17,17 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, field_validator,
                       model_validator)
 
-from .errors import RecipeError
-from .methods.settings import settings_of
-from .methods.table import AUTO, LEARNED, WEIGHT, Method, catalog
-from .models.reference import resolve_reference
+from ..errors import RecipeError
+from ..methods.settings import settings_of
+from ..methods.table import AUTO, LEARNED, WEIGHT, Method, catalog
+from ..models.reference import resolve_reference
 
-MAX_RECIPE_BYTES = 1 << 20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -165,7 +165,7 @@ class MergeSpec(BaseModel):
     def _known_method(cls, value: str) -> str:
         known = catalog()
         if value not in known:
-            raise ValueError(f"unknown method {value!r}{_did_you_mean(value, known)}; known: {', '.join(known)}")
+            raise ValueError(f"unknown method {value!r}{did_you_mean(value, known)}; known: {', '.join(known)}")
         return value
 
     @model_validator(mode="after")
@@ -176,7 +176,7 @@ class MergeSpec(BaseModel):
         if given:
             field = next(iter(given))
             names = [p.name for p in method.params] + list(MergeSpec.model_fields)
-            raise ValueError(f"{field}: unknown field{_did_you_mean(field, names)} "
+            raise ValueError(f"{field}: unknown field{did_you_mean(field, names)} "
                              f"({self.method} takes: {', '.join(p.name for p in method.params) or 'no parameters'})")
         for i, entry in enumerate(self.models or []):
             if isinstance(entry, VariantModel):
@@ -216,7 +216,7 @@ class MergeSpec(BaseModel):
 
     @property
     def needs_stats(self) -> bool:
-        from .methods.scores import SCORES
+        from ..methods.scores import SCORES
 
         score = self.params.get("score")
         return self.method_spec.needs_stats or (score is not None and SCORES[score].needs_stats)
@@ -286,11 +286,11 @@ class Recipe(_Strict):
 
     @property
     def workspace_path(self) -> Path:
-        return _absolute(self.root / Path(self.workspace).expanduser())
+        return absolute(self.root / Path(self.workspace).expanduser())
 
     @property
     def output_path(self) -> Path:
-        return _absolute(self.root / Path(self.output_dir).expanduser())
+        return absolute(self.root / Path(self.output_dir).expanduser())
 
     @property
     def shard_bytes(self) -> int:
@@ -339,7 +339,7 @@ def key_view(model: BaseModel, exclude: set[str] = frozenset()) -> dict[str, Any
     return data
 
 
-def _absolute(path: Path) -> Path:
+def absolute(path: Path) -> Path:
     import os
 
     return Path(os.path.abspath(path))
@@ -354,194 +354,6 @@ def _unique(names: list[str], field: str, what: str, key: str = ".name") -> None
         seen.add(name.lower())
 
 
-def _did_you_mean(value: str, choices: Any) -> str:
+def did_you_mean(value: str, choices: Any) -> str:
     close = difflib.get_close_matches(value, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def recipes_dir() -> Path:
-    """Built-in recipes: shipped in the wheel as mergecli/_recipes, or recipes/ in a checkout."""
-    here = Path(__file__).resolve().parent
-    return next((p for p in (here / "_recipes", here.parent / "recipes") if p.is_dir()), here / "_recipes")
-
-
-# -- loading ---------------------------------------------------------------------------------
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                mark = key_node.start_mark
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (line {mark.line + 1})", mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML text -> data, every problem one RecipeError naming the source (and line)."""
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{source}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
-    except RecursionError:
-        raise RecipeError(f"{source}: nested too deeply to be a recipe") from None
-
-
-def read_yaml_file(path: Path, what: str = "recipe") -> Any:
-    """A small YAML file's data: missing, oversized, unreadable or malformed files are RecipeErrors."""
-    try:
-        if path.is_dir():
-            raise RecipeError(f"{path} is a folder, not a {what} file")
-        if not path.is_file():
-            raise RecipeError(f"{what} not found: {path}", "list built-in recipes with `mergecli recipes ls`")
-        size = path.stat().st_size
-        if size > MAX_RECIPE_BYTES:
-            raise RecipeError(f"{path}: {size / 2**20:.1f} MiB is too large for a {what} "
-                              f"(limit {MAX_RECIPE_BYTES // 2**20} MiB)")
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read {what} {path}: {exc}") from None
-    return parse_yaml(text, str(path))
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True,
-                log: Callable[[str], None] | None = None) -> Recipe:
-    """Read, override and validate a recipe file; every problem becomes one RecipeError.
-
-    A mergekit config (`merge_method:`) is translated first (`mergekit_config`); `log` gets the
-    translation's notes (what was dropped or defaulted, and why)."""
-    from .mergekit_config import import_config, is_mergekit_config
-
-    path = Path(path)
-    data = read_yaml_file(path)
-    if is_mergekit_config(data):
-        translation = import_config(path, data=data)
-        for note in translation.notes:
-            (log or (lambda _: None))(note)
-        data = translation.recipe
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping (base, models, merges, ...)")
-    for override in overrides or []:
-        apply_override(data, override)
-    return validate_recipe(data, _absolute(path).parent, check_paths=check_paths, source=str(path),
-                           path=_absolute(path))
-
-
-def validate_recipe(data: dict[str, Any], root: Path, check_paths: bool = True, source: str = "recipe",
-                    path: Path | None = None) -> Recipe:
-    try:
-        recipe = Recipe.model_validate({**data, "root": root, "path": path})
-    except ValidationError as exc:
-        raise RecipeError(f"{source}: {_first_problem(exc)}") from None
-    if check_paths:
-        _check_paths(recipe)
-    return recipe
-
-
-def _first_problem(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    loc = [str(p) for p in error["loc"] if str(p) not in ("str", "VariantModel") and not str(p).startswith("function-")]
-    where = ".".join(loc)
-    msg = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        names = [f.alias or n for n, f in _schema_at(loc[:-1]).model_fields.items() if not f.exclude]
-        return f"{where}: unknown field{_did_you_mean(loc[-1], names)}"
-    if error["type"] == "missing":
-        return f"{where}: required field is missing"
-    if error["type"] == "string_pattern_mismatch":
-        return f"{where}: {error.get('input')!r} is not a usable name ({NAME_RULE})"
-    named = re.match(r"^([\w.]+): (.*)$", msg, re.DOTALL)
-    if named:  # a validator that names its own field, relative to where it ran
-        return f"{where + '.' if where else ''}{named.group(1)}: {named.group(2)}"
-    extra = len(exc.errors()) - 1
-    return f"{where}: {msg}" + (f" (and {extra} more problem{'s' * (extra > 1)})" if extra else "")
-
-
-def _schema_at(loc: list[str]) -> type[BaseModel]:
-    """The schema class of the recipe part at `loc` (list indexes and mapping keys skipped), read
-    off the field annotations: no hand-kept map of field names to classes."""
-    import typing
-
-    model: type[BaseModel] = Recipe
-    for part in loc:
-        field = model.model_fields.get(part)
-        if field is None:
-            continue
-        todo, found = [field.annotation], None
-        while todo and found is None:
-            kind = todo.pop()
-            if isinstance(kind, type) and issubclass(kind, BaseModel):
-                found = kind
-            todo += typing.get_args(kind)
-        model = found or model
-    return model
-
-
-def _check_paths(recipe: Recipe) -> None:
-    refs = [("base", recipe.base)] + [(f"models.{i}.model", m.model) for i, m in enumerate(recipe.models)]
-    for field, ref in refs:
-        try:
-            resolved = resolve_reference(ref, recipe.root)
-        except ValueError as exc:
-            raise RecipeError(f"{field}: {exc}") from None
-        if isinstance(resolved, Path) and not resolved.exists():
-            raise RecipeError(f"{field}: path does not exist: {resolved}",
-                              "paths are relative to the recipe file; a hub id looks like org/name[@revision]")
-
-
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply `a.b.0.c=value` (YAML value) to the raw recipe.
-
-    A list element can be named by index or by its `name` (`merges.ties.density=0.3`); a bare
-    parameter of a merge method (`density=0.3`) applies to every variant whose method takes it.
-    """
-    if "=" not in override:
-        raise RecipeError(f"override {override!r} is not key=value", "e.g. merges.0.density=0.3")
-    key, _, raw = override.partition("=")
-    value = parse_yaml(raw, f"override {key!r}") if raw else None
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise RecipeError(f"override {override!r}: empty key component", "e.g. merges.0.density=0.3")
-    if len(parts) == 1 and parts[0] not in Recipe.model_fields:
-        takers = [m for m in data.get("merges") or [] if isinstance(m, dict) and _takes(m.get("method"), parts[0])]
-        if takers:
-            for merge in takers:
-                merge[parts[0]] = value
-            return
-    node: Any = data
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            index = _list_index(node, part, key)
-            if last:
-                node[index] = value
-            node = node[index]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
-        else:
-            raise RecipeError(f"override {key!r}: {'.'.join(parts[:i])} is not a mapping or list")
-
-
-def _takes(method: Any, param: str) -> bool:
-    spec = catalog().get(method) if isinstance(method, str) else None
-    return param in MergeSpec.model_fields or (spec is not None and spec.param(param) is not None)
-
-
-def _list_index(node: list[Any], part: str, key: str) -> int:
-    if part.isdigit():
-        if int(part) >= len(node):
-            raise RecipeError(f"override {key!r}: index {part} out of range (list has {len(node)} items)")
-        return int(part)
-    for index, item in enumerate(node):
-        if isinstance(item, dict) and (item.get("name") or default_model_name(str(item.get("model", "")))) == part:
-            return index
-    raise RecipeError(f"override {key!r}: no item named {part!r}")

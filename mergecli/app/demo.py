@@ -21,16 +21,16 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .display import size_text
-from .errors import MergeCliError
-from .fsutil import building, is_owned, publish
+from ..errors import MergeCliError
+from ..fsutil import building, cache_root, is_owned, publish, size_text
+from ..models.reference import resolve_model
+from ..progress import Reporter
+from ..quality.report import Evaluated
+from ..recipe.load import load_recipe, recipes_dir
+from ..recipe.schema import Recipe
+from ..stages import evaluate
+from ..stages.base import Context
 from .finetune import TrainSettings, train
-from .models.gguf import cache_root
-from .models.reference import resolve_model
-from .progress import Reporter
-from .recipe import Recipe, load_recipe, recipes_dir
-from .stages.base import Context
-from .stages.evaluate import Evaluated
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +84,7 @@ def make_base(dequantized: Path, out: Path, stamp: dict, recipe: Recipe, reporte
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .models.loading import load_tokenizer
+    from ..models.loading import load_tokenizer
 
     def build(tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(dequantized, dtype=torch.float32, trust_remote_code=False)
@@ -105,7 +105,7 @@ def disk_estimate(model: "torch.nn.Module", recipe: Recipe) -> dict[str, int]:
     same input, per fine-tune), merged (each variant at 2 bytes a parameter)."""
     import torch
 
-    from .collect import find_groups, linear_modules
+    from ..engine.collect import find_groups, linear_modules
 
     params = sum(p.numel() for p in model.parameters())
     layers = linear_modules(model)  # what the LoRA fine-tunes adapt (finetune.LORA_TARGETS): every linear layer
@@ -126,9 +126,9 @@ def make_fine_tunes(base: Path, base_stamp: dict, workdir: Path, reporter: Repor
 
 
 def _fine_tune(base: Path, data: str, settings: TrainSettings, reporter: Reporter, name: str, out: Path) -> None:
-    from .calibration import load_texts
-    from .models.loading import load_tokenizer
-    from .recipe import DatasetSpec
+    from ..engine.calibration import load_texts
+    from ..models.loading import load_tokenizer
+    from ..recipe.schema import DatasetSpec
 
     texts = load_texts(DatasetSpec(path=str(data_dir() / data)), data_dir(), load_tokenizer(base))
     losses = train(base, texts, out, settings, reporter, name)
@@ -158,7 +158,7 @@ def _made_here(folder: Path) -> bool:
 
 def run_demo(workdir: Path, reporter: Reporter, device: str = "cpu", wait: bool = True,
              overrides: list[str] | None = None) -> tuple[Recipe, list[Evaluated]]:
-    from .models.loading import quiet_libraries
+    from ..models.quiet import quiet_libraries
 
     quiet_libraries()
     workdir = workdir.resolve()
@@ -176,4 +176,4 @@ def run_demo(workdir: Path, reporter: Reporter, device: str = "cpu", wait: bool 
               load_recipe(recipe_path, overrides, check_paths=False), reporter)
     make_fine_tunes(workdir / "models" / "base", base_stamp, workdir, reporter)
     recipe = load_recipe(recipe_path, overrides)
-    return recipe, Context(recipe, reporter, device, wait).need("eval")
+    return recipe, Context(recipe, reporter, device, wait).need(evaluate.STAGE)

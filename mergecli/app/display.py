@@ -12,7 +12,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-from .report import numeric_columns
+from ..quality.report import numeric_columns
 
 
 class RichReporter:
@@ -88,12 +88,3 @@ def _header(name: str, widest: int) -> str:
 
 def _width(renderable: RenderableType) -> int:
     return Console(width=10_000).measure(renderable).maximum
-
-
-def size_text(n: float) -> str:
-    """Bytes as people read them: 512 B, 1.5 KiB, 3.2 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)

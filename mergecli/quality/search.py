@@ -27,12 +27,12 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .gain import mean_gain, mean_nll
-from .methods.coefficients import golden_max
+from ..methods.coefficients import golden_max
 
 if TYPE_CHECKING:
-    from .recipe import MergeSpec
-    from .stages.base import Context
-    from .stages.hessian import HessianSet
+    from ..recipe.schema import MergeSpec
+    from ..stages.base import Context
+    from ..engine.hessian_set import HessianSet
 
 SAMPLES = 16
 BRACKET = (0.0, 2.0)
@@ -63,11 +63,11 @@ def key_of(ctx: "Context", merge: "MergeSpec") -> dict[str, Any] | None:
     calibration text of each merged fine-tune, the calibration settings and this search's own."""
     if not merge.searched:
         return None
-    from .calibration import DRAW
-    from .data import fingerprint
+    from ..engine.calibration import DRAW
+    from ..recipe.datasets import fingerprint
     from .learn import settings
-    from .methods.table import LEARNED
-    from .recipe import key_view
+    from ..methods.table import LEARNED
+    from ..recipe.schema import key_view
 
     own = (settings(ctx) if merge.params.get("lambda") == LEARNED
            else {"bracket": list(BRACKET), "tolerance": TOLERANCE, "evaluations": EVALUATIONS})
@@ -102,7 +102,7 @@ class Scoring:
         return list(self.reference)
 
     def losses(self) -> dict[str, list[tuple[float, int]]]:
-        from .perplexity import window_nlls
+        from ..engine.perplexity import window_nlls
 
         return {n: window_nlls(self.model, self.windows[n], self.batch_size, self.device) for n in self.domains}
 
@@ -125,10 +125,10 @@ def scoring(ctx: "Context", merge: "MergeSpec", what: str, samples: tuple[int, .
     (`calibration.seed + 1`, `+ 2`, ...) per entry of `samples`, of that many windows per fine-tune
     (at most `calibration.samples`), sharing one loaded base. `what` names the choice in the error
     raised when no fine-tune beats the base on its own (first) set of windows."""
-    from .calibration import draw_windows, load_texts
-    from .data import describe_spec
-    from .models.loading import load_causal_lm, load_tokenizer
-    from .perplexity import window_nlls
+    from ..engine.calibration import draw_windows, load_texts
+    from ..recipe.datasets import describe_spec
+    from ..models.loading import load_causal_lm, load_tokenizer
+    from ..engine.perplexity import window_nlls
 
     cal = ctx.recipe.calibration
     device = ctx.torch_device
@@ -148,7 +148,7 @@ def scoring(ctx: "Context", merge: "MergeSpec", what: str, samples: tuple[int, .
     base = [{n: window_nlls(model, w, cal.batch_size, device) for n, w in drawn.items()} for drawn in windows]
     domains = [n for n in windows[0] if mean_nll(own[0][n]) < mean_nll(base[0][n])]
     if not domains:
-        from .errors import MergeCliError
+        from ..errors import MergeCliError
 
         raise MergeCliError(f"merge {merge.name}: {what} needs a fine-tune that beats the base on its own "
                             "calibration text, and none does", "set lambda to a number")
@@ -163,7 +163,7 @@ def placed(merge: "MergeSpec", what: str, names: Iterable[str], model: Any) -> d
     names = list(names)
     unknown = [name for name in names if name not in state]
     if unknown:
-        from .errors import MergeCliError
+        from ..errors import MergeCliError
 
         raise MergeCliError(f"merge {merge.name}: {what} cannot place tensor {unknown[0]} of the checkpoint in "
                             "the loaded model", "set lambda to a number")
@@ -210,10 +210,10 @@ def merged_delta(ctx: "Context", merge: "MergeSpec", vectors: list, hessians: li
     checkpoint's names with their prefix); `scales` as `merging.VariantPlan`'s."""
     import torch
 
-    from .hessians import HessianReader
-    from .merging import VariantPlan, merged_tensors, output_infos
-    from .methods.settings import settings_of
-    from .models.safetensors_io import Checkpoint
+    from ..engine.hessians import HessianReader
+    from ..engine.writer import VariantPlan, merged_tensors, output_infos
+    from ..methods.settings import settings_of
+    from ..models.safetensors_io import Checkpoint
 
     device = ctx.torch_device
     plan = VariantPlan(settings_of(merge, ctx.recipe.models_of(merge)), vectors,
