@@ -138,6 +138,19 @@ class Group:
             dist.reduce(wide, dst=0)
         return wide.to(tensor.device, tensor.dtype) if self.main else tensor
 
+    def all_sum(self, tensor: "torch.Tensor") -> "torch.Tensor":
+        """The sum over ranks of each rank's `tensor`, on every rank (small tensors: gradients of a
+        few scales), added in fp64 like `reduce_sum`."""
+        if not self.launched:
+            return tensor
+        import torch
+        import torch.distributed as dist
+
+        wide = tensor.to(self._device, torch.float64)
+        with self._collective("adding up the ranks' results"):
+            dist.all_reduce(wide)
+        return wide.to(tensor.device, tensor.dtype)
+
     @property
     def _device(self) -> str:
         return f"cuda:{self.local_rank}" if self.backend == "nccl" else "cpu"

@@ -28,7 +28,7 @@ from mergecli.app.cli import app
 from mergecli.distributed import Group, PeerFailed, SharedProgress
 from mergecli.models.safetensors_io import ShardedWriter, TensorInfo
 from mergecli.progress import SILENT
-from mergecli.stages.merge import read_stamp, stamp_problem
+from mergecli.store.outputs import read_stamp, stamp_problem
 from mergecli.store.workspace import Workspace
 
 runner = CliRunner()

@@ -76,3 +76,19 @@ Base model: `{base}`
 {recipe_yaml.strip()}
 ```
 """
+
+
+def account_lines(account: dict[str, Any], names: bool = True, shown: int = 4) -> list[str]:
+    """What happened to every tensor, in words: merged, copied from the base (and why), fine-tunes'
+    buffers not written or lacked (`writer.account_of`)."""
+    def listed(items: list[str]) -> str:
+        more = f", +{len(items) - shown} more" if len(items) > shown else ""
+        return f" ({', '.join(items[:shown])}{more})" if names else ""
+
+    lines = [f"{account.get('merged', 0)} merged"]
+    lines += [f"{len(items)} copied from the base: {why}{listed(items)}" for why, items in account.get("copied", {}).items()]
+    lines += [f"{len(items)} buffers of {model} skipped (not weights; the base has none){listed(items)}"
+              for model, items in account.get("skipped_buffers", {}).items()]
+    lines += [f"{model} lacks {len(items)} buffers of the base (copied from the base){listed(items)}"
+              for model, items in account.get("lacking_buffers", {}).items()]
+    return lines

@@ -33,14 +33,15 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+import time
+from typing import Callable, Iterable, Mapping
 
 import torch
 
-if TYPE_CHECKING:
-    from .writer import VariantPlan, Written
-    from ..models.architecture import Architecture
-    from ..progress import Reporter
+from ..models.architecture import Architecture
+from ..models.safetensors_io import Checkpoint
+from ..progress import Reporter
+from .writer import Tally, VariantPlan, Written, output_infos, stream
 
 PREFIX = "base_model.model."
 KINDS = ("linear", "conv1d", "embedding")
@@ -184,35 +185,23 @@ def base_kinds(base: Path) -> dict[str, str]:
     return module_kinds(model)
 
 
-def write_merged_adapter(folder: Path, plan: "VariantPlan", base: Path, base_model: str, arch: "Architecture",
-                         device: torch.device, workers: int, reporter: "Reporter", label: str, rank: int,
-                         dtype: torch.dtype) -> tuple["Written", dict[str, ModuleReport]]:
+def write_merged_adapter(folder: Path, plan: VariantPlan, base: Path, base_model: str, arch: Architecture,
+                         device: torch.device, workers: int, reporter: Reporter, label: str, rank: int,
+                         dtype: torch.dtype) -> tuple[Written, dict[str, ModuleReport]]:
     """A merge variant written as an adapter of `base_model` (the base at `base`): each tensor is
     merged in fp32 by the merge engine (`plan.dtype` must be float32), its change from the base
     factored as it comes, the factors written in `dtype`."""
-    import time
-
-    from .writer import Written, account_of, merged_tensors, output_infos
-    from ..models.safetensors_io import Checkpoint
-
     start = time.perf_counter()
     kinds = base_kinds(base)
-    totals = {"kept": 0, "offered": 0, "without_stats": 0}
-    how: dict[str, str] = {}
+    tally = Tally()
     with Checkpoint.open(base) as ckpt:
         infos = output_infos(plan, ckpt, arch, {})
         with reporter.track(label, len(infos)) as advance:
             def deltas() -> Iterable[tuple[str, torch.Tensor]]:
-                for info, (tensor, kept, offered, missing, what), first in merged_tensors(plan, ckpt, infos, arch,
-                                                                                           device, workers, label):
+                for info, tensor, first in stream(plan, ckpt, infos, arch, device, workers, label, tally):
                     advance(1)
-                    how[info.name] = what
                     if first and tensor.dtype.is_floating_point:  # a tied alias follows its canonical tensor
-                        totals["kept"] += kept
-                        totals["offered"] += offered
-                        totals["without_stats"] += missing
                         yield info.name, tensor - ckpt.get(info.name).float()
             report = write_adapter(folder, deltas(), kinds, rank, base_model, ckpt.get, dtype)
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
-    return Written(round(time.perf_counter() - start, 3), totals["kept"], totals["offered"], len(infos),
-                   totals["without_stats"], files, account_of(how, plan.vectors)), report
+    return tally.written(time.perf_counter() - start, len(infos), files, plan.vectors), report

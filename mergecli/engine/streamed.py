@@ -77,6 +77,18 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # input ids, attention mask (batch x 
 Call = tuple[tuple, dict, bool]  # a block's arguments after the hidden state, and whether that came first
 
 
+class StoredWeights:
+    """`Weights` read from a checkpoint (`StreamedModel.checkpoint_weights`), with the names of the
+    module-tree tensors it holds."""
+
+    def __init__(self, fetch: Weights, names: frozenset[str]) -> None:
+        self._fetch = fetch
+        self.names = names
+
+    def __call__(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return self._fetch(names)
+
+
 class _Stop(Exception):
     """Ends the model's own forward at the last block (what follows needs the stack's output), or
     as soon as a stub finds the hidden state was not handed on as it guessed (`_prologue`)."""
@@ -167,12 +179,16 @@ class StreamedModel:
 
     # -- weights --------------------------------------------------------------------------------
 
-    def checkpoint_weights(self, checkpoint: "Checkpoint") -> Weights:
+    def checkpoint_weights(self, checkpoint: "Checkpoint", partial: bool = False,
+                           only: Iterable[str] | None = None) -> "StoredWeights":
         """`weights` read lazily from a checkpoint, by transformers' own loading rules
         (`get_model_conversion_mapping`): stored names renamed to the module tree (GPT-2's legacy
         `h.0...` gets its base-model prefix, GPT-NeoX's `embed_out` is `lm_head`), and tensors that
         are converted on load assembled by the same converters from the stored tensors of the block
-        asked for (a mixture of experts' one tensor per expert -> one fused tensor per layer)."""
+        asked for (a mixture of experts' one tensor per expert -> one fused tensor per layer).
+        `partial`: the checkpoint holds some of the model's tensors (a merge's change where it
+        changes anything): the others are left out of the answer instead of refused; `only`: of
+        the stored tensors, read these (by stored name) and no others."""
         from copy import deepcopy
 
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -185,7 +201,8 @@ class StreamedModel:
         converter_of = {pattern: c for c in converters for pattern in c.source_patterns}
         known = dict.fromkeys(self.canonical, True)
         sources: dict[str, list[tuple[str, str | None]]] = {}  # module name -> stored names, converter pattern
-        for stored in sorted(checkpoint.names(), key=dot_natural_key):  # the order transformers adds them in
+        chosen = checkpoint.names() if only is None else [n for n in checkpoint.names() if n in set(only)]
+        for stored in sorted(chosen, key=dot_natural_key):  # the order transformers adds them in
             name, pattern = rename_source_key(stored, renamings, converters, self.model.base_model_prefix, known)
             if name in self.canonical:
                 sources.setdefault(self.canonical[name], []).append((stored, pattern))
@@ -205,11 +222,11 @@ class StreamedModel:
                 for target, value in converter.convert(name, model=self.model, config=self.model.config).items():
                     found[self.canonical.get(target, target)] = value[0] if isinstance(value, list) else value
             missing = [n for n in names if n not in found]
-            if missing:
+            if missing and not partial:
                 raise MergeCliError(f"{checkpoint.folder}: no stored tensor for {missing[0]}"
                                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-            return {n: found[n] for n in names}
-        return weights
+            return {n: found[n] for n in names if n in found}
+        return StoredWeights(weights, frozenset(sources))
 
     def _put(self, name: str, value: torch.Tensor) -> None:
         for module, attr in self._slots[name]:

@@ -15,7 +15,7 @@ import shutil
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -28,7 +28,7 @@ from ..methods.pipeline import NonFiniteTaskVector, OutOfRange, fit, merge_tenso
 from ..methods.settings import VariantSettings
 from ..methods.table import Unbounded
 from ..models.architecture import Architecture
-from ..models.safetensors_io import Checkpoint, ShardedWriter, TensorInfo
+from ..models.safetensors_io import Checkpoint, ShardedWriter, StreamingWriter, TensorInfo
 from ..progress import Reporter
 from .taskvectors import TaskVector
 
@@ -70,6 +70,44 @@ class Written:
         return self.kept / self.offered if self.offered else 0.0
 
 
+MERGED = "merged"
+BUFFER = "a buffer, not a weight"
+INTEGER = "an integer tensor, equal in every fine-tune"
+UNCHANGED = "no fine-tune changes it"
+
+
+@dataclass
+class Tally:
+    """What the tensors one process merged add up to: entries kept and offered (a tied pair counted
+    once), tensors merged without statistics, and what happened to each output tensor."""
+
+    kept: int = 0
+    offered: int = 0
+    without_stats: int = 0
+    how: dict[str, str] = field(default_factory=dict)
+
+    def written(self, seconds: float, tensors: int, files: list[str], vectors: Sequence[TaskVector],
+                group: Group = SINGLE) -> Written:
+        """The result of every process's tallies (collective under torchrun)."""
+        kept, offered, without_stats = map(sum, zip(*group.gather((self.kept, self.offered, self.without_stats))))
+        how = {name: what for part in group.gather(self.how) for name, what in part.items()}
+        return Written(round(seconds, 3), kept, offered, tensors, without_stats, files, account_of(how, vectors))
+
+
+def stream(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo], arch: Architecture, device: torch.device,
+           workers: int, label: str, tally: Tally, extra: dict[str, tuple[int, int]] | None = None
+           ) -> Iterator[tuple[TensorInfo, torch.Tensor, bool]]:
+    """The skeleton every writer of a merge shares: each output tensor of `infos` merged, in order,
+    as (info, tensor, first time for its tied group), counted into `tally` on the way."""
+    for info, (tensor, k, n, missing, what), first in merged_tensors(plan, ckpt, infos, arch, device, workers, label,
+                                                                    extra):
+        if first:  # a tied pair is merged once: count it once
+            tally.kept, tally.offered = tally.kept + k, tally.offered + n
+            tally.without_stats += missing
+        tally.how[info.name] = what
+        yield info, tensor, first
+
+
 def write_variant(folder: Path, plan: VariantPlan, base: Path, arch: Architecture, sources: Sequence[Path],
                   device: torch.device, workers: int, reporter: Reporter, label: str, group: Group = SINGLE) -> Written:
     """Compute every tensor of the variant into `folder` (weights, config, tokenizer files).
@@ -77,8 +115,7 @@ def write_variant(folder: Path, plan: VariantPlan, base: Path, arch: Architectur
     With several processes (`group`), each computes and writes the tensors it owns (balanced by
     bytes; a tied pair stays together); once all are done, rank 0 writes the other files."""
     start = time.perf_counter()
-    kept = offered = without_stats = 0
-    how: dict[str, str] = {}
+    tally = Tally()
     with Checkpoint.open(base) as ckpt:
         extra = _extra_rows(plan.vectors) if plan.extra_tokens == "union" else {}
         infos = output_infos(plan, ckpt, arch, extra)
@@ -87,27 +124,46 @@ def write_variant(folder: Path, plan: VariantPlan, base: Path, arch: Architectur
         writer = ShardedWriter(folder, infos, plan.shard_bytes, owners=[owner[arch.canonical(i.name)] for i in infos],
                                rank=group.rank)
         with writer, reporter.track(label, len(infos)) as advance:
-            for info, (tensor, k, n, missing, what), first in merged_tensors(plan, ckpt, list(writer.order), arch,
-                                                                            device, workers, label, extra):
-                if first:  # a tied pair is merged once: count it once
-                    kept, offered, without_stats = kept + k, offered + n, without_stats + missing
+            for info, tensor, _ in stream(plan, ckpt, list(writer.order), arch, device, workers, label, tally, extra):
                 writer.write(info.name, tensor)
-                how[info.name] = what
                 advance(1)
-    kept, offered, without_stats = map(sum, zip(*group.gather((kept, offered, without_stats))))
-    how = {name: what for part in group.gather(how) for name, what in part.items()}
+    written = tally.written(time.perf_counter() - start, len(infos), writer.all_files, plan.vectors, group)
     if group.main:
         copy_side_files(base, folder, None if plan.dtype is None else str(plan.dtype).removeprefix("torch."))
         if extra:
             adopt_vocabulary(folder, extra, sources, infos, arch)
-    return Written(round(time.perf_counter() - start, 3), kept, offered, len(infos), without_stats,
-                   writer.all_files, account_of(how, plan.vectors))
+    return written
 
 
-MERGED = "merged"
-BUFFER = "a buffer, not a weight"
-INTEGER = "an integer tensor, equal in every fine-tune"
-UNCHANGED = "no fine-tune changes it"
+def write_parts(folder: Path, plan: VariantPlan, base: Path, arch: Architecture,
+                parts: Sequence[Sequence[float] | None], device: torch.device, workers: int, reporter: Reporter,
+                label: str) -> None:
+    """The merges a scale is chosen over, as their change from the base, into `folder/part-<i>/`:
+    the merge with `plan.scales` = `parts[i]` for every tensor (None: the variant's own), in fp32,
+    under the base's stored names, every tensor some task vector has, each written as it is merged
+    (one tensor in memory at a time); `changed.json` lists those the part does change. Read back
+    block by block (`engine.streamed`), they are what `lambda: auto` and `lambda: learned` scale."""
+    with Checkpoint.open(base) as ckpt:
+        merged = {n for v in plan.vectors for n in v.names()}
+        infos: dict[str, TensorInfo] = {}  # canonical name -> the first stored tensor of it (a tied pair once)
+        for info in output_infos(plan, ckpt, arch, {}):
+            if info.dtype.is_floating_point and arch.canonical(info.name) in merged:
+                infos.setdefault(arch.canonical(info.name), TensorInfo(info.name, info.shape, torch.float32))
+        for index, scales in enumerate(parts):
+            one = replace(plan, dtype=torch.float32, extra_tokens="base",
+                          scales=None if scales is None else (lambda _, s=scales: s))
+            out = folder / f"part-{index}"
+            out.mkdir()
+            changed = []
+            with StreamingWriter(out / "model.safetensors", list(infos.values()), {"part": str(index)}) as writer, \
+                    reporter.track(f"{label}: part {index + 1} of {len(parts)}", len(infos)) as advance:
+                for info, tensor, _ in stream(one, ckpt, list(infos.values()), arch, device, workers, label, Tally()):
+                    delta = tensor.sub_(ckpt.get(info.name).to(torch.float32))
+                    if bool(delta.any()):
+                        changed.append(info.name)
+                    writer.write(info.name, delta)
+                    advance(1)
+            (out / "changed.json").write_text(json.dumps(changed))
 
 
 def account_of(how: dict[str, str], vectors: Sequence[TaskVector]) -> dict:

@@ -208,6 +208,12 @@ class MergeSpec(BaseModel):
                 return dict(entry.__pydantic_extra__ or {})
         return {}
 
+    def with_param(self, name: str, value: Any) -> "MergeSpec":
+        """A copy of the variant with one parameter set (the scale a choice settled on)."""
+        copy = self.model_copy(deep=True)
+        copy.__pydantic_extra__[name] = value
+        return copy
+
     @property
     def searched(self) -> list[str]:
         """Parameters set to `auto` or `learned`: chosen by the merge on the fine-tunes' calibration

@@ -23,20 +23,25 @@ from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
-from ..version import __version__
-from ..store.artifacts import ArtifactSpec
+from ..engine.card import account_lines, model_card, setting_text
 from ..errors import MergeCliError, RecipeError, WorkspaceBusyError
-from ..fsutil import OWNER_MARKER, building, file_record, is_owned, leftovers, locked, publish, record_problem
-from ..methods.table import LEARNED
+from ..fsutil import OWNER_MARKER, building, file_record, leftovers, locked, publish
+from ..methods.settings import settings_of
+from ..quality.choosers import chooser_for
+from ..quality.scales import Choice, Chooser, group_of, part_scales
+from ..recipe.datasets import fingerprint
 from ..recipe.schema import MergeSpec, Recipe, key_view
+from ..store.artifacts import ArtifactSpec
+from ..store.outputs import ROLE, STAMP, check_replaceable, clear_for, ours, read_stamp, stamp_problem
+from ..version import __version__
 from . import hessian, taskvec
 from .base import Context, Option, Stage, View
 
 if TYPE_CHECKING:
     from ..engine.hessian_set import HessianSet
-
-STAMP = "mergecli.json"
-ROLE = "merged model"  # the marker inside every output folder
+    from ..engine.taskvectors import TaskVector
+    from ..engine.writer import VariantPlan, Written
+    from ..quality.scales import Setting
 
 
 class MergedModelSpec(ArtifactSpec):
@@ -46,6 +51,17 @@ class MergedModelSpec(ArtifactSpec):
     inputs: tuple[dict[str, Any], ...]
     variant: dict[str, Any]
     recipe: dict[str, Any]
+
+
+class PartsSpec(ArtifactSpec):
+    """The merges a scale is chosen over (`lambda: auto`, `learned`): the variant at lambda 1, whole
+    or one fine-tune's part at a time (`parts`), as changes from the base (`writer.write_parts`)."""
+
+    kind = "parts"
+    base: str
+    inputs: tuple[dict[str, Any], ...]
+    variant: dict[str, Any]
+    parts: tuple[tuple[float, ...] | None, ...]
 
 
 @dataclass
@@ -72,15 +88,47 @@ class MergeResult:
 
 
 def spec_of(ctx: Context, merge: MergeSpec) -> MergedModelSpec:
-    inputs = tuple({"entry": key_view(m, exclude={"dataset"}), "taskvec": taskvec.spec_of(ctx, m).key(),
-                    "hessian": hessian.spec_of(ctx, m).key() if merge.needs_stats else None}
-                   for m in ctx.recipe.models_of(merge))
-    from ..quality.search import key_of
-
-    search = key_of(ctx, merge)  # lambda: auto also depends on the calibration text and settings
-    return MergedModelSpec(base=ctx.base.fingerprint, inputs=inputs,
+    search = chooser_for(merge.params.get("lambda")).key(*choice_inputs(ctx, merge))
+    return MergedModelSpec(base=ctx.base.fingerprint, inputs=_inputs(ctx, merge),
                            variant={**key_view(merge), **({"search": search} if search else {})},
                            recipe=key_view(ctx.recipe, exclude={"models", "merges", "calibration", "evaluation"}))
+
+
+def _inputs(ctx: Context, merge: MergeSpec) -> tuple[dict[str, Any], ...]:
+    """Each merged model's recipe entry with the keys of its task vector and, when the method or
+    score uses them, its Hessians."""
+    return tuple({"entry": key_view(m, exclude={"dataset"}), "taskvec": taskvec.spec_of(ctx, m).key(),
+                  "hessian": hessian.spec_of(ctx, m).key() if merge.needs_stats else None}
+                 for m in ctx.recipe.models_of(merge))
+
+
+def choice_inputs(ctx: Context, merge: MergeSpec) -> tuple[Any, dict[str, Any], Any]:
+    """What a scale choice may depend on beyond the variant (`Chooser.key`): the merged fine-tunes'
+    calibration text, the calibration settings and calibration.general, each fingerprinted only
+    when the chooser asks (hashing text files costs time; a fixed lambda reads none)."""
+    def datasets() -> list[dict[str, Any]]:
+        return [fingerprint(m.dataset, ctx.recipe.root).model_dump(mode="json")
+                for m in ctx.recipe.models_of(merge) if m.dataset is not None]
+
+    def general() -> dict[str, Any] | None:
+        spec = ctx.recipe.calibration.general
+        if spec is None:
+            return None
+        try:
+            return fingerprint(spec, ctx.recipe.root).model_dump(mode="json")
+        except MergeCliError as exc:  # before any scale is chosen, naming the field
+            raise MergeCliError(f"calibration.general: {exc.message}", exc.hint) from None
+
+    return datasets, key_view(ctx.recipe.calibration, exclude={"general"}), general
+
+
+def parts_spec(ctx: Context, merge: MergeSpec, chooser: Chooser) -> PartsSpec | None:
+    scales = part_scales(chooser, len(ctx.recipe.models_of(merge)))
+    if not scales:
+        return None
+    return PartsSpec(base=ctx.base.fingerprint, inputs=_inputs(ctx, merge),
+                     variant=key_view(merge.with_param("lambda", 1.0)),
+                     parts=tuple(None if s is None else tuple(s) for s in scales))
 
 
 def run(ctx: Context, only: list[str] | None = None, overwrite: bool = False, workers: int = 2) -> list[MergeResult]:
@@ -115,8 +163,7 @@ def run(ctx: Context, only: list[str] | None = None, overwrite: bool = False, wo
 def check_settings(ctx: Context, variants: list[MergeSpec]) -> None:
     """A variant whose parameters or weights vary per tensor is checked on every tensor of the base
     before any work (the recipe could only check one-value settings)."""
-    from ..methods.settings import settings_of
-    from ..models.safetensors_io import Checkpoint
+    from ..models.safetensors_io import Checkpoint  # start-up time (torch)
 
     for merge in variants:
         settings = settings_of(merge, ctx.recipe.models_of(merge))
@@ -162,155 +209,159 @@ def _reusable(ctx: Context, merge: MergeSpec, out: Path, key: str, overwrite: bo
             ctx.reporter.log(f"merge [bold]{merge.name}[/]: reused {out}")
             return MergeResult(**{**stamp["result"], "path": out, "reused": True})
         ctx.reporter.log(f"[yellow]merge {merge.name}: {out} is damaged ({problem}); rebuilding[/]")
-    _clear_for(out, stamp)
+    clear_for(out, stamp)
     return None
 
 
-def _build(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["HessianSet"] | None, workers: int,
-           spec: MergedModelSpec, out: Path) -> MergeResult:
-    import torch
-
-    from ..engine.hessians import HessianReader
-    from ..engine.lora_out import write_merged_adapter
-    from ..engine.writer import VariantPlan, write_variant
-    from ..methods.settings import settings_of
-
-    recipe = ctx.recipe
-    models = recipe.models_of(merge)
-    lora = merge.output == "lora"
-    dtype = getattr(torch, merge.dtype) if merge.dtype else None
-    search = None
-    built = merge
-    scales = None
-    if merge.params.get("lambda") == LEARNED:
-        from ..quality.learn import learn_scales
-        from ..quality.search import with_param
-
-        # under torchrun rank 0 learns and sends the scales, so every process builds the same merge
-        search = ctx.dist.decide(lambda: learn_scales(ctx, merge, vectors, hessians, workers))
-        ctx.reporter.log(f"merge [bold]{merge.name}[/]: scales per layer module and fine-tune learned on "
-                         f"calibration windows (the merge keeps {100 * search.score:.1f}% of the gain on the "
-                         f"selection windows; {100 * search.start:.1f}% at scale 1; on {escape(search.held_to)} "
-                         f"{search.forgetting[search.kept]:+.4f} NLL from scale 1)")
-        built = with_param(merge, "lambda", 1.0)
-        scales = search.scales_of(ctx.arch)
-    elif merge.searched:
-        from ..quality.search import choose_lambda, with_param
-
-        # under torchrun rank 0 searches and sends its choice, so every process builds the same merge
-        search = ctx.dist.decide(lambda: choose_lambda(ctx, merge, vectors, hessians, workers))
-        ctx.reporter.log(f"merge [bold]{merge.name}[/]: lambda {search.chosen:.3f} chosen on calibration windows "
-                         f"(keeps {100 * search.score:.1f}% of the gain there)")
-        built = with_param(merge, "lambda", search.chosen)
-    plan = VariantPlan(
-        settings=settings_of(built, models), vectors=vectors,
-        readers=[HessianReader(h.artifact.path, merge.params.get("damp", 0.01), ctx.torch_device) for h in hessians]
-        if hessians else None,
-        dtype=torch.float32 if lora else dtype, clamp=merge.overflow == "clamp",
-        extra_tokens=recipe.extra_tokens, shard_bytes=recipe.shard_bytes, scales=scales)
-    label = f"merge {merge.name}"
-    adapter = None
+def _build(ctx: Context, merge: MergeSpec, vectors: list["TaskVector"], hessians: list["HessianSet"] | None,
+           workers: int, spec: MergedModelSpec, out: Path) -> MergeResult:
+    """Choose the scale (if the recipe asks), write the variant into a temporary folder, stamp it
+    and rename it into place (rank 0; under torchrun every rank writes its share of the tensors)."""
+    chooser = chooser_for(merge.params.get("lambda"))
+    choice = _choose(ctx, merge, chooser, vectors, hessians, workers)
+    plan = _plan(ctx, merge, vectors, hessians, choice)
     result = None
     with ctx.dist.lead(lambda: building(out, ROLE)) as tmp:  # made by rank 0
-        if not lora:  # every rank computes and writes the shards of its share of the tensors
-            written = write_variant(tmp, plan, ctx.base.path, ctx.arch, [ctx.source(m.model).path for m in models],
-                                    ctx.torch_device, workers, ctx.reporter, label, ctx.dist)
-        elif ctx.dist.main:  # an adapter is factored by rank 0 alone; the others wait for it
-            written, modules = write_merged_adapter(tmp, plan, ctx.base.path, recipe.resolve(recipe.base), ctx.arch,
-                                                    ctx.torch_device, workers, ctx.reporter, label, merge.rank,
-                                                    dtype or torch.float32)
-            adapter = {"rank": merge.rank, "modules": {m: asdict(r) for m, r in modules.items()}}
-            for module, r in modules.items():
-                ctx.reporter.log(f"merge [bold]{merge.name}[/]: {module}: {r.kind}" + (
-                    f" rank {r.rank}, energy kept {r.energy_kept:.4f}" if r.kind != "full" else " (saved whole)"))
-        if ctx.dist.main:  # every rank's shards are complete: write_variant gathered from them
-            for line in account_lines(written.account):
-                ctx.reporter.log(f"merge [bold]{merge.name}[/]: {escape(line)}")
-            if written.without_stats:
-                ctx.reporter.log(f"merge [bold]{merge.name}[/]: {written.without_stats} tensors have no calibration "
-                                 "statistics (no linear layer the hooks saw reads them: embeddings, norms, biases, the output layer, "
-                                 "fused MoE experts) and used "
-                                 + ("a weighted mean" if merge.method_spec.needs_stats else "magnitude scores"))
-            seconds = written.seconds + (search.seconds if search else 0.0)
-            result = MergeResult(merge.name, merge.method, merge.params, out, False, seconds,
-                                 written.kept_density, written.tensors, spec.key(), [m.name for m in models],
-                                 merge.output, adapter, search.as_dict() if search else None, written.account)
-            (tmp / "mergecli_recipe.yaml").write_text(recipe.to_yaml())
-            (tmp / "README.md").write_text(card_of(recipe, merge, result))
-            files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != OWNER_MARKER}
-            (tmp / STAMP).write_text(json.dumps({"mergecli": __version__, "kind": f"merged-{merge.output}",
-                                                 "key": spec.key(), "files": files, "result": result.as_dict()},
-                                                indent=1))
-            publish(tmp, out, owned=_ours)
+        written, adapter = _write(ctx, merge, plan, tmp, workers)
+        if ctx.dist.main:  # every rank's shards are complete: the writer gathered from them
+            result = _finish(ctx, merge, chooser, choice, written, adapter, spec, tmp, out)
     return ctx.dist.decide(lambda: result)  # rank 0's (its wall time) on every rank
 
 
-def read_stamp(folder: Path) -> dict | None:
-    """The stamp of a folder mergecli wrote, or None (absent, unreadable, or not ours)."""
-    try:
-        stamp = json.loads((folder / STAMP).read_text())
-    except (OSError, ValueError):
-        return None
-    ok = isinstance(stamp, dict) and isinstance(stamp.get("files"), (dict, list)) and isinstance(stamp.get("result"), dict)
-    return stamp if ok else None
+def _plan(ctx: Context, merge: MergeSpec, vectors: list["TaskVector"], hessians: list["HessianSet"] | None,
+          choice: Choice = Choice()) -> "VariantPlan":
+    """Everything the variant's tensors are computed from, at the chosen scale."""
+    import torch  # start-up time: the CLI builds --help from the stages without torch
+
+    from ..engine.hessians import HessianReader
+    from ..engine.writer import VariantPlan
+
+    built = merge if choice.lam is None else merge.with_param("lambda", choice.lam)
+    scales = None
+    if choice.scales is not None:
+        found, arch = choice.scales, ctx.arch
+
+        def scales(canonical: str):
+            return found.get(group_of(arch, arch.module_of(canonical)))
+    dtype = getattr(torch, merge.dtype) if merge.dtype else None
+    return VariantPlan(
+        settings=settings_of(built, ctx.recipe.models_of(merge)), vectors=vectors,
+        readers=[HessianReader(h.artifact.path, merge.params.get("damp", 0.01), ctx.torch_device) for h in hessians]
+        if hessians else None,
+        dtype=torch.float32 if merge.output == "lora" else dtype, clamp=merge.overflow == "clamp",
+        extra_tokens=ctx.recipe.extra_tokens, shard_bytes=ctx.recipe.shard_bytes, scales=scales)
 
 
-def stamp_problem(folder: Path, stamp: dict) -> str | None:
-    files = stamp["files"]
-    if not isinstance(files, dict):  # stamps of mergecli 0.1 listed names only
-        return "its stamp predates file records"
-    return next((p for p in (record_problem(folder, n, r) for n, r in files.items()) if p), None)
+def _choose(ctx: Context, merge: MergeSpec, chooser: Chooser, vectors: list["TaskVector"],
+            hessians: list["HessianSet"] | None, workers: int) -> Choice:
+    """The chooser's choice, scored on the merges it asks for (stored once in the workspace as
+    parts: every process of a torchrun job scores its share of the windows)."""
+    spec = parts_spec(ctx, merge, chooser)
+    if spec is None:
+        return Choice()
+    from ..engine.writer import write_parts  # start-up time (torch)
+    from ..models.safetensors_io import Checkpoint
+
+    plan = _plan(ctx, merge, vectors, hessians, Choice(lam=1.0))
+    label = f"parts {merge.name}"
+    artifact, _ = ctx.get_or_build(spec, label, lambda folder: write_parts(
+        folder, plan, ctx.base.path, ctx.arch, [None if s is None else list(s) for s in spec.parts], ctx.torch_device,
+        workers, ctx.reporter, label))
+    setting = _setting(ctx, merge, vectors)
+    parts = [setting.runner.checkpoint_weights(Checkpoint.open(artifact.path / f"part-{i}"), partial=True,
+                                               only=json.loads((artifact.path / f"part-{i}" / "changed.json").read_text()))
+             for i in range(len(spec.parts))]
+    choice = chooser.choose(setting, parts)
+    ctx.reporter.log(f"merge [bold]{merge.name}[/]: {escape(chooser.log_line(choice.record or {}))}")
+    return choice
 
 
-def _ours(folder: Path) -> bool:
-    return not folder.is_symlink() and folder.is_dir() and (is_owned(folder, ROLE) or read_stamp(folder) is not None)
+def _setting(ctx: Context, merge: MergeSpec, vectors: list["TaskVector"]) -> "Setting":
+    """What a chooser reads, resolved once: the base's architecture run block by block, the base's
+    weights, each merged fine-tune with its calibration text (a LoRA: the base plus its task
+    vector), calibration.general's text."""
+    from ..engine.calibration import load_texts  # start-up time (torch)
+    from ..engine.streamed import StreamedModel
+    from ..models.loading import load_tokenizer
+    from ..models.safetensors_io import Checkpoint
+    from ..quality.scales import Setting
+    from ..quality.scoring import Domain, plus
+    from ..recipe.datasets import describe_spec
+
+    recipe, cal = ctx.recipe, ctx.recipe.calibration
+    runner = StreamedModel.from_folder(ctx.base.path, device=ctx.torch_device)
+    base = runner.checkpoint_weights(Checkpoint.open(ctx.base.path))
+    tokenizer = load_tokenizer(ctx.base.path)
+    domains = []
+    for model, vector in zip(recipe.models_of(merge), vectors):
+        if model.dataset is None:
+            continue
+        if vector.by_reference:  # a full fine-tune, read as stored
+            weights = runner.checkpoint_weights(Checkpoint.open(ctx.source(model.model).path))
+        else:  # an adapter: the base plus its task vector
+            weights = plus(base, [runner.checkpoint_weights(Checkpoint.open(vector.path), partial=True)],
+                           lambda name, i: 1.0)
+        domains.append(Domain(model.name, weights, load_texts(model.dataset, recipe.root, tokenizer),
+                              f"calibration part of dataset {describe_spec(model.dataset)} ({model.name})"))
+    general = None if cal.general is None else (load_texts(cal.general, recipe.root, tokenizer),
+                                                describe_spec(cal.general))
+    arch = ctx.arch
+    return Setting(merge.name, [m.name for m in recipe.models_of(merge)], runner, base, domains, general, ctx.base,
+                   tokenizer, cal, ctx.torch_device, lambda name: group_of(arch, name), ctx.reporter, ctx.dist)
 
 
-def _clear_for(out: Path, stamp: dict | None) -> None:
-    """Make way for a new version of `out`: nothing there, an empty folder, or a folder of ours that
-    holds only files we wrote (they are replaced when the new one is published)."""
-    check_replaceable(out, stamp)
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        out.rmdir()
+def _write(ctx: Context, merge: MergeSpec, plan: "VariantPlan", tmp: Path, workers: int
+           ) -> tuple["Written | None", dict[str, Any] | None]:
+    """The variant's files: a model (every rank writes the shards of its share of the tensors) or
+    an adapter (factored by rank 0 alone; the others wait for it)."""
+    from ..engine.lora_out import write_merged_adapter  # start-up time (torch)
+    from ..engine.writer import write_variant
+
+    label = f"merge {merge.name}"
+    models = ctx.recipe.models_of(merge)
+    if merge.output != "lora":
+        return write_variant(tmp, plan, ctx.base.path, ctx.arch, [ctx.source(m.model).path for m in models],
+                             ctx.torch_device, workers, ctx.reporter, label, ctx.dist), None
+    if not ctx.dist.main:
+        return None, None
+    import torch
+
+    written, modules = write_merged_adapter(tmp, plan, ctx.base.path, ctx.recipe.resolve(ctx.recipe.base), ctx.arch,
+                                            ctx.torch_device, workers, ctx.reporter, label, merge.rank,
+                                            getattr(torch, merge.dtype) if merge.dtype else torch.float32)
+    for module, r in modules.items():
+        ctx.reporter.log(f"merge [bold]{merge.name}[/]: {module}: {r.kind}" + (
+            f" rank {r.rank}, energy kept {r.energy_kept:.4f}" if r.kind != "full" else " (saved whole)"))
+    return written, {"rank": merge.rank, "modules": {m: asdict(r) for m, r in modules.items()}}
 
 
-def check_replaceable(out: Path, stamp: dict | None) -> None:
-    """Refuse an output folder mergecli may not replace (see the module docstring)."""
-    if not (out.exists() or out.is_symlink()) or out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        return
-    if not _ours(out):
-        raise MergeCliError(f"output folder {out} exists and was not written by mergecli; it is left untouched",
-                            "remove or rename it, or change output_dir or the merge's name")
-    listed = set(stamp["files"]) if stamp else set()
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in listed | {STAMP, OWNER_MARKER})
-    if foreign:
-        raise MergeCliError(f"output folder {out} holds files mergecli did not write ({', '.join(foreign[:3])}"
-                            f"{', ...' if len(foreign) > 3 else ''}); it is left untouched",
-                            "move those files elsewhere, then rerun")
+def _finish(ctx: Context, merge: MergeSpec, chooser: Chooser, choice: Choice, written: "Written",
+            adapter: dict[str, Any] | None, spec: MergedModelSpec, tmp: Path, out: Path) -> MergeResult:
+    """The result, said in the log; the recipe, the card and the stamp written beside the weights;
+    the folder renamed into place."""
+    for line in account_lines(written.account):
+        ctx.reporter.log(f"merge [bold]{merge.name}[/]: {escape(line)}")
+    if written.without_stats:
+        ctx.reporter.log(f"merge [bold]{merge.name}[/]: {written.without_stats} tensors have no calibration statistics "
+                         "(no linear layer the hooks saw reads them: embeddings, norms, biases, the output layer, "
+                         "fused MoE experts) and used "
+                         + ("a weighted mean" if merge.method_spec.needs_stats else "magnitude scores"))
+    seconds = written.seconds + (choice.record["seconds"] if choice.record else 0.0)
+    result = MergeResult(merge.name, merge.method, merge.params, out, False, seconds, written.kept_density,
+                         written.tensors, spec.key(), [m.name for m in ctx.recipe.models_of(merge)], merge.output,
+                         adapter, choice.record, written.account)
+    (tmp / "mergecli_recipe.yaml").write_text(ctx.recipe.to_yaml())
+    (tmp / "README.md").write_text(card_of(ctx.recipe, merge, result, chooser))
+    files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != OWNER_MARKER}
+    (tmp / STAMP).write_text(json.dumps({"mergecli": __version__, "kind": f"merged-{merge.output}", "key": spec.key(),
+                                         "files": files, "result": result.as_dict()}, indent=1))
+    publish(tmp, out, owned=ours)
+    return result
 
 
-def account_lines(account: dict[str, Any], names: bool = True, shown: int = 4) -> list[str]:
-    """What happened to every tensor, in words: merged, copied from the base (and why), fine-tunes'
-    buffers not written or lacked (`merging.account_of`)."""
-    def listed(items: list[str]) -> str:
-        more = f", +{len(items) - shown} more" if len(items) > shown else ""
-        return f" ({', '.join(items[:shown])}{more})" if names else ""
-
-    lines = [f"{account.get('merged', 0)} merged"]
-    lines += [f"{len(items)} copied from the base: {why}{listed(items)}" for why, items in account.get("copied", {}).items()]
-    lines += [f"{len(items)} buffers of {model} skipped (not weights; the base has none){listed(items)}"
-              for model, items in account.get("skipped_buffers", {}).items()]
-    lines += [f"{model} lacks {len(items)} buffers of the base (copied from the base){listed(items)}"
-              for model, items in account.get("lacking_buffers", {}).items()]
-    return lines
-
-
-def card_of(recipe: Recipe, merge: MergeSpec, result: MergeResult) -> str:
+def card_of(recipe: Recipe, merge: MergeSpec, result: MergeResult, chooser: Chooser) -> str:
     """The README of a merged folder (`card.model_card`): what was merged with which weights, the
-    method and its parameters, what was kept, and the recipe."""
-    from ..engine.card import model_card, setting_text
-    from ..methods.settings import settings_of
-
+    method and its parameters, what was kept, how the scale was chosen, and the recipe."""
     models = recipe.models_of(merge)
     settings = settings_of(merge, models)
     rows = [(m.name, m.model, setting_text(next(w for w in levels if w is not None)))
@@ -319,16 +370,8 @@ def card_of(recipe: Recipe, merge: MergeSpec, result: MergeResult) -> str:
     summary = [f"Merged with mergecli {__version__}: method `{merge.method}` ({params or 'no parameters'}).", "",
                f"Fraction of task-vector entries kept: {result.kept_density:.4f}. Merge time: {result.seconds:.1f} s.",
                "", "Tensors: " + "; ".join(account_lines(result.account, names=False)) + " (names in `mergecli.json`)."]
-    if result.search and result.search.get("mode") == LEARNED:
-        from ..quality.learn import card_lines
-
-        summary += ["", *card_lines(result.search)]
-    elif result.search:
-        trace = ", ".join(f"{float(k):g}: {100 * v:.1f}%" for k, v in result.search["trace"].items())
-        summary += ["", f"lambda: auto chose {result.search['chosen']:.4g}: the scale whose merge keeps the most of the "
-                        f"fine-tunes' gain ({100 * result.search['score']:.1f}%) on {result.search['windows']} held-out "
-                        f"calibration windows of {result.search['seq_len']} tokens per fine-tune "
-                        f"({', '.join(result.search['domains'])}). Tried: {trace}."]
+    if result.search:
+        summary += ["", *chooser.card_lines(result.search)]
     if result.adapter:
         energies = sorted(m["energy_kept"] for m in result.adapter["modules"].values() if m["kind"] != "full")
         if energies:
@@ -345,9 +388,18 @@ def show(results: list[MergeResult]) -> View:
                 [r.as_dict() for r in results])
 
 
+def plan(ctx: Context) -> list[ArtifactSpec]:
+    """Every merged folder's spec, and the parts its scale is chosen over."""
+    specs: list[ArtifactSpec] = []
+    for merge in ctx.recipe.merges:
+        parts = parts_spec(ctx, merge, chooser_for(merge.params.get("lambda")))
+        specs += [spec_of(ctx, merge), *([parts] if parts else [])]
+    return specs
+
+
 STAGE = Stage(
     "merge", "Build every merge variant of the recipe as a Hugging Face model folder.",
-    run=run, show=show, order=30, plan=lambda ctx: [spec_of(ctx, m) for m in ctx.recipe.merges],
+    run=run, show=show, order=30, plan=lambda ctx: plan(ctx),
     options=(
         Option("only", list[str], None, "merge only this variant (repeatable)"),
         Option("overwrite", bool, False, "rebuild even when the output folder is current (mergecli's own "

@@ -1,0 +1,196 @@
+"""Real sizes (issue #25): the data-aware path at Llama-2-7B's widths, memory against depth.
+
+    python benchmarks/bench_scale.py --layers 2 4 --work /tmp/scale --out benchmarks/scale-results.json
+    python benchmarks/bench_scale.py --config tiny --layers 2 4 --work /tmp/scale-tiny      # CI: a few minutes
+
+Synthetic models with Llama-2-7B's widths (hidden 4096, MLP 11,008, 32 heads, vocabulary 32,000) and
+2, 4 (8 where the disk allows) decoder layers, stored in bfloat16 like the real checkpoint; three
+full fine-tunes, each the base plus a rank-8 change and noise on every tensor (written tensor by
+tensor: no model is ever held); a small calibration (--windows x --seq-len tokens per fine-tune:
+memory is what this measures). For each depth, each stage runs in its own process
+(`python -m mergecli`, so its peak RSS is its own): `taskvec`, `hessian` (layer by layer),
+`merge` of `ties` with SparseGPT scores, `regmean`, and `regmean` with `lambda: learned` (held to
+`calibration.general`, a fourth small text); wall time, peak RSS and the workspace's disk use.
+
+Reported: per stage and depth the numbers, the slope per layer (least squares over the depths
+measured) and the extrapolation to 32 layers (a real 7B) -- an extrapolation, said as such: the
+parts that do not grow with depth (embeddings, the output layer: 2 x 131 M parameters) are in the
+intercept; the hidden states at block boundaries, which do, are tiny at this calibration. Time is
+reported per window as well (the hessian stage and the learned merge's passes scale with the
+windows; the merges' solves do not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CONFIGS = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+               vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4,
+                 vocab_size=2000),
+}
+MERGES = {
+    "ties-sparsegpt": {"method": "ties", "score": "sparsegpt", "density": 0.2},
+    "regmean": {"method": "regmean"},
+    "regmean-learned": {"method": "regmean", "lambda": "learned"},
+}
+FINETUNES = ("alpha", "beta", "gamma")
+WORDS = ("river stone light garden market paper music number silver window engine forest letter ocean "
+         "harbor winter signal planet motion circle").split()
+
+def texts(seed: int, documents: int = 60) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) + str(rng.randrange(100)) for _ in range(rng.randrange(40, 120)))
+            for _ in range(documents)]
+
+
+def build(folder: Path, widths: dict, layers: int) -> None:
+    """base/ and one folder per fine-tune, bf16 safetensors, each tensor generated and written alone."""
+    import torch
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from mergecli.models.safetensors_io import StreamingWriter, TensorInfo
+
+    if (folder / "done").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=512, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3, dtype="bfloat16", **widths)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([t for s in range(5) for t in texts(s)],
+                            trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>")
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, config.hidden_size),
+              "model.norm.weight": (config.hidden_size,), "lm_head.weight": (config.vocab_size, config.hidden_size)}
+    h, m = config.hidden_size, config.intermediate_size
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       **{p + f"self_attn.{n}_proj.weight": (h, h) for n in "qkvo"},
+                       p + "mlp.gate_proj.weight": (m, h), p + "mlp.up_proj.weight": (m, h),
+                       p + "mlp.down_proj.weight": (h, m)})
+    infos = [TensorInfo(n, s, torch.bfloat16) for n, s in shapes.items()]
+    for index, name in enumerate(("base", *FINETUNES)):
+        out = folder / name
+        out.mkdir(exist_ok=True)
+        config.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        with StreamingWriter(out / "model.safetensors", infos, {"format": "pt"}) as writer:
+            for number, info in enumerate(infos):
+                base = torch.Generator().manual_seed(number)
+                if info.name.endswith("norm.weight"):
+                    tensor = torch.ones(info.shape)
+                else:
+                    tensor = torch.randn(info.shape, generator=base) * 0.02
+                if index:  # a fine-tune: the base plus a low-rank change and noise
+                    g = torch.Generator().manual_seed(1000 * index + number)
+                    if len(info.shape) == 2:
+                        u = torch.randn(info.shape[0], 8, generator=g)
+                        v = torch.randn(8, info.shape[1], generator=g)
+                        tensor += (u @ v) * (0.002 / 8 ** 0.5)
+                    tensor += torch.randn(info.shape, generator=g) * 0.001
+                writer.write(info.name, tensor.to(torch.bfloat16))
+                del tensor
+    for k, name in enumerate((*FINETUNES, "general")):
+        (folder / f"{name}.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts(10 + k)))
+    (folder / "done").write_text("")
+
+
+def recipe(folder: Path, windows: int, seq_len: int) -> Path:
+    data = {"name": f"scale-{folder.name}", "base": "./base", "workspace": "./ws", "output_dir": "./merged",
+            "models": [{"name": n, "model": f"./{n}", "dataset": {"path": f"./{n}.jsonl"}} for n in FINETUNES],
+            "merges": [{"name": name, **spec} for name, spec in MERGES.items()],
+            "calibration": {"samples": windows, "seq_len": seq_len, "batch_size": 2, "layer_by_layer": True,
+                            "general": {"path": "./general.jsonl"}}}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run(path: Path, *args: str) -> dict:
+    """One mergecli command in a process of its own: wall time and that process's peak RSS."""
+    probe = ("import resource, runpy, sys; sys.argv = ['mergecli', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('mergecli', run_name='__main__')\n"
+             "finally:\n    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", probe, "-q", *args, str(path)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    seconds = time.perf_counter() - start
+    peak = [line for line in done.stderr.splitlines() if line.startswith("PEAK")]
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return {"seconds": round(seconds, 1), "peak_rss_gib": round(int(peak[-1].split()[1]) / 2**20, 3)}
+
+
+def folder_gib(path: Path) -> float:
+    return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**30, 3)
+
+
+def fit(depths: list[int], values: list[float]) -> tuple[float, float]:
+    """Least-squares intercept and slope per layer (exact through two points)."""
+    n = len(depths)
+    mx, my = sum(depths) / n, sum(values) / n
+    var = sum((x - mx) ** 2 for x in depths)
+    slope = sum((x - mx) * (y - my) for x, y in zip(depths, values)) / var if var else 0.0
+    return my - slope * mx, slope
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="7b")
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    results: dict = {"config": args.config, "widths": CONFIGS[args.config], "windows": args.windows,
+                     "seq_len": args.seq_len, "finetunes": len(FINETUNES), "depths": {}}
+    stages = [("taskvec", ["taskvec"]), ("hessian", ["hessian"])] + [
+        (name, ["merge", "--only", name]) for name in MERGES]
+    for layers in args.layers:
+        folder = args.work / f"{args.config}-{layers}"
+        print(f"building {folder} ({layers} layers)", file=sys.stderr, flush=True)
+        build(folder, CONFIGS[args.config], layers)
+        path = recipe(folder, args.windows, args.seq_len)
+        found = {}
+        for name, command in stages:
+            found[name] = run(path, *command)
+            print(layers, name, found[name], file=sys.stderr, flush=True)
+        found["disk_gib"] = {kind.name: folder_gib(kind) for kind in sorted((folder / "ws").iterdir()) if kind.is_dir()}
+        found["disk_gib"]["models"] = folder_gib(folder / "base") * (1 + len(FINETUNES))
+        results["depths"][layers] = found
+    depths = sorted(results["depths"])
+    if len(depths) > 1:
+        results["per_layer"] = {}
+        for name, _ in stages:
+            for what in ("peak_rss_gib", "seconds"):
+                intercept, slope = fit(depths, [results["depths"][d][name][what] for d in depths])
+                results["per_layer"].setdefault(name, {})[what] = {
+                    "slope": round(slope, 4), "at_32_layers_extrapolated": round(intercept + 32 * slope, 2),
+                    "growth_first_to_last": round(results["depths"][depths[-1]][name][what]
+                                                  / results["depths"][depths[0]][name][what] - 1, 3)}
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
