@@ -41,7 +41,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_merge import METHODS, build_models, timed  # noqa: E402
+from bench_merge import METHODS, build_models  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mergecli.store.workspace import Workspace  # noqa: E402

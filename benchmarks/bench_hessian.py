@@ -6,7 +6,7 @@
 A LLaMA model with SmolLM2-135M's shapes (hidden 576, MLP 1536, 30 layers, 9/3 GQA heads, vocab
 49,152; random weights: the cost does not depend on the values) runs the same windows three ways,
 each in its own process so peak RSS is its own: a plain forward, mergecli's hook collection on the
-whole model, and the layer-by-layer runner. Median wall time of --runs, overhead ratios, JSON out.
+whole model, and the block-streamed runner (layer by layer; the model's own tensors handed to it). Median wall time of --runs, overhead ratios, JSON out.
 On a GPU, one untimed batch warms the kernels up first, and the timer waits for the device.
 """
 
@@ -23,7 +23,8 @@ CHILD = r"""
 import json, resource, sys, time, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from mergecli.engine.calibration import Windows
-from mergecli.engine.collect import collect, find_groups
+from mergecli.engine.collect import collect, collect_blocks, find_block_groups, find_groups
+from mergecli.engine.streamed import StreamedModel, model_weights
 mode, samples, seq_len, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 device = torch.device(sys.argv[5])
 torch.manual_seed(0)
@@ -41,8 +42,11 @@ def run(windows):
         with torch.no_grad():
             for x, m in windows.batches(batch):
                 model(input_ids=x.to(device), attention_mask=m.to(device), use_cache=False)
+    elif mode == "layer_by_layer":
+        runner, weights = StreamedModel(config, device=device), model_weights(model)
+        collect_blocks(runner, weights, windows, groups, find_block_groups(runner, weights, ids)[1], batch)
     else:
-        collect(model, windows, groups, batch, device, layer_by_layer=mode == "layer_by_layer")
+        collect(model, windows, groups, batch, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
 

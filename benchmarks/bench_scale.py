@@ -63,7 +63,7 @@ def build(folder: Path, widths: dict, layers: int) -> None:
     from transformers import LlamaConfig, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from mergecli.models.safetensors_io import StreamingWriter, TensorInfo
+    from mergecli.models.safetensors_io import TensorInfo
 
     if (folder / "done").exists():
         return
@@ -86,30 +86,71 @@ def build(folder: Path, widths: dict, layers: int) -> None:
                        p + "mlp.gate_proj.weight": (m, h), p + "mlp.up_proj.weight": (m, h),
                        p + "mlp.down_proj.weight": (h, m)})
     infos = [TensorInfo(n, s, torch.bfloat16) for n, s in shapes.items()]
-    for index, name in enumerate(("base", *FINETUNES)):
-        out = folder / name
-        out.mkdir(exist_ok=True)
-        config.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        with StreamingWriter(out / "model.safetensors", infos, {"format": "pt"}) as writer:
-            for number, info in enumerate(infos):
-                base = torch.Generator().manual_seed(number)
-                if info.name.endswith("norm.weight"):
-                    tensor = torch.ones(info.shape)
-                else:
-                    tensor = torch.randn(info.shape, generator=base) * 0.02
-                if index:  # a fine-tune: the base plus a low-rank change and noise
-                    g = torch.Generator().manual_seed(1000 * index + number)
-                    if len(info.shape) == 2:
-                        u = torch.randn(info.shape[0], 8, generator=g)
-                        v = torch.randn(8, info.shape[1], generator=g)
-                        tensor += (u @ v) * (0.002 / 8 ** 0.5)
-                    tensor += torch.randn(info.shape, generator=g) * 0.001
-                writer.write(info.name, tensor.to(torch.bfloat16))
-                del tensor
     for k, name in enumerate((*FINETUNES, "general")):
         (folder / f"{name}.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts(10 + k)))
+    write_model(folder / "base", config, tokenizer, infos, lambda info, number: base_tensor(info, number))
+    for index, name in enumerate(FINETUNES, start=1):
+        step = output_step(folder, name, tokenizer)
+        write_model(folder / name, config, tokenizer, infos,
+                    lambda info, number, index=index: base_tensor(info, number) + change(info, number, index, step))
     (folder / "done").write_text("")
+
+
+def base_tensor(info, number: int):
+    import torch
+
+    if info.name.endswith("norm.weight"):
+        return torch.ones(info.shape)
+    return torch.randn(info.shape, generator=torch.Generator().manual_seed(number)) * 0.02
+
+
+def change(info, number: int, index: int, step: dict):
+    """A fine-tune's change of one tensor: a rank-8 change and noise everywhere, plus, on the output
+    layer, a step down the gradient of its domain's loss (so that it beats the base there, as a
+    fine-tune does: `lambda: learned` scores only fine-tunes that do)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1000 * index + number)
+    delta = torch.randn(info.shape, generator=g) * 0.001
+    if len(info.shape) == 2:
+        u, v = torch.randn(info.shape[0], 8, generator=g), torch.randn(8, info.shape[1], generator=g)
+        delta += u @ v * (0.002 / 8 ** 0.5)
+    return delta + step.get(info.name, 0.0)
+
+
+def output_step(folder: Path, name: str, tokenizer) -> dict:
+    """-0.05 |W| g / |g| for the output layer W, with g the gradient of the base's mean NLL on 8
+    windows of the domain's text, computed block by block (the base never loaded)."""
+    from mergecli.engine.calibration import make_windows
+    from mergecli.engine.streamed import StreamedModel
+    from mergecli.models.safetensors_io import Checkpoint
+
+    runner = StreamedModel.from_folder(folder / "base")
+    weights = runner.checkpoint_weights(Checkpoint.open(folder / "base"))
+    windows = make_windows([json.loads(line)["text"] for line in open(folder / f"{name}.jsonl")], tokenizer, 8, 64,
+                           seed=0)
+    found: dict = {}
+
+    def on_grad(tensor: str, grad) -> None:
+        if tensor == "lm_head.weight":
+            w = weights([tensor])[tensor].float()
+            found[tensor] = -0.05 * w.norm() * grad / grad.norm()
+    runner.gradients(weights, list(windows.batches(4)), on_grad)
+    return found
+
+
+def write_model(out: Path, config, tokenizer, infos, tensor_of) -> None:
+    """A model folder written one tensor at a time (bf16), never held whole."""
+    import torch
+
+    from mergecli.models.safetensors_io import StreamingWriter
+
+    out.mkdir(exist_ok=True)
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    with StreamingWriter(out / "model.safetensors", infos, {"format": "pt"}) as writer:
+        for number, info in enumerate(infos):
+            writer.write(info.name, tensor_of(info, number).to(torch.bfloat16))
 
 
 def recipe(folder: Path, windows: int, seq_len: int) -> Path:

@@ -34,7 +34,8 @@ MEMORY = r"""
 import json, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from mergecli.engine.calibration import Windows
-from mergecli.engine.collect import collect, find_groups
+from mergecli.engine.collect import collect_blocks, find_block_groups
+from mergecli.engine.streamed import StreamedModel, model_weights
 layers, samples, seq_len, batch = map(int, sys.argv[1:5])
 torch.manual_seed(0)
 config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
@@ -42,9 +43,10 @@ config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layer
 model = LlamaForCausalLM(config).eval()
 ids = torch.randint(0, 32000, (samples, seq_len), generator=torch.Generator().manual_seed(1))
 windows = Windows(ids, torch.ones_like(ids))
-groups = find_groups(model, ids)
+runner, weights = StreamedModel(config, device="cuda"), model_weights(model)
+groups, dims = find_block_groups(runner, weights, ids)
 torch.cuda.reset_peak_memory_stats()
-stats = collect(model, windows, groups, batch, torch.device("cuda"), layer_by_layer=True)
+stats = collect_blocks(runner, weights, windows, groups, dims, batch)
 h_bytes = sum(h.numel() * 4 for h in stats.sums.values())
 print(json.dumps({"layers": layers, "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
                   "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,

@@ -8,7 +8,8 @@ Two comparisons, both against mergekit 0.1.5 running in its own virtual environm
 
 1. Functions, on random tensors: mergekit's own `slerp`, `della_magprune`, `bernoulli`,
    `magnitude`, `magnitude_outliers`, its generalized task arithmetic (ties, breadcrumbs_ties,
-   task_arithmetic), `model_stock`, `linear` and `config.evaluate_setting` are imported in a
+   task_arithmetic), `model_stock`, `linear`, `nuslerp`, `multislerp`, `karcher`, `sce`,
+   `nearswap`, `arcee_fusion`, `ram`, `ramplus_tl` and `config.evaluate_setting` are imported in a
    subprocess of that venv and fed the same inputs as mergecli's pure functions. Random draws are
    made equal by replacing `torch.bernoulli` in that subprocess with `u < p` on mergecli's own
    uniforms, so DARE and DELLA compare exactly too.
@@ -19,7 +20,8 @@ Two comparisons, both against mergekit 0.1.5 running in its own virtual environm
    top-k rounding (int(d n) instead of round(d n)), dtype and tie order emulated, which shows
    whether those explain all of the difference. Random methods (dare_*, della*) cannot match
    mergekit's global torch RNG: for them the distance to mergekit is set beside the distance
-   between two mergecli seeds.
+   between two mergecli seeds. Each entry names the config's mergekit method (`mergekit_method`),
+   so a caller can check that every method mergecli translates was run.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,8 +47,10 @@ from mergecli.methods import schedule  # noqa: E402
 from mergecli.recipe.mergekit import import_config  # noqa: E402
 from mergecli.methods.combine import disjoint_mean, weighted_sum  # noqa: E402
 from mergecli.methods.consensus import disjoint_sum, weighted_mean  # noqa: E402
-from mergecli.methods.interpolate import slerp, soup  # noqa: E402
+from mergecli.methods.interpolate import slerp, weighted_average  # noqa: E402
 from mergecli.methods.masks import breadcrumbs_mask, della_probabilities, l1_rescale  # noqa: E402
+from mergecli.methods.selective import arcee_fusion, nearswap, ram, ramplus_tl, sce  # noqa: E402
+from mergecli.methods.spherical import karcher, multislerp, nuslerp, nuslerp_t  # noqa: E402
 from mergecli.methods.sparsify import random_stream, topk_mask  # noqa: E402
 from mergecli.methods.stock import model_stock  # noqa: E402
 from mergekit_oracle import CONFIGS, RANDOM, build_models, load_folder, reference_merge, render  # noqa: E402
@@ -119,7 +124,8 @@ def run_configs(work: Path, mergekit_exe: Path, paths: dict[str, Path], only: li
         recipe, root = translation.recipe, rendered.parent
         base = load_folder(root / recipe["base"])
         method = recipe["merges"][0]["method"]
-        entry: dict[str, Any] = {"method": method, "notes": translation.notes,
+        mergekit_method = yaml.safe_load(rendered.read_text())["merge_method"]
+        entry: dict[str, Any] = {"method": method, "mergekit_method": mergekit_method, "notes": translation.notes,
                                  "mergekit_seconds": round(time.time() - start, 1)}
         start = time.time()
         _, folder = mergecli_merge(rendered, work / "mergecli-out")
@@ -179,8 +185,8 @@ for key, (tau, d) in inputs["magnitude"].items():
     out["magnitude", key] = sp.magnitude(tau, d)
 for key, (tau, d, g) in inputs["breadcrumbs"].items():
     out["breadcrumbs", key] = sp.magnitude_outliers(tau, d, gamma=g)
-for key, (method, tensors, params) in inputs["group"].items():
-    group = TensorGroup.from_tensors(tensors, base_index=0)
+for key, (method, tensors, params, base_index) in inputs["group"].items():
+    group = TensorGroup.from_tensors(tensors, base_index=base_index)
     (out["group", key],) = registry.get(method)((group,), parameters=params)
 adapter = TypeAdapter(ParameterSetting)
 for key, (name, setting, t) in inputs["setting"].items():
@@ -254,10 +260,12 @@ def function_inputs() -> tuple[dict, dict]:
          base + 0.5 * weighted_sum(taus, wt)),
         ("model_stock", "model_stock", {}, base + model_stock(taus)),
         ("model_stock filter_wise", "model_stock", {"filter_wise": True}, base + model_stock(taus, True)),
-        ("linear (base weighted 0.2)", "linear", {"weight": [0.2] + w}, base + soup(base, taus, w, base_weight=0.2)),
+        ("linear (base weighted 0.2)", "linear", {"weight": [0.2] + w},
+         base + weighted_average(base, taus, w, base_weight=0.2)),
     ):
-        inputs["group"][key] = (method, thetas, params)
+        inputs["group"][key] = (method, thetas, params, 0)
         ours["group", key] = expected
+    _issue_27_groups(inputs, ours, randn)
     setting = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "layers.1.", "value": [1, 0.2]},
                {"value": 0.5}]
     for layer in (None, 0, 1, 5, 10, 39):
@@ -267,6 +275,46 @@ def function_inputs() -> tuple[dict, dict]:
             inputs["setting"][f"{name} (t={t:.3f})"] = (name, setting, t)
             ours["setting", f"{name} (t={t:.3f})"] = schedule.evaluate(setting, name, t)
     return inputs, ours
+
+
+def _issue_27_groups(inputs: dict, ours: dict, randn) -> None:
+    """mergekit's nuslerp, multislerp, karcher, sce, nearswap, arcee_fusion, ram and ramplus_tl on
+    one family of tensors (a base, three fine-tunes sharing part of their change, a far model),
+    against mergecli's pure functions: (method, inputs, parameters, index of the base or None)."""
+    base = randn(24, 40)
+    shared = randn(24, 40) * 0.05
+    a, b, c = (base + shared + randn(24, 40) * 0.05 for _ in range(3))
+    far = base + randn(24, 40)
+    taus = [a - base, b - base, c - base]
+    sparse = [tau * (randn(24, 40) > 0.5) for tau in taus]  # entries only some models change, for ram
+    cases = [
+        ("nuslerp with base", "nuslerp", [base, a, b], {"weight": [0.4, 0.6]}, 0,
+         base + nuslerp(nuslerp_t(0.4, 0.6), taus[0], taus[1])),
+        ("nuslerp rows, no base", "nuslerp", [a, far], {"weight": [0.7, 0.3], "nuslerp_flatten": False}, None,
+         nuslerp(nuslerp_t(0.7, 0.3), a, far, flatten=False)),
+        ("nuslerp columns, no base", "nuslerp", [a, far],
+         {"weight": [1.0, 3.0], "nuslerp_flatten": False, "nuslerp_row_wise": True}, None,
+         nuslerp(nuslerp_t(1.0, 3.0), a, far, flatten=False, row_wise=True)),
+        ("multislerp with base", "multislerp", [base, a, b, c], {"weight": [1.0, 0.5, 0.8]}, 0,
+         base + multislerp(taus, [1.0, 0.5, 0.8])),
+        ("multislerp, no base, not normalized", "multislerp", [a, b, far],
+         {"weight": [0.5, 0.3, 0.2], "normalize_weights": False}, None,
+         multislerp([a, b, far], [0.5, 0.3, 0.2], False)),
+        ("karcher of four", "karcher", [a, b, far, base], {}, None, karcher([a, b, far, base], [0.25] * 4)),
+        ("karcher max_iter 30 tol 1e-7", "karcher", [a, b, c], {"max_iter": 30, "tol": 1e-7}, None,
+         karcher([a, b, c], [1 / 3] * 3, 30, 1e-7)),
+        ("sce select_topk 0.3", "sce", [base, a, b, c], {"select_topk": 0.3}, 0, base + sce(taus, 0.3)),
+        ("sce select_topk 1", "sce", [base, a, b, c], {}, 0, base + sce(taus)),
+        ("nearswap t 0.05", "nearswap", [base, a], {"t": 0.05}, 0, nearswap(base, taus[0], 0.05)),
+        ("arcee_fusion", "arcee_fusion", [base, far], {}, 0, base + arcee_fusion(base, far - base)),
+        ("ram epsilon 0.03", "ram", [base, *(base + t for t in sparse)], {"epsilon": 0.03}, 0,
+         base + ram(sparse, 0.03)),
+        ("ramplus_tl r 0.5 alpha 0.8", "ramplus_tl", [base, *(base + t for t in sparse)],
+         {"r": 0.5, "alpha": 0.8, "epsilon": 0.03}, 0, base + ramplus_tl(sparse, 0.5, 0.8, 0.03)),
+    ]
+    for key, method, tensors, params, base_index, expected in cases:
+        inputs["group"][key] = (method, tensors, params, base_index)
+        ours["group", key] = expected
 
 
 EXPLANATIONS = {

@@ -19,7 +19,9 @@ from helpers import make_llama, make_lora
 from mergecli.methods import schedule
 from mergecli.methods.combine import disjoint_mean, weighted_sum
 from mergecli.methods.consensus import disjoint_sum, weighted_mean
-from mergecli.methods.interpolate import slerp, soup
+from mergecli.methods.interpolate import slerp, weighted_average
+from mergecli.methods.selective import arcee_fusion, nearswap, ram, ramplus_tl, sce
+from mergecli.methods.spherical import karcher, multislerp, nuslerp, nuslerp_t
 from mergecli.methods.masks import breadcrumbs_mask, della_probabilities, l1_rescale, sample_mask
 from mergecli.methods.sparsify import random_stream, topk_mask
 from mergecli.methods.stock import model_stock
@@ -28,6 +30,7 @@ from mergecli.models.architecture import Architecture
 CONFIGS = Path(__file__).parent / "mergekit_configs"
 LAYERS = 4
 RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
+SPHERICAL = {"nuslerp": "base", "multislerp": "base", "karcher": "zero"}  # and their default origin
 LAYER_OF = Architecture("llama", {}, frozenset(), frozenset(), LAYERS).layer_of
 
 
@@ -130,11 +133,24 @@ def reference_tensor(variant: dict, name: str, base: torch.Tensor, thetas: list[
     weights = torch.tensor([_param(variant, e, "weight", name, 1.0) for e in entries], dtype=torch.float32)
     if method == "slerp":
         return slerp(b, thetas[0].float(), _param(variant, None, "t", name))
-    if method == "soup":
-        return b + soup(b, taus, weights.tolist(), _param(variant, None, "base_weight", name, 0.0),
-                        _param(variant, None, "normalize", name, True))
+    if method == "linear":
+        return b + weighted_average(b, taus, weights.tolist(), _param(variant, None, "base_weight", name, 0.0),
+                                    _param(variant, None, "normalize", name, True))
     if method == "model_stock":
         return b + model_stock(taus, _param(variant, None, "filter_wise", name, False))
+    if method in SPHERICAL:
+        return _spherical(variant, name, b, thetas, taus, weights.tolist())
+    if method == "sce":
+        return b + sce(taus, _param(variant, None, "select_topk", name, 1.0))
+    if method == "nearswap":
+        return nearswap(b, taus[0], _param(variant, None, "t", name))
+    if method == "arcee_fusion":
+        return b + arcee_fusion(b, taus[0])
+    if method == "ram":
+        return b + ram(taus, _param(variant, None, "epsilon", name, 1e-5))
+    if method == "ramplus_tl":
+        return b + ramplus_tl(taus, _param(variant, None, "r", name, 0.1), _param(variant, None, "alpha", name, 0.2),
+                              _param(variant, None, "epsilon", name, 1e-5))
     trimmed = []
     for index, (entry, tau) in enumerate(zip(entries, taus)):
         density = _param(variant, entry, "density", name, 1.0)
@@ -165,6 +181,30 @@ def reference_tensor(variant: dict, name: str, base: torch.Tensor, thetas: list[
     else:
         delta = weighted_mean(trimmed, weights) if normalize else weighted_sum(trimmed, weights)
     return b + lam * delta
+
+
+def _spherical(variant: dict, name: str, b: torch.Tensor, thetas: list[torch.Tensor], taus: list[torch.Tensor],
+               weights: list[float]) -> torch.Tensor:
+    """nuslerp, multislerp, karcher: the points are the task vectors (origin: base, the result added
+    to the base) or the weights themselves, the base first with base_weight (origin: zero)."""
+    method = variant["method"]
+    zero = variant.get("origin", SPHERICAL[method]) == "zero"
+    if zero:
+        points, w = [b, *(theta.float() for theta in thetas)], [_param(variant, None, "base_weight", name, 1.0),
+                                                                  *weights]
+    else:
+        points, w = taus, weights
+    if method == "nuslerp":
+        merged = nuslerp(nuslerp_t(*w), *points, _param(variant, None, "nuslerp_flatten", name, True),
+                         _param(variant, None, "nuslerp_row_wise", name, False))
+    elif method == "multislerp":
+        merged = points[0] if len(points) == 1 else multislerp(
+            points, w, _param(variant, None, "normalize_weights", name, True), _param(variant, None, "eps", name, 1e-8))
+    else:  # karcher: alphas are the weights over their sum; a point of weight 0 takes no part
+        kept = [(p, x / sum(w)) for p, x in zip(points, w) if x != 0]
+        merged = karcher([p for p, _ in kept], [a for _, a in kept], int(_param(variant, None, "max_iter", name, 10)),
+                         _param(variant, None, "tol", name, 1e-5))
+    return merged if zero else b + merged
 
 
 def reference_merge(recipe: dict, root: Path, seed: int = 0, mergekit_rounding: bool = False,

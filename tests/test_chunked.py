@@ -31,7 +31,7 @@ CASES = [
     ("ties", {"score": "magnitude", "density": 0.3, "topk": "row"}),
     ("dare_ties", {"score": "random", "density": 0.2, "seed": 3}),
     ("dare_linear", {"score": "random", "density": 0.5, "seed": 4}),
-    ("linear", {"score": "magnitude", "density": 0.1}),
+    ("task_arithmetic_topk", {"score": "magnitude", "density": 0.1}),
     ("task_arithmetic", {}),
     ("ties", {"score": "sparsegpt", "density": 0.25}),
     ("ties", {"score": "wanda", "density": 0.25}),
@@ -44,8 +44,8 @@ CASES = [
     ("breadcrumbs", {"density": 0.3, "gamma": 0.05}),
     ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1, "rescale": "l1"}),
     ("breadcrumbs", {"density": 0.2, "gamma": 0.1, "score": "sparsegpt"}),
-    ("soup", {"base_weight": 0.5}),
-    ("soup", {"normalize": False}),
+    ("linear", {"base_weight": 0.5}),
+    ("linear", {"normalize": False}),
 ]
 
 

@@ -157,7 +157,7 @@ def test_an_adapter_only_merge_says_which_tensors_it_copied_from_the_base(tmp_pa
     ("ties", [1.0, -0.999], {}),
     ("dare_ties", [1.0, 1.0, -0.95], {}),
     ("task_arithmetic", [1.0, -0.95], {"normalize": True}),
-    ("soup", [1.0, -0.95], {}),
+    ("linear", [1.0, -0.95], {}),
 ])
 def test_weights_whose_mean_divides_by_almost_zero_are_refused_with_the_numbers(llama_pair, method, weights, extra):
     """TIES with weights 1 and -0.999 divides, where both agree, by 0.001: the merged change would

@@ -21,7 +21,7 @@ MERGES = [{"name": "ta", "method": "task_arithmetic", "lambda": 0.8},
           {"name": "ties", "method": "ties", "density": 0.3},
           {"name": "dare", "method": "dare_ties", "density": 0.4, "seed": 2},
           {"name": "sg", "method": "ties", "score": "sparsegpt", "density": 0.3},
-          {"name": "obs", "method": "linear", "score": "sparsegpt", "compensate": True},
+          {"name": "obs", "method": "task_arithmetic_topk", "score": "sparsegpt", "compensate": True},
           {"name": "regmean", "method": "regmean"}]
 
 
@@ -30,7 +30,15 @@ def test_statistics_on_the_gpu_equal_the_cpu(tiny, layer_by_layer):  # noqa: F81
     model, windows = tiny
     groups = find_groups(model, windows.input_ids)
     cpu = collect(model, windows, groups, 4, torch.device("cpu"))
-    gpu = collect(model, windows, groups, 4, torch.device("cuda"), layer_by_layer=layer_by_layer)
+    if layer_by_layer:
+        from mergecli.engine.collect import collect_blocks, find_block_groups
+        from mergecli.engine.streamed import StreamedModel, model_weights
+
+        runner, weights = StreamedModel(model.config, device="cuda"), model_weights(model)
+        _, dims = find_block_groups(runner, weights, windows.input_ids)
+        gpu = collect_blocks(runner, weights, windows, groups, dims, 4)
+    else:
+        gpu = collect(model, windows, groups, 4, torch.device("cuda"))
     for name in cpu.sums:
         assert gpu.sums[name].device.type == "cpu"
         assert torch.allclose(cpu.sums[name], gpu.sums[name], rtol=1e-4, atol=1e-4), name

@@ -71,11 +71,18 @@ def test_hooked_statistics_equal_xtx_of_captured_inputs_and_groups_share_inputs(
 
 
 def test_layer_by_layer_equals_whole_model(tiny):
+    """The block-streamed runner (the model never loaded) finds the same groups and the same H."""
+    from mergecli.engine.collect import collect_blocks, find_block_groups
+    from mergecli.engine.streamed import StreamedModel, model_weights
+
     model, windows = tiny
     groups = find_groups(model, windows.input_ids)
+    runner, weights = StreamedModel(model.config), model_weights(model)
+    block_groups, dims = find_block_groups(runner, weights, windows.input_ids)
+    assert block_groups == groups and set(dims) == set(groups)
     whole = collect(model, windows, groups, 4, torch.device("cpu"))
-    layered = collect(model, windows, groups, 4, torch.device("cpu"), layer_by_layer=True)
-    assert whole.sums.keys() == layered.sums.keys()
+    layered = collect_blocks(runner, weights, windows, groups, dims, 4)
+    assert whole.sums.keys() == layered.sums.keys() and whole.members == layered.members
     for name in whole.sums:
         assert torch.allclose(whole.sums[name], layered.sums[name], rtol=1e-5, atol=1e-5), name
         assert whole.counts[name] == layered.counts[name]
@@ -92,7 +99,7 @@ def recipe_with_data(tmp_path, models, data, merges, **extra):
 def test_hessian_cli_caches_reports_size_and_feeds_activation_aware_merges(tmp_path, models, data):
     merges = [{"name": "sg", "method": "ties", "score": "sparsegpt"},
               {"name": "wanda", "method": "dare_ties", "score": "wanda"},
-              {"name": "obs", "method": "linear", "score": "sparsegpt", "compensate": True},
+              {"name": "obs", "method": "task_arithmetic_topk", "score": "sparsegpt", "compensate": True},
               {"name": "regmean", "method": "regmean", "alpha": 0.8}]
     recipe = recipe_with_data(tmp_path, models, data, merges)
     first = cli("hessian", recipe)

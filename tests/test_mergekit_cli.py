@@ -63,7 +63,9 @@ def _partial_slice(data: dict) -> dict:
 
 
 BAD = [
-    ("unsupported-method", _set("merge_method", "nuslerp"), "merge_method: 'nuslerp' is not supported"),
+    ("unsupported-method", _set("merge_method", "passthrough"),
+     "merge_method: 'passthrough': supported with slices only"),
+    ("unknown-method", _set("merge_method", "frankenmerge"), "merge_method: 'frankenmerge' is not supported"),
     ("unknown-key", _set("merge_methods", "ties"), "merge_methods: not a mergekit config key"),
     ("union-tokenizer", _set("tokenizer_source", "union"), "tokenizer_source: 'union' is not supported"),
     ("per-model-lambda", _set("models.0.parameters.lambda", 0.5),
@@ -87,6 +89,28 @@ def test_a_bad_mergekit_config_is_one_line_exit_2_and_nothing_written(mk_models,
         result = cli(*command, config, code=2)
         assert message in error_line(result), result.stderr
     assert digests(tmp_path) == before
+
+
+@pytest.mark.parametrize("name, weights, message", [
+    ("nuslerp", [1.0, -0.95], "merges.0.weight: the weights 1, -0.95 sum to 0.05; their weighted mean can be 39 "
+                              "times the largest task-vector entry (at most 10 is allowed): use weights whose sums "
+                              "stay away from 0, or weights of one sign"),
+    ("multislerp", [1.0, 0.5, -1.45], "merges.0.weight: the weights 1, 0.5, -1.45 sum to 0.05"),
+])
+def test_spherical_weights_summing_near_zero_are_refused_before_any_work(mk_models, tmp_path, name, weights, message):
+    config = render(name, mk_models, tmp_path)
+    data = yaml.safe_load(config.read_text())
+    for model, weight in zip(data["models"], weights):
+        model["parameters"]["weight"] = weight
+    config.write_text(yaml.safe_dump(data))
+    for command in ("validate", "merge"):
+        assert message in error_line(cli(command, config, code=2))
+    data["models"][-1]["parameters"]["weight"] = [0.5, weights[-1]]  # broken in the last layer only: merge finds it
+    config.write_text(yaml.safe_dump(data))
+    cli("validate", config)
+    result = error_line(cli("merge", config, code=2))
+    assert "merges.0.weight: the weights" in result and "(for tensor model.layers.3." in result
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "workspace").exists()
 
 
 def test_recipes_import_writes_an_equivalent_recipe_and_refuses_to_overwrite(mk_models, tmp_path):

@@ -96,7 +96,7 @@ def test_linear_without_base_uses_first_model_as_reference():
     out = run(load("linear"))
     assert out.recipe["base"] == "./ft_a"
     merge = out.recipe["merges"][0]
-    assert merge["method"] == "soup" and merge["normalize"] is True and merge["base_weight"] == 1.0
+    assert merge["method"] == "linear" and merge["normalize"] is True and merge["base_weight"] == 1.0
     assert merge["models"] == [{"name": "ft_b", "weight": 0.3}, {"name": "ft_c", "weight": 0.5}]
 
 
@@ -172,8 +172,8 @@ def _with(name: str, **changes):
 
 
 @pytest.mark.parametrize("data, key", [
-    (_with("ties", merge_method="nuslerp"), "merge_method: 'nuslerp' is not supported"),
-    (_with("ties", merge_method="passthrough"), "merge_method: 'passthrough'"),
+    (_with("ties", merge_method="frankenmerge"), "merge_method: 'frankenmerge' is not supported"),
+    (_with("ties", merge_method="passthrough"), "merge_method: 'passthrough': supported with slices only"),
     (_with("ties", tokenizer_source="union"), "tokenizer_source: 'union'"),
     (_with("ties", tokenizer={"source": "base", "tokens": {"<x>": {"source": "./ft_a"}}}), "tokenizer.tokens"),
     (_with("ties", chat_template="chatml"), "chat_template"),
@@ -233,10 +233,26 @@ def test_inert_keys_are_dropped_with_a_note():
     assert any(n.startswith("models.1.parameters.density") for n in out.notes)
 
 
-def test_every_fixture_translates():
+def test_every_method_maps_to_a_registered_method_with_a_known_base_mode():
+    from mergecli.methods import catalog
+    from mergecli.recipe.mergekit import BASE_MODES, METHODS, UNSUPPORTED
+
+    for name, method in METHODS.items():
+        assert method.base in BASE_MODES and method.mergecli in catalog(), name
+        params = {p.name for p in catalog()[method.mergecli].params} | {"weight"}
+        assert (set(method.shared) | set(method.per_model) | set(method.fixed)) - method.inert <= params, name
+    assert not set(UNSUPPORTED) & set(METHODS)
+    covered = {yaml.safe_load(path.read_text())["merge_method"] for path in CONFIGS.glob("*.yml")}
+    assert covered == set(METHODS)  # every translated method has a config the CLI tests run
+
+
+def test_every_fixture_translates_to_a_valid_recipe():
+    from mergecli.recipe.load import validate_recipe
+
     for path in sorted(CONFIGS.glob("*.yml")):
         out = run(load(path.stem))
-        assert out.recipe["merges"][0]["method"]
+        recipe = validate_recipe(out.recipe, Path("/models"), check_paths=False)  # the methods' rules included
+        assert recipe.merges[0].method == out.recipe["merges"][0]["method"]
 
 
 def test_import_config_file(tmp_path):
@@ -269,3 +285,99 @@ def test_numeric_strings_become_numbers_and_errors_name_the_level():
         run(_with("dare_ties", parameters={"density": [0, 0.5]}))
     with pytest.raises(RecipeError, match=r"^models\.0\.parameters\.weight: required by mergekit's linear"):
         run(_with("linear", models=[{"model": "./ft_a"}, {"model": "./ft_b", "parameters": {"weight": 1}}]))
+
+
+# -- mergekit 0.1.5's nuslerp, multislerp, karcher, sce, nearswap, arcee_fusion, ram, ramplus_tl -------
+def test_nuslerp_with_a_base_merges_task_vectors_and_without_one_the_weights():
+    merge = merge_of("nuslerp")
+    assert merge == {"name": "nuslerp", "method": "nuslerp", "nuslerp_flatten": True, "nuslerp_row_wise": False,
+                     "origin": "base", "models": [{"name": "ft_a", "weight": 0.4}, {"name": "ft_b", "weight": 0.6}],
+                     "dtype": "float32"}
+    out = run(load("nuslerp-nobase"))  # the first model is the recipe's base; its weight, base_weight
+    assert out.recipe["base"] == "./ft_a" and out.recipe["models"] == [{"name": "ft_far", "model": "./ft_far"}]
+    merge = out.recipe["merges"][0]
+    assert merge["origin"] == "zero" and merge["models"][0]["name"] == "ft_far"
+    name = "model.layers.1.self_attn.q_proj.weight"  # layer 1 of 4: 1/3 along [1, 0.5, 0.7, 0.3, 0]
+    assert at(merge["base_weight"], name) == pytest.approx(0.5 + (0.7 - 0.5) / 3 * 1)
+    assert at(merge["models"][0]["weight"], name) == pytest.approx(0.5 + (0.3 - 0.5) / 3 * 1)
+    columns = merge_of("nuslerp-columns")
+    assert columns["nuslerp_flatten"] is False and columns["nuslerp_row_wise"] is True
+
+
+def test_multislerp_origin_and_its_options():
+    merge = merge_of("multislerp")
+    assert merge["origin"] == "base" and merge["normalize_weights"] is True and merge["eps"] == 1e-8
+    assert merge["models"][2] == {"name": "ft_c", "weight": [0.2, 0.8]}
+    out = run(load("multislerp-nobase"))
+    merge = out.recipe["merges"][0]
+    assert out.recipe["base"] == "./ft_a" and merge["origin"] == "zero" and merge["base_weight"] == 0.5
+    assert merge["normalize_weights"] is False and [m["weight"] for m in merge["models"]] == [0.3, 0.2]
+
+
+@pytest.mark.parametrize("config, base, models", [
+    ("karcher", "./ft_a", ["ft_b", "ft_far"]),  # no base_model: the first model is the first point
+    ("karcher-base", "./ft_a", ["ft_c", "base"]),  # base_model not listed: mergekit appends it, the last point
+])
+def test_karcher_points_are_mergekits_inputs_in_order(config, base, models):
+    out = run(load(config))
+    merge = out.recipe["merges"][0]
+    assert out.recipe["base"] == base and merge["models"] == models and merge["origin"] == "zero"
+    assert "base_weight" not in merge and "weight" not in str(merge["models"])  # equal weights, as mergekit
+    listed = _with("karcher-base", models=[{"model": "./ft_a"}, {"model": "./base"}, {"model": "./ft_c"}])
+    assert run(listed).recipe["merges"][0]["models"] == ["base", "ft_c"]  # listed: its place is kept
+
+
+def test_karcher_sce_nearswap_arcee_fusion_ram_parameters():
+    karcher = merge_of("karcher")
+    assert karcher["max_iter"] == 20 and karcher["tol"] == 1e-7  # YAML's string '1e-7', read as a number
+    out = run(load("sce-all"))
+    assert out.recipe["merges"][0] == {"name": "sce", "method": "sce", "select_topk": 1.0,
+                                       "models": ["ft_a", "ft_b", "ft_c"], "dtype": "float32"}
+    assert any(n.startswith("parameters.int8_mask") for n in out.notes)
+    assert merge_of("sce")["select_topk"] == 0.3 and merge_of("sce")["models"][2] == "lora_c"
+    assert merge_of("nearswap")["t"] == [0.001, 0.01, 0.02]
+    out = run(load("arcee_fusion"))  # model_a is the base_model: the other is the one model
+    assert out.recipe["base"] == "./ft_a" and out.recipe["merges"][0]["models"] == ["ft_b"]
+    assert merge_of("ram")["epsilon"] == 0.015
+    plus = merge_of("ramplus_tl")
+    assert (plus["r"], plus["alpha"], plus["epsilon"]) == (0.5, 0.8, 0.02)
+    defaults = run(_with("ramplus_tl", parameters={})).recipe["merges"][0]
+    assert (defaults["r"], defaults["alpha"], defaults["epsilon"]) == (0.1, 0.2, 1e-5)
+
+
+THREE = [{"model": "./ft_a", "parameters": {"weight": 1}}, {"model": "./ft_b", "parameters": {"weight": 1}},
+         {"model": "./ft_c", "parameters": {"weight": 1}}]
+
+
+@pytest.mark.parametrize("data, message", [
+    (_with("nuslerp", models=THREE), "models: mergekit's nuslerp needs exactly 2 model(s) besides the base, got 3"),
+    (_with("nuslerp-nobase", models=THREE), "models: mergekit's nuslerp needs exactly 2 models without a base_model, "
+                                            "got 3"),
+    (_with("multislerp-nobase", models=THREE[:1]),
+     "models: mergekit's multislerp needs at least 2 models without a base_model, got 1 (one model alone would be "
+     "returned unchanged)"),
+    (_with("karcher", models=[{"model": "./ft_a"}]),
+     "models: mergekit's karcher needs at least 2 input models (base_model included), got 1"),
+    (_with("nearswap", models=[{"model": "./ft_a"}, {"model": "./ft_b"}]),
+     "models: mergekit's nearswap needs exactly 1 model(s) besides the base, got 2"),
+    (_with("arcee_fusion", models=[{"model": "./ft_a"}, {"model": "./ft_b"}, {"model": "./ft_c"}]),
+     "models: mergekit's arcee_fusion needs exactly 1 model(s) besides the base, got 2"),
+    (_with("nuslerp-rows", models=[{"model": "./ft_a"}, {"model": "./ft_far", "parameters": {"weight": 1}}]),
+     "models.0.parameters.weight: required by mergekit's nuslerp (it has no default)"),
+    (_with("nuslerp", models=[{"model": "./ft_a", "parameters": {"weight": 1}}, {"model": "./ft_b"}]),
+     "models.1.parameters.weight: required by mergekit's nuslerp"),
+    (_with("nearswap", parameters={}), "parameters.t: required by mergekit's nearswap"),
+    (_with("sce", base_model=None), "base_model: required by mergekit's sce"),
+    (_with("ram", base_model=None), "base_model: required by mergekit's ram"),
+    (_with("sce", parameters={"select_topk": 0.3, "density": 0.5}), "parameters.density: not a parameter of "
+                                                                     "mergekit's sce"),
+    (_with("karcher", models=[{"model": "./ft_a", "parameters": {"weight": 2}}, {"model": "./ft_b"}]),
+     "models.0.parameters.weight: not a parameter of mergekit's karcher"),
+    (_with("nuslerp", parameters={"nuslerp_flatten": "no"}), "parameters.nuslerp_flatten: expected true or false"),
+    (_with("multislerp", parameters={"normalize_weights": [True]}),
+     "parameters.normalize_weights: expected true or false"),
+])
+def test_new_methods_refuse_what_mergekit_refuses_naming_the_key(data, message):
+    with pytest.raises(RecipeError) as info:
+        run(data)
+    assert message in str(info.value)

@@ -233,6 +233,40 @@ def test_model_count_and_weight_rules():
             METHODS[name].check(METHODS[name].defaults(), [1.0, 1.0])
 
 
+@pytest.mark.parametrize("name, params, weights, message", [
+    # nuslerp: t = w1 / (w0 + w1) = -19 extrapolates; |1| + |-0.95| over 0.05 = 39
+    ("nuslerp", {"origin": "base"}, [1.0, -0.95], "weight: the weights 1, -0.95 sum to 0.05; their weighted mean can "
+                                                 "be 39 times"),
+    ("nuslerp", {"origin": "zero", "base_weight": 1.0}, [-0.95], "the weights 1, -0.95 (base_weight first) sum to"),
+    ("nuslerp", {"origin": "base"}, [1.0, -1.0], "can be inf times"),  # mergekit: t = 0.5 below |sum| 1e-6
+    ("multislerp", {"origin": "base", "normalize_weights": True}, [1.0, 0.5, -1.4], "can be 29 times the largest"),
+    ("multislerp", {"origin": "zero", "base_weight": 0.5, "normalize_weights": True}, [-0.45],
+     "or normalize_weights: false"),
+    ("karcher", {"origin": "zero", "base_weight": 1.0}, [1.0, -1.9], "the weights 1, 1, -1.9 (base_weight first) "
+                                                                     "sum to 0.1; their weighted mean can be 39 times"),
+    ("karcher", {"origin": "base", "base_weight": 1.0}, [2.0, -1.0, -0.9], "can be 39 times"),
+])
+def test_spherical_means_that_could_amplify_more_than_ten_times_are_refused(name, params, weights, message):
+    full = {**METHODS[name].defaults(), **params}
+    with pytest.raises(ValueError, match="at most 10 is allowed") as info:
+        METHODS[name].check(full, weights)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("name, params, weights", [
+    ("nuslerp", {"origin": "base"}, [0.4, 0.6]),
+    ("nuslerp", {"origin": "base"}, [1.0, -0.5]),  # t = -1: extrapolates, but within 3x
+    ("nuslerp", {"origin": "zero", "base_weight": 0.0}, [1.0]),
+    ("multislerp", {"origin": "base", "normalize_weights": False}, [1.0, -0.95]),  # no division
+    ("multislerp", {"origin": "base", "normalize_weights": True}, [0.0]),  # one model: returned as it is
+    ("multislerp", {"origin": "zero", "base_weight": 1.0, "normalize_weights": True}, [1.0, -0.5]),
+    ("karcher", {"origin": "zero", "base_weight": 1.0}, [1.0, 1.0]),
+    ("karcher", {"origin": "zero", "base_weight": 0.0}, [1.0, 1.0]),  # the base takes no part
+])
+def test_spherical_weights_within_the_bound_pass(name, params, weights):
+    METHODS[name].check({**METHODS[name].defaults(), **params}, weights)
+
+
 # -- nuslerp -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flatten, row_wise", [(True, False), (False, False), (False, True)])
 def test_nuslerp_matches_mergekit_with_and_without_base(family, flatten, row_wise):

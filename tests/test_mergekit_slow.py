@@ -5,6 +5,7 @@ Each config runs through `mergekit-yaml` and through `mergecli merge` (the confi
 outputs are compared tensor by tensor and every difference must be explained: fp32 rounding only,
 mergekit's top-k rounding (int(d n) where mergecli rounds), its float16 arithmetic, or, for the
 random methods, a different generator (the distance to mergekit is that of two mergecli seeds).
+Every mergekit method mergecli translates has at least one config here.
 """
 
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mergekit_oracle import RANDOM, build_models
+from mergekit_oracle import CONFIGS, RANDOM, build_models
+from mergecli.recipe.mergekit import METHODS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -29,9 +31,11 @@ def test_every_example_config_matches_mergekit_up_to_explained_differences(tmp_p
     except subprocess.CalledProcessError as exc:
         pytest.skip(f"mergekit 0.1.5 cannot be installed here: {exc}")
     results = run_configs(work, exe, build_models(work))
-    assert len(results) >= 13
+    assert len(results) == len(list(CONFIGS.glob("*.yml")))
     for name, entry in results.items():
         assert "error" not in entry, f"{name}: mergekit failed: {entry.get('error')}"
+    assert {entry["mergekit_method"] for entry in results.values()} == set(METHODS)  # each translated method run
+    for name, entry in results.items():
         direct = entry["mergecli_vs_mergekit"]
         assert not direct["only_in_one"], name
         if entry["method"] in RANDOM:

@@ -123,8 +123,9 @@ def test_per_row_on_transposed_weights_selects_output_rows():
     """GPT-2 Conv1D stores in x out; per-row top-k must pick within output features (columns there)."""
     w_out_in = torch.randn(6, 10, generator=torch.Generator().manual_seed(4))
     params = {"score": "magnitude", "density": 0.3, "topk": "row"}
-    normal, _, _ = merge_tensor(METHODS["linear"], [w_out_in], [1.0], params, "a")
-    transposed, _, _ = merge_tensor(METHODS["linear"], [w_out_in.T.contiguous()], [1.0], params, "a", transposed=True)
+    normal, _, _ = merge_tensor(METHODS["task_arithmetic_topk"], [w_out_in], [1.0], params, "a")
+    transposed, _, _ = merge_tensor(METHODS["task_arithmetic_topk"], [w_out_in.T.contiguous()], [1.0], params, "a",
+                                    transposed=True)
     assert torch.equal(normal, transposed.T)
     assert torch.equal((normal != 0).sum(dim=1), torch.full((6,), 3))
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mergecli.methods.consensus import disjoint_sum, weighted_mean
-from mergecli.methods.interpolate import slerp, soup
+from mergecli.methods.interpolate import slerp, weighted_average
 from mergecli.methods.masks import (breadcrumbs_band, breadcrumbs_counts, breadcrumbs_mask, della_probabilities,
                                     l1_factor, l1_rescale, normalized_ranks, sample_mask)
 from mergecli.methods.sparsify import random_stream
@@ -65,13 +65,13 @@ def test_slerp_zero_tensor_counts_as_orthogonal():
     assert torch.allclose(out, math.sin(math.pi / 4) * t_(3, 4))
 
 
-# -- weighted average (mergekit linear) ----------------------------------------------------------
-def test_soup_equals_average_of_full_weights():
+# -- weighted average (linear, as mergekit) -------------------------------------------------------
+def test_linear_equals_average_of_full_weights():
     base, tau1, tau2 = t_(1, 1), t_(2, 0), t_(0, 4)
     theta1, theta2 = base + tau1, base + tau2  # [3, 1], [1, 5]
 
-    def merged(*args, **kwargs):  # soup gives the change from the base
-        return base + soup(base, *args, **kwargs)
+    def merged(*args, **kwargs):  # weighted_average gives the change from the base
+        return base + weighted_average(base, *args, **kwargs)
 
     assert torch.allclose(merged([tau1, tau2], [1, 3]), (1 * theta1 + 3 * theta2) / 4)  # [1.5, 4]
     assert torch.allclose(merged([tau1, tau2], [1, 3]), t_(1.5, 4))
@@ -79,7 +79,7 @@ def test_soup_equals_average_of_full_weights():
     assert torch.allclose(merged([tau1, tau2], [0.5, 0.5], normalize=False), t_(2, 3))
     assert torch.allclose(merged([tau1, tau2], [1, 1], normalize=False), theta1 + theta2)
     with pytest.raises(ValueError, match="sum to 0"):
-        soup(base, [tau1, tau2], [1, -1])
+        weighted_average(base, [tau1, tau2], [1, -1])
 
 
 # -- Model Stock ---------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def test_weighted_mean_and_its_guard():
 
 # -- in the pipeline -----------------------------------------------------------------------------
 def test_a_missing_tensor_is_the_base_for_averages_and_no_voter_for_elections():
-    """`absent` is declared per method: soup/slerp/model_stock see tau = 0 with its weight (a LoRA's
+    """`absent` is declared per method: linear/slerp/model_stock see tau = 0 with its weight (a LoRA's
     untouched weight equals the base's), TIES-like methods leave the model out."""
     from mergecli.methods import catalog
     from mergecli.methods.pipeline import merge_tensor
@@ -242,7 +242,7 @@ def test_a_missing_tensor_is_the_base_for_averages_and_no_voter_for_elections():
     methods = catalog()
     g = torch.Generator().manual_seed(3)
     base, tau = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
-    averaged, _, offered = merge_tensor(methods["soup"], [tau, None], [1.0, 3.0], {}, "w", base=base)
+    averaged, _, offered = merge_tensor(methods["linear"], [tau, None], [1.0, 3.0], {}, "w", base=base)
     assert torch.allclose(averaged, base + tau / 4) and offered == 40
     elected, _, offered = merge_tensor(methods["ties"], [tau, None], [1.0, 3.0], {"density": 1.0}, "w")
     assert torch.allclose(elected, tau) and offered == 20

@@ -10,31 +10,42 @@ group and share one H; groups are detected by tensor identity on a probe forward
 lists, so any architecture works. The output embedding (lm_head) is not collected: it is tied to
 the input embedding in most models, and tensors without statistics fall back to magnitude.
 
-Two runners give the same H: `whole` runs the full model per batch; `layer_by_layer` keeps one
-decoder block on the device at a time, passing each batch's hidden states from block to block,
-like SparseGPT's sequential runner, for models larger than the device; a block's finished H goes
-back to the host with it (Llama-2-7B: 0.64 GiB per block, 20.45 GiB for all 32).
+Two runners give the same H: `collect` runs the loaded model per batch; `collect_blocks` never
+loads it: the block-streamed runner (`streamed.py`) materializes one decoder block at a time,
+every batch runs through it while its hooks accumulate, and each block's finished H is handed
+on (`finished`: written to disk at once) before the next block's weights are read, so memory
+holds the modules outside the stack, one block, its H and the hidden states at block
+boundaries, whatever the depth (Llama-2-7B: 0.64 GiB of H per block). It collects the decoder
+blocks' linear layers (every tested architecture has none outside the stack but the output one).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from .calibration import Windows
-from ..models.architecture import decoder_layers
+from .streamed import StreamedModel, Weights
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An nn.Linear or a GPT-2 Conv1D: a layer whose input gets statistics."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Linear / Conv1D layers whose inputs get statistics (all but the output embedding)."""
-    from transformers.pytorch_utils import Conv1D
-
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, Conv1D)) and m is not output}
+    return {name: m for name, m in model.named_modules() if is_linear(m) and m is not output}
+
+
+def in_features(module: nn.Module) -> int:
+    return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]  # Conv1D: in x out
 
 
 @dataclass
@@ -46,25 +57,8 @@ class Statistics:
     members: dict[str, str] = field(default_factory=dict)
 
 
-class _Stop(Exception):
-    pass
-
-
-def find_groups(model: nn.Module, input_ids: torch.Tensor) -> dict[str, list[str]]:
-    """leader module name -> modules that receive the very same input tensor in a forward pass.
-
-    Every input is kept alive until the pass ends, so two tensors can never share an address.
-    """
-    modules = linear_modules(model)
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0]))
-             for name, m in modules.items()]
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids[:1, :8], use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+def _grouped(modules: dict[str, nn.Module], seen: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """leader -> the modules (in order) that received the very same input tensor as it."""
     groups: dict[str, list[str]] = {}
     leader_of: dict[tuple, str] = {}
     for name in modules:
@@ -72,60 +66,150 @@ def find_groups(model: nn.Module, input_ids: torch.Tensor) -> dict[str, list[str
         if x is None:
             continue
         key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-        leader = leader_of.setdefault(key, name)
-        groups.setdefault(leader, []).append(name)
+        groups.setdefault(leader_of.setdefault(key, name), []).append(name)
     return groups
 
 
-def collect(model: nn.Module, windows: Windows, groups: dict[str, list[str]], batch_size: int,
-            device: torch.device, layer_by_layer: bool = False,
-            advance: Callable[[int], None] = lambda n: None) -> Statistics:
-    """Run the calibration windows through the model and return the summed statistics."""
-    modules = linear_modules(model)
-    stats = Statistics()
-    current: dict[str, torch.Tensor] = {}
+def _recording(modules: dict[str, nn.Module], seen: dict[str, torch.Tensor]) -> list:
+    """Pre-hooks keeping each module's input (alive until the probe ends, so two tensors can never
+    share an address)."""
+    return [m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0]))
+            for name, m in modules.items()]
 
-    def accumulate(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
+
+def find_groups(model: nn.Module, input_ids: torch.Tensor) -> dict[str, list[str]]:
+    """leader module name -> modules that receive the very same input tensor in a forward pass."""
+    modules = linear_modules(model)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = _recording(modules, seen)
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids[:1, :8], use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return _grouped(modules, seen)
+
+
+def block_modules(runner: StreamedModel, index: int, block: nn.Module) -> dict[str, nn.Module]:
+    """A materialized block's linear layers, by their names in the whole model."""
+    return {f"{runner.stack}.{index}.{name}": m for name, m in block.named_modules() if is_linear(m)}
+
+
+def find_block_groups(runner: StreamedModel, weights: Weights, input_ids: torch.Tensor
+                      ) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """`find_groups` block by block (a probe window of 8 tokens through the streamed runner): the
+    groups, in block order, and each group's input width."""
+    groups: dict[str, list[str]] = {}
+    dims: dict[str, int] = {}
+
+    def probe(index: int, block: nn.Module, masks: Iterator[torch.Tensor]) -> None:
+        modules = block_modules(runner, index, block)
+        seen: dict[str, torch.Tensor] = {}
+        hooks = _recording(modules, seen)
+        try:
+            for _ in masks:
+                pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+        found = _grouped(modules, seen)
+        groups.update(found)
+        dims.update({leader: in_features(modules[leader]) for leader in found})
+
+    ids = input_ids[:1, :8]
+    runner.hidden_states(weights, [(ids, torch.ones_like(ids))], probe)
+    return groups, dims
+
+
+class _Accumulator:
+    """The hooks that add each batch's x^T x (non-pad tokens) to its group's sum."""
+
+    def __init__(self, stats: Statistics, groups: dict[str, list[str]]) -> None:
+        self.stats = stats
+        self.mask: torch.Tensor | None = None
+        self.packed = True
+        self.finished: set[str] = set()
+        for leader, members in groups.items():
+            for member in members:
+                stats.members[f"{member}.weight"] = leader
+
+    def batch(self, mask: torch.Tensor) -> None:
+        """The batch about to run: packed batches (no padding) skip the per-hook token selection."""
+        self.mask, self.packed = mask, bool(mask.all())
+
+    def hook(self, name: str):
+        stats = self.stats
+
+        def accumulate(module: nn.Module, args: tuple) -> None:
             x = args[0].reshape(-1, args[0].shape[-1])
-            if not current["packed"]:
-                x = x[current["mask"].reshape(-1).bool()]
+            if not self.packed:
+                x = x[self.mask.reshape(-1).bool()]
             x = x.float()
             if name not in stats.sums:
                 stats.sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             add_upper_gram(stats.sums[name], x)
             stats.counts[name] = stats.counts.get(name, 0) + x.shape[0]
-        return hook
+        return accumulate
 
-    finished: set[str] = set()
+    def finish(self) -> None:
+        """Mirror the sums not yet finished and move them to the host."""
+        for name, h in self.stats.sums.items():
+            if name not in self.finished:
+                self.stats.sums[name] = symmetrize(h).cpu()
+                self.finished.add(name)
 
-    def finish() -> None:
-        """Mirror the sums not yet finished and move them off the device; layer by layer this runs
-        after each block, so the device holds one block's H at a time, not the whole model's."""
-        for name, h in stats.sums.items():
-            if name not in finished:
-                stats.sums[name] = symmetrize(h).cpu()
-                finished.add(name)
 
-    for leader, members in groups.items():
-        for member in members:
-            stats.members[f"{member}.weight"] = leader
-    hooks = [modules[leader].register_forward_pre_hook(accumulate(leader)) for leader in groups]
+def collect(model: nn.Module, windows: Windows, groups: dict[str, list[str]], batch_size: int,
+            device: torch.device, advance: Callable[[int], None] = lambda n: None) -> Statistics:
+    """Run the calibration windows through the loaded model and return the summed statistics."""
+    modules = linear_modules(model)
+    stats = Statistics()
+    acc = _Accumulator(stats, groups)
+    hooks = [modules[leader].register_forward_pre_hook(acc.hook(leader)) for leader in groups]
     try:
         with torch.no_grad():
-            if layer_by_layer:
-                _run_layer_by_layer(model, windows, batch_size, device, current, advance, finish)
-            else:
-                model.to(device)
-                backbone = getattr(model, "base_model", model)  # no logits: the output layer is not collected
-                for ids, mask in windows.batches(batch_size):
-                    _set_mask(current, mask.to(device))
-                    backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                    advance(ids.shape[0])
+            model.to(device)
+            backbone = getattr(model, "base_model", model)  # no logits: the output layer is not collected
+            for ids, mask in windows.batches(batch_size):
+                acc.batch(mask.to(device))
+                backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                advance(ids.shape[0])
     finally:
         for hook in hooks:
             hook.remove()
-    finish()
+    acc.finish()
+    return stats
+
+
+def collect_blocks(runner: StreamedModel, weights: Weights, windows: Windows, groups: dict[str, list[str]],
+                   dims: dict[str, int], batch_size: int, advance: Callable[[int], None] = lambda n: None,
+                   finished: Callable[[str, torch.Tensor], None] | None = None) -> Statistics:
+    """The statistics `collect` gives, the model never loaded (see the module's doc). Progress
+    counts windows once per block. With `finished`, each group's H (a zero one if no window
+    reached it) is handed to it, in the order of `groups`, as soon as its block is done, and not
+    kept; the token counts always are."""
+    stats = Statistics()
+    acc = _Accumulator(stats, groups)
+
+    def on_block(index: int, block: nn.Module, masks: Iterator[torch.Tensor]) -> None:
+        modules = block_modules(runner, index, block)
+        leaders = [leader for leader in groups if leader in modules]
+        hooks = [modules[leader].register_forward_pre_hook(acc.hook(leader)) for leader in leaders]
+        try:
+            for mask in masks:
+                acc.batch(mask)
+                advance(mask.shape[0])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        acc.finish()
+        if finished is not None:
+            for leader in leaders:
+                finished(leader, stats.sums.pop(leader, torch.zeros(dims[leader], dims[leader])))
+
+    with torch.no_grad():
+        runner.hidden_states(weights, windows.batches(batch_size), on_block)
     return stats
 
 
@@ -150,58 +234,3 @@ def symmetrize(h: torch.Tensor) -> torch.Tensor:
         diagonal = h[start:end, start:end]
         diagonal.copy_(torch.triu(diagonal) + torch.triu(diagonal, 1).T)
     return h
-
-
-def _set_mask(current: dict, mask: torch.Tensor) -> None:
-    """The batch's attention mask; packed batches (no padding) skip the per-hook token selection."""
-    current["mask"] = mask
-    current["packed"] = bool(mask.all())
-
-
-def _run_layer_by_layer(model: nn.Module, windows: Windows, batch_size: int, device: torch.device,
-                        current: dict[str, torch.Tensor], advance: Callable[[int], None],
-                        finish: Callable[[], None]) -> None:
-    """Progress counts windows once per block (windows x blocks in all)."""
-    layers = decoder_layers(model)
-    model.to("cpu")
-    inputs: list[tuple[tuple, dict, torch.Tensor]] = []
-
-    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        inputs.append((args, kwargs, current["mask"]))
-        raise _Stop
-
-    # everything outside the block stack (embeddings, rotary tables) runs on the device
-    _move_except(model, layers, device)
-    hook = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        for ids, mask in windows.batches(batch_size):
-            _set_mask(current, mask.to(device))
-            try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        hook.remove()
-    for layer in layers:
-        layer.to(device)
-        for i, (args, kwargs, mask) in enumerate(inputs):
-            _set_mask(current, mask)
-            out = layer(*args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-            inputs[i] = ((hidden, *args[1:]), kwargs, mask)
-            advance(hidden.shape[0])
-        layer.to("cpu")
-        finish()
-    model.to("cpu")
-
-
-def _move_except(model: nn.Module, keep: nn.Module, device: torch.device) -> None:
-    """Move every parameter and buffer to `device` except those inside `keep`."""
-    kept = {id(p) for p in keep.parameters()} | {id(b) for b in keep.buffers()}
-    for module in model.modules():
-        for _, param in list(module.named_parameters(recurse=False)):
-            if id(param) not in kept:
-                param.data = param.data.to(device)
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if id(buf) not in kept:
-                module._buffers[name] = buf.to(device)

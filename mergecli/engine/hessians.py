@@ -25,65 +25,89 @@ from typing import Callable
 
 import torch
 
-from .calibration import Windows, draw_windows, load_texts
-from .hessian_set import FILENAME, META, read_meta
-from .collect import Statistics, collect, find_groups, linear_modules
-from ..recipe.datasets import describe_spec
 from ..distributed import Group
 from ..errors import MergeCliError
 from ..methods.stats import LayerStats, TokenCounts
+from ..models.architecture import Architecture
 from ..models.loading import load_causal_lm, load_tokenizer
 from ..models.reference import ModelSource
 from ..models.safetensors_io import Checkpoint, StreamingWriter, TensorInfo
 from ..progress import Reporter
+from ..recipe.datasets import describe_spec
 from ..recipe.schema import CalibrationSpec, DatasetSpec
+from .calibration import Windows, draw_windows, load_texts
+from .collect import (Statistics, collect, collect_blocks, find_block_groups, find_groups, in_features,
+                      linear_modules)
+from .hessian_set import FILENAME, META, read_meta
+from .streamed import StreamedModel, Weights, source_weights
 
 
 @dataclass
 class Calibration:
-    """A model ready to collect statistics on: its windows, its input groups and their widths."""
+    """A model ready to collect statistics on: its windows, its input groups and their widths, and
+    how it runs: loaded whole (`model`), or block by block (`runner` with `weights`)."""
 
     name: str
     dataset: str
-    model: torch.nn.Module
     windows: Windows
     groups: dict[str, list[str]]
     dims: dict[str, int]
     embedding: str  # the input embedding's weight name
     rows: int  # its vocabulary size
+    model: torch.nn.Module | None = None
+    runner: StreamedModel | None = None
+    weights: Weights | None = None
 
 
-def prepare(name: str, source: ModelSource, base: Path, dataset: DatasetSpec, root: Path, cal: CalibrationSpec,
-            workspace: Path, reporter: Reporter) -> Calibration:
-    """Load the model and draw its calibration windows (identical in every process); refuse early
-    if the workspace disk cannot hold the result."""
+def prepare(name: str, source: ModelSource, base: Path, arch: Architecture, dataset: DatasetSpec, root: Path,
+            cal: CalibrationSpec, device: torch.device, workspace: Path, reporter: Reporter) -> Calibration:
+    """Draw the model's calibration windows (identical in every process) and get the model ready:
+    loaded, or (`calibration.layer_by_layer`) as a block-streamed runner over its files; refuse
+    early if the workspace disk cannot hold the result."""
     tokenizer = load_tokenizer(source.path, base)
     texts = load_texts(dataset, root, tokenizer)
     windows = draw_windows(texts, tokenizer, cal.samples, cal, cal.seed,
                            what=f"dataset {describe_spec(dataset)} of {name}")
-    model = load_causal_lm(source, base, use_base=cal.source == "base")
-    groups = find_groups(model, windows.input_ids)
-    modules = linear_modules(model)
-    dims = {leader: _in_features(modules[leader]) for leader in groups}
+    use_base = cal.source == "base"
+    if cal.layer_by_layer:
+        runner = StreamedModel.from_folder(base if use_base or source.kind == "lora" else source.path, device=device)
+        weights = source_weights(runner, source, base, arch, use_base)
+        groups, dims = find_block_groups(runner, weights, windows.input_ids)
+        model, loaded = runner.model, None
+    else:
+        runner = weights = None
+        model = loaded = load_causal_lm(source, base, use_base=use_base)
+        groups = find_groups(model, windows.input_ids)
+        modules = linear_modules(model)
+        dims = {leader: in_features(modules[leader]) for leader in groups}
     rows = model.get_input_embeddings().weight.shape[0]
     size = sum(d * d * 4 for d in dims.values()) + 8 * rows  # fp32 H per group, int64 token counts
     free = shutil.disk_usage(workspace).free
     reporter.log(f"hessians {name}: {len(groups)} input groups for {sum(map(len, groups.values()))} "
-                 f"linear layers, {size / 2**20:.1f} MiB on disk; {windows.tokens} tokens")
+                 f"linear layers, {size / 2**20:.1f} MiB on disk; {windows.tokens} tokens"
+                 + (", one block at a time" if runner else ""))
     if size > free:
         raise MergeCliError(f"hessians of {name} need {size / 2**30:.2f} GiB, the workspace disk has "
                             f"{free / 2**30:.2f} GiB free", "free space or point --workspace elsewhere")
-    return Calibration(name, describe_spec(dataset), model, windows, groups, dims, embedding_weight(model), rows)
+    return Calibration(name, describe_spec(dataset), windows, groups, dims, embedding_weight(model), rows, loaded,
+                       runner, weights)
 
 
 def collect_windows(prepared: Calibration, rows: range, cal: CalibrationSpec, device: torch.device,
-                    advance: Callable[[int], None]) -> Statistics:
-    """The summed statistics of windows `rows` (a zero sum for a group no window reached)."""
+                    advance: Callable[[int], None], finished: Callable[[str, torch.Tensor], None] | None = None
+                    ) -> Statistics:
+    """The summed statistics of windows `rows` (a zero sum for a group no window reached). Block by
+    block, `finished` gets each group's H as soon as its block is done (see `collect_blocks`)."""
     ids, mask = prepared.windows.input_ids, prepared.windows.attention_mask
     part = Windows(ids[rows.start:rows.stop], mask[rows.start:rows.stop])
-    stats = collect(prepared.model, part, prepared.groups, cal.batch_size, device, cal.layer_by_layer, advance)
+    if prepared.runner is not None:
+        stats = collect_blocks(prepared.runner, prepared.weights, part, prepared.groups, prepared.dims,
+                               cal.batch_size, advance, finished)
+    else:
+        stats = collect(prepared.model, part, prepared.groups, cal.batch_size, device, advance)
     for leader, d in prepared.dims.items():
-        stats.sums.setdefault(leader, torch.zeros(d, d))
+        if finished is None:
+            stats.sums.setdefault(leader, torch.zeros(d, d))
         stats.counts.setdefault(leader, 0)
     return stats
 
@@ -97,20 +121,52 @@ def combine(stats: Statistics, group: Group) -> Statistics:
     return Statistics(sums, dict(zip(leaders, counts.tolist())), stats.members)
 
 
+class _HessianFile:
+    """The statistics artifact being written: one fp32 H sum per input group, in the groups' order,
+    then the embedding's token counts (of all the windows) and what maps to what."""
+
+    def __init__(self, folder: Path, prepared: Calibration) -> None:
+        self.folder, self.prepared = folder, prepared
+        self.counts = token_counts(prepared.windows, prepared.rows)
+        infos = [TensorInfo(f"{leader}.H", (d, d), torch.float32) for leader, d in prepared.dims.items()]
+        infos.append(TensorInfo(f"{prepared.embedding}.counts", tuple(self.counts.shape), torch.int64))
+        self.writer = StreamingWriter(folder / FILENAME, infos, {"model": prepared.name})
+
+    def put(self, leader: str, h: torch.Tensor) -> None:
+        self.writer.write(f"{leader}.H", h.float())
+
+    def close(self, stats: Statistics) -> None:
+        prepared = self.prepared
+        self.writer.write(f"{prepared.embedding}.counts", self.counts)
+        self.writer.close()
+        (self.folder / META).write_text(json.dumps({
+            "model": prepared.name, "dataset": prepared.dataset, "tokens": prepared.windows.tokens,
+            "members": stats.members, "counts": stats.counts, "groups": prepared.groups,
+            "embedding": prepared.embedding}, indent=1))
+
+
 def write_hessians(folder: Path, prepared: Calibration, stats: Statistics) -> None:
-    """The statistics artifact: one fp32 H sum per input group, the embedding's token counts (of
-    all the windows), and what maps to what."""
-    groups, dims, embedding = prepared.groups, prepared.dims, prepared.embedding
-    counts = token_counts(prepared.windows, prepared.rows)
-    infos = [TensorInfo(f"{leader}.H", (dims[leader], dims[leader]), torch.float32) for leader in groups]
-    infos.append(TensorInfo(f"{embedding}.counts", tuple(counts.shape), torch.int64))
-    with StreamingWriter(folder / FILENAME, infos, {"model": prepared.name}) as writer:
-        for leader in groups:
-            writer.write(f"{leader}.H", stats.sums[leader].float())
-        writer.write(f"{embedding}.counts", counts)
-    (folder / META).write_text(json.dumps({
-        "model": prepared.name, "dataset": prepared.dataset, "tokens": prepared.windows.tokens,
-        "members": stats.members, "counts": stats.counts, "groups": groups, "embedding": embedding}, indent=1))
+    """The statistics artifact of sums collected beforehand (every group's H in memory)."""
+    file = _HessianFile(folder, prepared)
+    for leader in prepared.dims:
+        file.put(leader, stats.sums[leader])
+    file.close(stats)
+
+
+def collect_into(folder: Path, prepared: Calibration, cal: CalibrationSpec, device: torch.device,
+                 advance: Callable[[int], None]) -> None:
+    """Collect every window's statistics into the artifact at `folder`: block by block each
+    group's H is written as soon as its block is done (one block's H in memory, whatever the
+    depth); loaded whole, every H at the end."""
+    file = _HessianFile(folder, prepared)
+    rows = range(len(prepared.windows.input_ids))
+    if prepared.runner is not None:
+        stats = collect_windows(prepared, rows, cal, device, advance, finished=file.put)
+    else:
+        stats = collect_windows(prepared, rows, cal, device, advance)
+        for leader in prepared.dims:
+            file.put(leader, stats.sums[leader])
+    file.close(stats)
 
 
 def embedding_weight(model: torch.nn.Module) -> str:
@@ -125,10 +181,6 @@ def token_counts(windows: Windows, rows: int) -> torch.Tensor:
     base's embedding does not have) are not counted."""
     ids = windows.input_ids[windows.attention_mask.bool()]
     return torch.bincount(ids[ids < rows], minlength=rows).to(torch.int64)
-
-
-def _in_features(module: torch.nn.Module) -> int:
-    return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]  # Conv1D: in x out
 
 
 class HessianReader:

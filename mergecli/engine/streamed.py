@@ -66,11 +66,15 @@ from torch import nn
 
 from ..errors import MergeCliError
 from ..models.architecture import decoder_layers
+from ..models.lora import LoraAdapter
+from ..models.safetensors_io import Checkpoint
 from .perplexity import next_token_nll
+from .taskvectors import by_canonical
 
 if TYPE_CHECKING:
+    from ..models.architecture import Architecture
+    from ..models.reference import ModelSource
     from .calibration import Windows
-    from ..models.safetensors_io import Checkpoint
 
 Weights = Callable[[list[str]], dict[str, torch.Tensor]]  # module-tree names -> tensors (any device, dtype)
 Batch = tuple[torch.Tensor, torch.Tensor]  # input ids, attention mask (batch x seq_len)
@@ -179,7 +183,7 @@ class StreamedModel:
 
     # -- weights --------------------------------------------------------------------------------
 
-    def checkpoint_weights(self, checkpoint: "Checkpoint", partial: bool = False,
+    def checkpoint_weights(self, checkpoint: Checkpoint, partial: bool = False,
                            only: Iterable[str] | None = None) -> "StoredWeights":
         """`weights` read lazily from a checkpoint, by transformers' own loading rules
         (`get_model_conversion_mapping`): stored names renamed to the module tree (GPT-2's legacy
@@ -447,3 +451,32 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
     elif isinstance(value, dict):
         for v in value.values():
             yield from _tensors(v)
+
+
+def source_weights(runner: StreamedModel, source: "ModelSource", base: Path, arch: "Architecture",
+                   use_base: bool = False) -> StoredWeights:
+    """The weights of a model to run block by block: a full checkpoint as stored; a LoRA adapter as
+    its base plus the adapter's change of each tensor it targets (`models.lora`, as its task vector
+    is computed: what peft's merge adds); with `use_base`, the base."""
+    if use_base or source.kind != "lora":
+        return runner.checkpoint_weights(Checkpoint.open(base if use_base else source.path))
+    base_ckpt = Checkpoint.open(base)
+    stored, adapter = by_canonical(base_ckpt, arch), LoraAdapter(source.path)
+    targets = set(adapter.tensor_names(arch))
+    plain = runner.checkpoint_weights(base_ckpt)
+
+    def weights(names: list[str]) -> dict[str, torch.Tensor]:
+        found = plain(names)
+        for name in names:
+            key = arch.canonical(arch.checkpoint_name(name))
+            if key in targets:
+                found[name] = found[name].float() + adapter.delta(key, stored[key], base_ckpt, arch)
+        return found
+    return StoredWeights(weights, plain.names)
+
+
+def model_weights(model: nn.Module) -> Weights:
+    """A loaded model's own tensors as `weights` (the same model run block by block: tests and
+    benchmarks compare the two runners on it)."""
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return lambda names: {n: state[n].detach() for n in names}

@@ -1,5 +1,5 @@
 """Merges of whole weights rather than of task vectors: SLERP between two models, and the
-weighted average of models (a "model soup", mergekit's `linear`).
+weighted average of models (`linear`, with mergekit's meaning: a "model soup").
 
 Both need the base tensor itself, not only the task vectors: SLERP's angle is between the two
 weight tensors, and an unnormalised average scales the base. Pure functions on tensors; math in
@@ -57,8 +57,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = DOT
     return (coef_a * x + coef_b * y).reshape(a.shape)
 
 
-def soup(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: Sequence[float], base_weight: float = 0.0,
-         normalize: bool = True) -> torch.Tensor:
+def weighted_average(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: Sequence[float],
+                     base_weight: float = 0.0, normalize: bool = True) -> torch.Tensor:
     """The change from the base of the weighted average of the base and the models (mergekit's
     `linear`), written on task vectors.
 
@@ -88,7 +88,7 @@ def soup(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: Sequence[flo
 # -- methods ---------------------------------------------------------------------------------------
 T = Param("t", float, 0.5, "slerp: position on the arc from the base (0) to the model (1)", low=0.0, high=1.0,
           schedulable=True)
-BASE_WEIGHT = Param("base_weight", float, 0.0, "soup: the base model's own weight in the average", low=-100,
+BASE_WEIGHT = Param("base_weight", float, 0.0, "linear: the base model's own weight in the average", low=-100,
                     high=100, schedulable=True)
 
 
@@ -112,8 +112,9 @@ def slerp_method(trimmed, weights, *, params, base, **_):
     return slerp(base, base + trimmed[0], params["t"]).sub_(base)
 
 
-@register_method("soup", params=(NORMALIZE.with_default(True), BASE_WEIGHT), needs_base=True,
+@register_method("linear", params=(NORMALIZE.with_default(True), BASE_WEIGHT), needs_base=True,
                  check=average_defined, absent="zero")
-def soup_method(trimmed, weights, *, params, base, **_):
-    """Weighted average of the models' weights, the base's own weight included (mergekit's linear)."""
-    return soup(base, trimmed, weights.tolist(), params["base_weight"], params["normalize"])
+def linear_method(trimmed, weights, *, params, base, **_):
+    """Weighted average of the models' weights, the base's own weight included (mergekit's linear;
+    was called `soup`)."""
+    return weighted_average(base, trimmed, weights.tolist(), params["base_weight"], params["normalize"])

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .reduce import dot, last_norm, last_sum, norm
-from .table import Param, register_method
+from .table import Param, means_stay_bounded, register_method
 
 
 def _work(tensor: torch.Tensor) -> torch.Tensor:
@@ -181,19 +181,46 @@ def _relative(merged: torch.Tensor, params: Mapping[str, Any], base: torch.Tenso
     return merged if params["origin"] == "base" else merged - base
 
 
+def _point_weights(params: Mapping[str, Any], weights: Sequence[float]) -> tuple[list[float], str]:
+    """The points' weights (the base's first with origin: zero) and how the error names them."""
+    if params["origin"] == "zero":
+        return [params["base_weight"], *weights], " (base_weight first)"
+    return list(weights), ""
+
+
 def _two_points(params, weights) -> None:
+    """Two points, and a position t = w1 / (w0 + w1) that interpolates: with weights of both signs t
+    leaves [0, 1], and as w0 + w1 -> 0 the extrapolation grows without bound (mergekit switches to
+    t = 0.5 only below 1e-6), so `means_stay_bounded` applies to the two weights."""
     want = 2 if params["origin"] == "base" else 1
     if len(weights) != want:
         raise ValueError(f"models: nuslerp interpolates between two points: {want} model(s) with origin: "
                          f"{params['origin']}, got {len(weights)}")
+    points, named = _point_weights(params, weights)
+    means_stay_bounded(points, subsets=False, extra=named,
+                       remedy="weights of one sign (then t = w1 / (w0 + w1) stays in [0, 1])")
 
 
-def _weights_sum(name: str):
-    def rule(params, weights) -> None:
-        total = sum(weights) + (params["base_weight"] if params["origin"] == "zero" else 0.0)
-        if params.get("normalize_weights", True) and total == 0:
-            raise ValueError(f"weight: the points' weights sum to 0; {name} divides by their sum")
-    return rule
+def _multislerp_weights(params, weights) -> None:
+    """With normalize_weights the weights are divided by their sum, which scales the result (the
+    weighted mean of the points' norms): a sum near 0 amplifies it (`means_stay_bounded`). One task
+    vector is returned as it is, whatever its weight."""
+    if params["origin"] == "base" and len(weights) == 1:
+        return
+    points, named = _point_weights(params, weights)
+    if params["normalize_weights"]:
+        if sum(points) == 0:
+            raise ValueError("weight: the points' weights sum to 0; multislerp divides by their sum")
+        means_stay_bounded(points, subsets=False, extra=named, remedy="normalize_weights: false")
+
+
+def _karcher_weights(params, weights) -> None:
+    """The weights are divided by their sum, and the result is scaled by the weighted mean of the
+    points' norms: a sum near 0 amplifies it (`means_stay_bounded`)."""
+    points, named = _point_weights(params, weights)
+    if sum(points) == 0:
+        raise ValueError("weight: the points' weights sum to 0; karcher divides by their sum")
+    means_stay_bounded(points, subsets=False, extra=named, remedy="weights of one sign (mergekit: all equal)")
 
 
 @register_method("nuslerp", params=(ORIGIN, BASE_WEIGHT, FLATTEN, ROW_WISE), needs_base=True, elementwise=False,
@@ -207,7 +234,7 @@ def nuslerp_method(trimmed, weights, *, params, base, **_):
 
 
 @register_method("multislerp", params=(ORIGIN, BASE_WEIGHT, NORMALIZE_WEIGHTS, EPS), needs_base=True,
-                 elementwise=False, check=_weights_sum("multislerp"), absent="zero")
+                 elementwise=False, check=_multislerp_weights, absent="zero")
 def multislerp_method(trimmed, weights, *, params, base, **_):
     """Weighted spherical barycentre of the points, through the tangent space at their mean direction
     (mergekit's multislerp)."""
@@ -218,7 +245,7 @@ def multislerp_method(trimmed, weights, *, params, base, **_):
 
 
 @register_method("karcher", params=(ORIGIN.with_default("zero"), BASE_WEIGHT, MAX_ITER, TOL), needs_base=True,
-                 elementwise=False, check=_weights_sum("karcher"), absent="zero")
+                 elementwise=False, check=_karcher_weights, absent="zero")
 def karcher_method(trimmed, weights, *, params, base, **_):
     """Karcher (Riemannian) mean of the points on the sphere, rescaled by their mean norm (mergekit's
     karcher: the base and every model, equal weights)."""

@@ -1,4 +1,4 @@
-"""The classic merge methods: task arithmetic, trimmed linear, TIES, DARE, RegMean.
+"""The classic merge methods: task arithmetic (whole and top-k-trimmed), TIES, DARE, RegMean.
 
 Each is one registered combine function over trimmed task vectors (the pipeline trims first, as
 its declaration says) returning the merged delta; the math itself lives in `combine.py`,
@@ -25,10 +25,11 @@ def task_arithmetic(trimmed, weights, *, params, **_):
     return added(trimmed, weights, params["normalize"])
 
 
-@register_method("linear", params=(*TRIM_TOPK, LAMBDA, NORMALIZE), trim="topk", additive=True,
+@register_method("task_arithmetic_topk", params=(*TRIM_TOPK, LAMBDA, NORMALIZE), trim="topk", additive=True,
                  check=normalized_mean_bounded)
-def linear(trimmed, weights, *, params, **_):
-    """Trimmed task arithmetic: keep the top-k by score, then sum_i w_i t_i (no rescale)."""
+def task_arithmetic_topk(trimmed, weights, *, params, **_):
+    """Trimmed task arithmetic: keep the top-k by score, then sum_i w_i t_i (no rescale; TIES without
+    the sign election). Was called `linear`, which is now mergekit's weighted average (`interpolate.py`)."""
     return added(trimmed, weights, params["normalize"])
 
 

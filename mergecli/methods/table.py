@@ -236,15 +236,17 @@ def amplification(weights: Sequence[float], subsets: bool = False) -> tuple[floa
     return bound(worst), worst
 
 
-def means_stay_bounded(weights: Sequence[float], subsets: bool, extra: str = "") -> None:
-    """Refuse weights whose mean could amplify a task vector more than MAX_AMPLIFICATION times."""
+def means_stay_bounded(weights: Sequence[float], subsets: bool, extra: str = "",
+                       remedy: str = "normalize: false") -> None:
+    """Refuse weights whose mean could amplify a task vector more than MAX_AMPLIFICATION times.
+    `remedy`: the method's other way out, named after "use weights whose sums stay away from 0, or"."""
     a, group = amplification(weights, subsets)
     if a > MAX_AMPLIFICATION:
         which = "the weights" if len(group) == len(weights) else "the models weighted"
         raise ValueError(f"weight: {which} {', '.join(f'{w:g}' for w in group)}{extra} sum to {sum(group):g}; "
                          f"their weighted mean can be {a:.4g} times the largest task-vector entry (at most "
                          f"{MAX_AMPLIFICATION:g} is allowed): use weights whose sums stay away from 0, or "
-                         "normalize: false")
+                         f"{remedy}")
 
 
 def normalized_mean_bounded(params: Mapping[str, Any], weights: Sequence[float]) -> None:

@@ -43,11 +43,24 @@ class MethodMap:
     mergecli: str
     shared: Mapping[str, Any]
     per_model: Mapping[str, Any]
-    base: str  # "required": task vectors against base_model; "endpoint": slerp's t = 0; "optional": linear
+    base: str  # see BASE_MODES
     fixed: Mapping[str, Any] = field(default_factory=dict)
     inert: frozenset[str] = frozenset()  # declared by mergekit for this method, no effect on values
-    min_models: int = 1
+    min_models: int = 1  # mergekit's inputs besides the base ("points": all its inputs, the base included)
     max_models: int | None = None
+
+
+BASE_MODES = {
+    "required": "task vectors against base_model (mergekit refuses to run without one)",
+    "endpoint": "slerp: base_model is the end at t = 0",
+    "optional": "linear: with a base_model it is averaged in with its own weight (base_weight); without, the first "
+                "model is the recipe's base and its weight base_weight",
+    "origin": "nuslerp, multislerp: with a base_model, task vectors against it (origin: base); without, the weights "
+              "themselves, the first model being the recipe's base with its weight as base_weight (origin: zero)",
+    "points": "karcher: every input is a point with equal weight, base_model too (appended when not listed); the "
+              "first input is the recipe's base (origin: zero)",
+}
+"""How a mergekit method uses `base_model`, and how mergecli's recipe base is chosen for it."""
 
 
 def _gta(mergecli: str, score: str | None, normalize: bool, rescale: bool, extra: Mapping[str, Any] | None = None,
@@ -78,15 +91,33 @@ METHODS: dict[str, MethodMap] = {
     "della": _gta("della", "magnitude", normalize=True, rescale=True, extra={"epsilon": 0.15}, topk=False),
     "della_linear": _gta("della_linear", "magnitude", normalize=False, rescale=True, extra={"epsilon": 0.15},
                          topk=False),
-    "linear": MethodMap("soup", {"normalize": True}, {"weight": REQUIRED}, "optional"),
+    "linear": MethodMap("linear", {"normalize": True}, {"weight": REQUIRED}, "optional"),
     "slerp": MethodMap("slerp", {"t": REQUIRED}, {}, "endpoint", min_models=1, max_models=1),
     "model_stock": MethodMap("model_stock", {"filter_wise": False}, {}, "required", min_models=2),
+    # merge_methods/nuslerp.py: PerNonBase weight, base optional, exactly 2 non-base inputs
+    "nuslerp": MethodMap("nuslerp", {"nuslerp_flatten": True, "nuslerp_row_wise": False}, {"weight": REQUIRED},
+                         "origin", min_models=2, max_models=2),
+    # multislerp.py: PerNonBase weight, base optional, at least 1 non-base input
+    "multislerp": MethodMap("multislerp", {"normalize_weights": True, "eps": 1e-8}, {"weight": REQUIRED}, "origin"),
+    # karcher.py: base ignored (it is one more input), no weights, equal alphas over every input
+    "karcher": MethodMap("karcher", {"max_iter": 10, "tol": 1e-5}, {}, "points", {"origin": "zero"}, min_models=2),
+    # sce.py: base required, int8_mask only sets the masks' dtype
+    "sce": MethodMap("sce", {"int8_mask": False, "select_topk": 1.0}, {}, "required", inert=frozenset({"int8_mask"})),
+    # nearswap.py: base required, exactly 2 inputs; t has no default
+    "nearswap": MethodMap("nearswap", {"t": REQUIRED}, {}, "required", min_models=1, max_models=1),
+    # arcee_fusion.py: base required, exactly 2 inputs
+    "arcee_fusion": MethodMap("arcee_fusion", {}, {}, "required", min_models=1, max_models=1),
+    # ram.py: base required
+    "ram": MethodMap("ram", {"epsilon": 1e-5}, {}, "required"),
+    "ramplus_tl": MethodMap("ramplus_tl", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {}, "required"),
 }
 """mergekit 0.1.5 methods mergecli runs, keyed by mergekit's name (`merge_methods/registry.py`)."""
 
-UNSUPPORTED = {"nuslerp", "multislerp", "karcher", "sce", "ram", "ramplus_tl", "passthrough", "nearswap",
-               "arcee_fusion"}
-BOOLEAN = {"int8_mask", "normalize", "rescale", "filter_wise"}
+UNSUPPORTED = {"passthrough": "supported with slices only (stacking layer ranges of models), which mergecli does not "
+                              "translate yet; over one whole model it is a copy of that model"}
+"""mergekit methods mergecli knows but cannot run from a config, and why."""
+BOOLEAN = {"int8_mask", "normalize", "rescale", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise",
+           "normalize_weights"}
 TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "tokenizer", "chat_template", "name"}
 DTYPES = {"float32", "float16", "bfloat16"}
@@ -127,7 +158,9 @@ def translate(data: Mapping[str, Any], root: Path = Path("."), dest: Path | None
             raise RecipeError(f"{key}: not a mergekit config key (mergekit would ignore it)",
                               f"mergekit keys: {', '.join(sorted(TOP_LEVEL))}")
     name = data["merge_method"]
-    if name in UNSUPPORTED or name not in METHODS:
+    if name in UNSUPPORTED:
+        raise RecipeError(f"merge_method: {name!r}: {UNSUPPORTED[name]}")
+    if name not in METHODS:
         raise RecipeError(f"merge_method: {name!r} is not supported by mergecli",
                           f"supported mergekit methods: {', '.join(METHODS)}")
     method = METHODS[name]
@@ -138,10 +171,8 @@ def translate(data: Mapping[str, Any], root: Path = Path("."), dest: Path | None
     sources, shared_levels = _sources(data, root, layers_of or (lambda ref: read_num_layers(ref, root)))
 
     base_ref, base_levels, models = _split_base(name, method, data.get("base_model"), sources, data, notes)
-    if len(models) < method.min_models or (method.max_models is not None and len(models) > method.max_models):
-        want = (f"exactly {method.min_models}" if method.min_models == method.max_models
-                else f"at least {method.min_models}")
-        raise RecipeError(f"models: mergekit's {name} needs {want} model(s) besides the base, got {len(models)}")
+    with_base = data.get("base_model") is not None
+    _count_inputs(name, method, len(models), with_base)
 
     merge_name = str(data.get("name") or label or name)
     variant: dict[str, Any] = {"name": merge_name, "method": method.mergecli, **method.fixed}
@@ -151,13 +182,15 @@ def translate(data: Mapping[str, Any], root: Path = Path("."), dest: Path | None
         if setting is None and default is REQUIRED:
             raise RecipeError(f"parameters.{key}: required by mergekit's {name}")
         _emit(variant, key, default if setting is None else setting, where, name, method, notes, setting is not None)
-    if method.base == "optional":
+    if method.base == "origin":
+        variant["origin"] = "base" if with_base else "zero"
+    if method.base == "optional" or (method.base == "origin" and not with_base):
         weight = schedule.chain(*(level.get("weight") for level in base_levels))
         if weight is None:
             raise RecipeError("parameters.weight: mergekit's linear averages the base_model in too and needs "
                               "its weight")
         schedule.check(weight, "parameters.weight")
-        variant["base_weight"] = weight
+        variant["base_weight"] = _numeric(weight)
 
     used_names: set[str] = set()
     recipe_models, variant_models = [], []
@@ -335,16 +368,22 @@ def _split_base(name: str, method: MethodMap, base: str | None, sources: list[So
         if refs.count(ref) > 1:
             raise RecipeError(f"{where}.model: {ref!r} is listed twice (mergekit refuses duplicate inputs too)")
     if base is None:
-        if method.base != "optional":
+        if method.base not in ("optional", "origin", "points"):
             raise RecipeError(f"base_model: required by mergekit's {name}")
-        base, levels, where = sources[0]  # the first model's weights are the reference of the average
-        if all(level.get("weight") is None for level in levels):
-            raise RecipeError(f"{where}.parameters.weight: required by mergekit's linear (it has no default)")
+        # linear: the first model's weights are the reference of the average; nuslerp, multislerp: the
+        # first point; karcher: the first of its equal points
+        base, levels, where = sources[0]
+        if "weight" in method.per_model and all(level.get("weight") is None for level in levels):
+            raise RecipeError(f"{where}.parameters.weight: required by mergekit's {name} (it has no default)")
         return _strip_lora_base(base, where), levels, sources[1:]
     if not isinstance(base, str):
         raise RecipeError("base_model: expected a path or hub id")
     listed = [s for s in sources if s[0] == base]
     others = [s for s in sources if s[0] != base]
+    if method.base == "points":  # mergekit's inputs: the models as listed, then base_model if not among them
+        inputs = sources if listed else [*sources, (base, [], "base_model")]
+        first, _, where = inputs[0]
+        return _strip_lora_base(first, where), [], inputs[1:]
     if method.base == "optional":
         levels = listed[0][1] if listed else sources[0][1][1:]  # an added base gets only the shared levels
         return _strip_lora_base(base, "base_model"), levels, others
@@ -352,6 +391,22 @@ def _split_base(name: str, method: MethodMap, base: str | None, sources: list[So
         notes.append(f"{listed[0][2]}.parameters: ignored, as in mergekit: the base model of {name} takes no "
                      "per-model parameters")
     return _strip_lora_base(base, "base_model"), [], others
+
+
+def _count_inputs(name: str, method: MethodMap, others: int, with_base: bool) -> None:
+    """mergekit's input counts for `method` (`others`: the models besides the recipe's base)."""
+    low, high = method.min_models, method.max_models
+    if method.base == "points":
+        count, what = others + 1, " input models (base_model included)"
+    elif method.base == "origin" and not with_base:
+        count, what = others + 1, " models without a base_model"
+        low = max(low, 2)  # the first is the recipe's base: at least one more to merge it with
+    else:
+        count, what = others, " model(s) besides the base"
+    if count < low or (high is not None and count > high):
+        want = f"exactly {low}" if low == high else f"at least {low}"
+        alone = " (one model alone would be returned unchanged)" if low > method.min_models else ""
+        raise RecipeError(f"models: mergekit's {name} needs {want}{what}, got {count}{alone}")
 
 
 def _strip_lora(ref: str) -> str:

@@ -164,6 +164,8 @@ class MergeSpec(BaseModel):
     @classmethod
     def _known_method(cls, value: str) -> str:
         known = catalog()
+        if value in RENAMED:
+            raise ValueError(RENAMED[value])
         if value not in known:
             raise ValueError(f"unknown method {value!r}{did_you_mean(value, known)}; known: {', '.join(known)}")
         return value
@@ -177,14 +179,16 @@ class MergeSpec(BaseModel):
             field = next(iter(given))
             names = [p.name for p in method.params] + list(MergeSpec.model_fields)
             raise ValueError(f"{field}: unknown field{did_you_mean(field, names)} "
-                             f"({self.method} takes: {', '.join(p.name for p in method.params) or 'no parameters'})")
+                             f"({self.method} takes: {', '.join(p.name for p in method.params) or 'no parameters'})"
+                             f"{_former_meaning(self.method, given)}")
         for i, entry in enumerate(self.models or []):
             if isinstance(entry, VariantModel):
                 allowed = {"weight"} | {p.name for p in method.params if p.per_model}
                 for key, value in (entry.__pydantic_extra__ or {}).items():
                     if key not in allowed:
                         raise ValueError(f"models.{i}.{key}: not a per-model parameter of {self.method} "
-                                         f"(per model: {', '.join(sorted(allowed))})")
+                                         f"(per model: {', '.join(sorted(allowed))})"
+                                         f"{_former_meaning(self.method, {key: value})}")
                     entry.__pydantic_extra__[key] = (method.param(key) or WEIGHT).check(value, f"models.{i}.{key}")
         return self
 
@@ -358,6 +362,24 @@ def _unique(names: list[str], field: str, what: str, key: str = ".name") -> None
         if name.lower() in seen:
             raise ValueError(f"{field}.{i}{key}: duplicate {what} {name!r}")
         seen.add(name.lower())
+
+
+RENAMED = {"soup": "'soup' is now called 'linear' (mergekit's weighted average); write method: linear"}
+"""Former method names: each answers with what to write instead."""
+
+FORMERLY = {"linear": ("task_arithmetic_topk", "is now mergekit's weighted average of the models (formerly soup)")}
+"""Names whose method changed: a parameter only the former method took names its new name."""
+
+
+def _former_meaning(method: str, given: dict[str, Any]) -> str:
+    """'; linear is now ...: for the top-k-trimmed task arithmetic write method: task_arithmetic_topk'
+    when a parameter of the former method is given (a recipe written for the old meaning)."""
+    if method not in FORMERLY:
+        return ""
+    successor, meaning = FORMERLY[method]
+    if not set(given) & {p.name for p in catalog()[successor].params}:
+        return ""
+    return f"; {method} {meaning}: for the top-k-trimmed task arithmetic write method: {successor}"
 
 
 def did_you_mean(value: str, choices: Any) -> str:

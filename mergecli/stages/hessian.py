@@ -88,23 +88,23 @@ def _steps(ctx: Context) -> int:
     return cal.samples * ((ctx.arch.num_layers or 1) if cal.layer_by_layer else 1)
 
 
-def _collect(ctx: Context, model: ModelSpec, step: "Claim", index: int, advance: Callable[[int], None],
+def _collect(ctx: Context, model: ModelSpec, step: Claim, index: int, advance: Callable[[int], None],
              shared: bool) -> None:
-    """One fine-tune's statistics, written by this process; `shared`: this process's part of the
-    windows, added up with the other processes' parts and written by rank 0."""
-    from ..engine.hessians import collect_windows, combine, prepare, write_hessians
+    """One fine-tune's statistics, written by this process (layer by layer each block's H as soon
+    as it is done); `shared`: this process's part of the windows, added up with the other
+    processes' parts and written by rank 0 (every H held until they are added up)."""
+    from ..engine.hessians import collect_into, collect_windows, combine, prepare, write_hessians  # start-up time
 
     assert model.dataset is not None
     cal = ctx.recipe.calibration
-    prepared = prepare(model.name, ctx.source(model.model), ctx.base.path, model.dataset, ctx.recipe.root, cal,
-                       ctx.workspace.root, ctx.reporter)
-    rows = ctx.dist.share(cal.samples) if shared else range(cal.samples)
-    stats = collect_windows(prepared, rows, cal, ctx.torch_device, advance)
-    if shared:
-        stats = combine(stats, ctx.dist)
-        if not ctx.dist.main:
-            return
-    step.build(index, lambda folder: write_hessians(folder, prepared, stats))
+    prepared = prepare(model.name, ctx.source(model.model), ctx.base.path, ctx.arch, model.dataset, ctx.recipe.root,
+                       cal, ctx.torch_device, ctx.workspace.root, ctx.reporter)
+    if not shared:
+        step.build(index, lambda folder: collect_into(folder, prepared, cal, ctx.torch_device, advance))
+        return
+    stats = combine(collect_windows(prepared, ctx.dist.share(cal.samples), cal, ctx.torch_device, advance), ctx.dist)
+    if ctx.dist.main:
+        step.build(index, lambda folder: write_hessians(folder, prepared, stats))
 
 
 def calibrated(ctx: Context) -> list[ModelSpec]:

@@ -267,7 +267,7 @@ def _choose(ctx: Context, merge: MergeSpec, chooser: Chooser, vectors: list["Tas
     artifact, _ = ctx.get_or_build(spec, label, lambda folder: write_parts(
         folder, plan, ctx.base.path, ctx.arch, [None if s is None else list(s) for s in spec.parts], ctx.torch_device,
         workers, ctx.reporter, label))
-    setting = _setting(ctx, merge, vectors)
+    setting = _setting(ctx, merge)
     parts = [setting.runner.checkpoint_weights(Checkpoint.open(artifact.path / f"part-{i}"), partial=True,
                                                only=json.loads((artifact.path / f"part-{i}" / "changed.json").read_text()))
              for i in range(len(spec.parts))]
@@ -276,16 +276,16 @@ def _choose(ctx: Context, merge: MergeSpec, chooser: Chooser, vectors: list["Tas
     return choice
 
 
-def _setting(ctx: Context, merge: MergeSpec, vectors: list["TaskVector"]) -> "Setting":
+def _setting(ctx: Context, merge: MergeSpec) -> "Setting":
     """What a chooser reads, resolved once: the base's architecture run block by block, the base's
-    weights, each merged fine-tune with its calibration text (a LoRA: the base plus its task
-    vector), calibration.general's text."""
+    weights, each merged fine-tune with its calibration text (a LoRA: the base plus its adapter's
+    change), calibration.general's text."""
     from ..engine.calibration import load_texts  # start-up time (torch)
-    from ..engine.streamed import StreamedModel
+    from ..engine.streamed import StreamedModel, source_weights
     from ..models.loading import load_tokenizer
     from ..models.safetensors_io import Checkpoint
     from ..quality.scales import Setting
-    from ..quality.scoring import Domain, plus
+    from ..quality.scoring import Domain
     from ..recipe.datasets import describe_spec
 
     recipe, cal = ctx.recipe, ctx.recipe.calibration
@@ -293,16 +293,11 @@ def _setting(ctx: Context, merge: MergeSpec, vectors: list["TaskVector"]) -> "Se
     base = runner.checkpoint_weights(Checkpoint.open(ctx.base.path))
     tokenizer = load_tokenizer(ctx.base.path)
     domains = []
-    for model, vector in zip(recipe.models_of(merge), vectors):
-        if model.dataset is None:
-            continue
-        if vector.by_reference:  # a full fine-tune, read as stored
-            weights = runner.checkpoint_weights(Checkpoint.open(ctx.source(model.model).path))
-        else:  # an adapter: the base plus its task vector
-            weights = plus(base, [runner.checkpoint_weights(Checkpoint.open(vector.path), partial=True)],
-                           lambda name, i: 1.0)
-        domains.append(Domain(model.name, weights, load_texts(model.dataset, recipe.root, tokenizer),
-                              f"calibration part of dataset {describe_spec(model.dataset)} ({model.name})"))
+    for model in recipe.models_of(merge):
+        if model.dataset is not None:
+            domains.append(Domain(model.name, source_weights(runner, ctx.source(model.model), ctx.base.path, ctx.arch),
+                                  load_texts(model.dataset, recipe.root, tokenizer),
+                                  f"calibration part of dataset {describe_spec(model.dataset)} ({model.name})"))
     general = None if cal.general is None else (load_texts(cal.general, recipe.root, tokenizer),
                                                 describe_spec(cal.general))
     arch = ctx.arch
