@@ -13,6 +13,21 @@ Everything runs through the product: this script only prepares inputs and reads 
    B: fortune (Debian `fortunes`), cheader (/usr/include headers), manpage (English man pages,
    groff markup stripped). C: A plus fortune, a four-way merge. General text no fine-tune sees:
    the Jargon File (Debian `jargon-text`). Downloads use pip and apt-get; nothing is redistributed.
+   D, the testbed nobody tunes on (issue #26; domains, corpora and split fixed 2026-12-07 08:10 UTC,
+   before any merge ran on it; no setting is ever chosen on D): every setting of `lambda: learned`
+   was chosen on A, B and C, so D's domains and corpora share nothing with theirs. elisp (Emacs
+   Lisp, Debian `emacs-el`: the .el files of Emacs itself, without the input-method and language
+   tables of leim/ and language/, which are mostly CJK data; 600 files, 40 of them held out):
+   code, but s-expressions, not Python's or C's syntax. latex (TeX/LaTeX macro packages, Debian
+   `texlive-latex-base` and `texlive-latex-recommended`: the .sty, .cls, .clo, .def, .ltx, .tex
+   files under texmf-dist/tex, without babel's .ini locale data; 40 files held out): a macro
+   language of control sequences and catcodes, neither prose nor C. german (the Debian Reference in
+   German, Debian `debian-reference-de`, its plain-text edition, from chapter 1 on, one source group
+   per numbered section "N.M."; 13 of its 86 sections held out): another natural language, which
+   the base has seen little of. General text as in B and C: the Jargon File, its training
+   documents as `calibration.general`. Licences: GPL (Emacs, Debian Reference) and LPPL (LaTeX),
+   read locally, nothing redistributed. D's data is built after A-C's with its own random stream,
+   so A-C's data is the same as before.
    The tiny configuration uses local text only (standard library, synthetic sums, pydoc topics).
 2. Base: SmolLM2-135M-Instruct from the demo's GGUF (or --base); one full fine-tune per domain with
    `mergecli.finetune.train` (full: 40 steps x 4 x 128 tokens, AdamW lr 1e-4), cached under --work.
@@ -51,8 +66,11 @@ from mergecli.quality.gain import difference_with_se, gain_with_se, log_ratio_wi
 
 GENERAL = "general"
 TESTBEDS = {"A": ["code", "drama", "arith"], "B": ["fortune", "cheader", "manpage"],
-            "C": ["code", "drama", "arith", "fortune"], "tiny": ["code", "arith"]}
+            "C": ["code", "drama", "arith", "fortune"], "D": ["elisp", "latex", "german"],
+            "tiny": ["code", "arith"]}
 REFERENCE = "regmean-classic"  # RegMean as published: what every other merge is compared with
+TA_REFERENCE = "ta-auto"  # task arithmetic at its best single scale: the data-free methods' bar (issue #26)
+COMPARED = (REFERENCE, "regmean", TA_REFERENCE)  # paired differences to these land in results.json
 
 # name -> recipe merge entry: every method of the project, at the settings its authors suggest
 # (density 0.2 for the trimming methods); slerp takes exactly one model, so it has no place here
@@ -76,6 +94,17 @@ METHODS: dict[str, dict] = {
     "regmean-classic": {"method": "regmean", "embedding": "mean"},
     "regmean": {"method": "regmean"},
     "regmean-learned": {"method": "regmean", "lambda": "learned"},
+    # data-free, per layer matrix (DESIGN §15), at the papers' defaults as mergecli declares them:
+    # tsv rank 1/T per task, iso_cts common fraction 0.8, wudi damp 0.01, svc scale 0.3 and alpha
+    # 1/K, lambda 1. The -auto rows choose lambda on held-out calibration windows: they use
+    # calibration text (as the Iso paper tunes its alpha on validation data), so are not data-free.
+    "tsv": {"method": "tsv"},
+    "tsv-auto": {"method": "tsv", "lambda": "auto"},
+    "iso_c": {"method": "iso_c"},
+    "iso_c-auto": {"method": "iso_c", "lambda": "auto"},
+    "iso_cts": {"method": "iso_cts"},
+    "wudi": {"method": "wudi"},
+    "svc": {"method": "svc"},
 }
 
 
@@ -199,6 +228,46 @@ def make_data(work: Path) -> Path:
     return out
 
 
+def _german_groups(path: Path) -> list[list[str]]:
+    """The Debian Reference's German plain text from chapter 1 on, one group per numbered section."""
+    lines = gzip.open(path, "rt", errors="ignore").read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Kapitel 1."))
+    sections, cur = [], []
+    for line in lines[start:]:
+        if re.match(r"\d+\.\d+\. ", line) and cur:
+            sections.append(cur)
+            cur = []
+        cur.append(line[4:] if line.startswith("    ") else line)
+    sections.append(cur)
+    return [_chunks("\n".join(sec)) for sec in sections]
+
+
+def make_data_d(work: Path) -> Path:
+    """Testbed D's domains (once; the docstring says what and why): four Debian packages, apt-get."""
+    out = work / "data"
+    if (out / "done-D").exists():
+        return out
+    src = work / "sources"
+    src.mkdir(parents=True, exist_ok=True)
+    for pkg in ("emacs-el", "texlive-latex-base", "texlive-latex-recommended", "debian-reference-de"):
+        if not list(src.glob(f"{pkg}_*.deb")):
+            subprocess.run(["apt-get", "download", pkg], cwd=src, check=True, capture_output=True)
+        subprocess.run(["dpkg", "-x", str(next(src.glob(f"{pkg}_*.deb"))), str(src / "ext")], check=True)
+    rng = random.Random(26)  # D's own stream: A-C's data does not change
+    lisp = sorted(p for p in (src / "ext/usr/share/emacs").glob("*/lisp/**/*.el.gz")
+                  if not {"leim", "language"} & set(p.parts))
+    files = [t for t in (gzip.open(p, "rt", errors="ignore").read() for p in lisp) if 3000 < len(t) < 200_000]
+    rng.shuffle(files)
+    _save(out, "elisp", [_chunks(t) for t in files[:600]], 40, rng)
+    tex = sorted(p for p in (src / "ext/usr/share/texlive/texmf-dist/tex").rglob("*")
+                 if p.suffix in {".sty", ".cls", ".clo", ".def", ".ltx", ".tex"} and p.is_file()
+                 and 3000 < p.stat().st_size < 200_000)
+    _save(out, "latex", [_chunks(p.read_text(errors="ignore")) for p in tex], 40, rng)
+    _save(out, "german", _german_groups(src / "ext/usr/share/debian-reference/debian-reference.de.txt.gz"), 13, rng)
+    (out / "done-D").write_text("")
+    return out
+
+
 def make_tiny_data(work: Path) -> Path:
     """code, arith and general text (pydoc's topic help) from this Python alone: no download."""
     from pydoc_data.topics import topics
@@ -273,8 +342,10 @@ def write_recipe(folder: Path, base: Path, data: Path, fts: dict[str, Path], con
 
 def mergecli(*args: str) -> str:
     """Run the CLI as a user would; its progress goes to our stderr, its stdout is returned."""
-    done = subprocess.run([sys.executable, "-m", "mergecli", *args], stdout=subprocess.PIPE, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    root = str(Path(__file__).resolve().parents[1])  # this tree's mergecli, not an installed one
+    path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    done = subprocess.run([sys.executable, "-m", "mergecli", *args], stdout=subprocess.PIPE, text=True, cwd=root,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path})
     if done.returncode != 0:
         raise SystemExit(f"mergecli {' '.join(args)} failed with exit code {done.returncode}")
     return done.stdout
@@ -294,8 +365,19 @@ def results_table(rows: list[dict], evaluated: list[dict], domains: list[str]) -
     base = windows["base"]
     specialists = {d: windows[d][d] for d in domains}
     reference = windows.get(REFERENCE)
+    ta = windows.get(TA_REFERENCE)
+    # windows from one document are not independent: the SEs are jackknifed by document (as `compare`)
+    documents = next((e["documents"] for e in evaluated if e.get("documents")), {})
+    clusters = {d: documents[d] for d in domains if documents.get(d)} or None
+    general_clusters = documents.get(GENERAL)
+
+    def paired(mine: dict, other: dict) -> tuple[tuple[float, float], tuple[float, float]]:
+        return (difference_with_se(base, specialists, mine, other, clusters),
+                log_ratio_with_se(mine[GENERAL], other[GENERAL], general_clusters))
+
     head = (["model", "method", *(f"{d} PPL" for d in domains), "general PPL", *(f"gain {d}" for d in domains),
-             "gain mean ± SE", f"Δ vs {REFERENCE} ± SE", "general Δlog PPL ± SE", "merge s"])
+             "gain mean ± SE", f"Δ vs {REFERENCE} ± SE", "general Δlog PPL ± SE", f"Δ vs {TA_REFERENCE} ± SE",
+             f"general Δlog PPL vs {TA_REFERENCE} ± SE", "merge s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     records = []
     for row in rows:
@@ -303,20 +385,25 @@ def results_table(rows: list[dict], evaluated: list[dict], domains: list[str]) -
         mine = windows[name]
         gains = {d: (mean_nll(base[d]) - mean_nll(mine[d])) / (mean_nll(base[d]) - mean_nll(specialists[d]))
                  for d in domains}
-        mean, se = gain_with_se(base, specialists, mine)
-        delta = general = None
+        mean, se = gain_with_se(base, specialists, mine, clusters)
+        delta = general = ta_delta = ta_general = None
         if reference is not None and row["role"] == "merge" and name != REFERENCE:
-            delta = difference_with_se(base, specialists, mine, reference)
-            general = log_ratio_with_se(mine[GENERAL], reference[GENERAL])
+            delta, general = paired(mine, reference)
+        if ta is not None and row["role"] == "merge" and name != TA_REFERENCE:
+            ta_delta, ta_general = paired(mine, ta)
+        compared = {other: dict(zip(("gain", "general_log_ratio"), paired(mine, windows[other])))
+                    for other in COMPARED if other in windows and other != name and row["role"] == "merge"}
         lines.append("| " + " | ".join([
             name, row["label"] or row["role"], *(_ppl(row[f"ppl_{d}"]) for d in domains), _ppl(row[f"ppl_{GENERAL}"]),
             *(f"{100 * gains[d]:.1f}%" for d in domains), f"{100 * mean:.1f}% ± {100 * se:.1f}",
             "" if delta is None else f"{100 * delta[0]:+.1f} ± {100 * delta[1]:.1f}",
             "" if general is None else f"{general[0]:+.4f} ± {general[1]:.4f}",
+            "" if ta_delta is None else f"{100 * ta_delta[0]:+.1f} ± {100 * ta_delta[1]:.1f}",
+            "" if ta_general is None else f"{ta_general[0]:+.4f} ± {ta_general[1]:.4f}",
             "" if row["merge_seconds"] is None else f"{row['merge_seconds']:.0f}"]) + " |")
         records.append({"model": name, "label": row["label"], "ppl": {d: row[f"ppl_{d}"] for d in [*domains, GENERAL]},
                         "gain": gains, "gain_mean": mean, "gain_se": se, "vs_reference": delta,
-                        "general_log_ratio": general, "merge_seconds": row["merge_seconds"]})
+                        "general_log_ratio": general, "paired": compared, "merge_seconds": row["merge_seconds"]})
     return "\n".join(lines) + "\n", records
 
 
@@ -331,13 +418,17 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     config = CONFIGS[args.config]
+    started = time.time()
     testbed = "tiny" if args.config == "tiny" else args.testbed
     work = args.work.resolve()
     data = make_tiny_data(work) if args.config == "tiny" else make_data(work)
+    if testbed == "D":
+        make_data_d(work)
     base = base_model(work, args.base)
     domains = TESTBEDS[testbed]
     ft_root = work / ("ft" if args.config == "full" else f"ft-{args.config}")
     fts = {d: fine_tune(base, data, d, ft_root / d, config.steps) for d in domains}
+    prepared = time.time()
     methods = args.methods or list(config.methods)
     if REFERENCE not in methods:
         methods.insert(0, REFERENCE)
@@ -348,9 +439,13 @@ def main() -> None:
     evaluated = json.loads(mergecli("-q", "--json", "eval", str(recipe)))
     text, records = results_table(rows, evaluated, domains)
     (folder / "results.md").write_text(text)
-    (folder / "results.json").write_text(json.dumps({"testbed": testbed, "config": args.config,
-                                                     "records": records}, indent=1))
+    seconds = {"data_base_fine_tunes": round(prepared - started),
+               "merges_and_evaluation": round(time.time() - prepared)}
+    (folder / "results.json").write_text(json.dumps({"testbed": testbed, "config": args.config, "methods": methods,
+                                                     "seconds": seconds, "records": records}, indent=1))
     print(text)
+    print(f"wall time: {seconds['data_base_fine_tunes']} s data, base and fine-tunes (cached ones are free), "
+          f"{seconds['merges_and_evaluation']} s merges, Hessians and evaluation (cached ones are free)")
 
 
 if __name__ == "__main__":

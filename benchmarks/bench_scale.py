@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -166,9 +167,11 @@ def recipe(folder: Path, windows: int, seq_len: int) -> Path:
 
 def run(path: Path, *args: str) -> dict:
     """One mergecli command in a process of its own: wall time and that process's peak RSS."""
-    probe = ("import resource, runpy, sys; sys.argv = ['mergecli', *sys.argv[1:]]\n"
+    # VmHWM: the peak of this program's own memory (ru_maxrss would count the parent's pages at fork)
+    probe = ("import re, runpy, sys; sys.argv = ['mergecli', *sys.argv[1:]]\n"
              "try:\n    runpy.run_module('mergecli', run_name='__main__')\n"
-             "finally:\n    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+             "finally:\n    print('PEAK', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1),"
+             " file=sys.stderr)")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", probe, "-q", *args, str(path)], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
@@ -200,16 +203,21 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--merges", nargs="+", choices=list(MERGES), default=list(MERGES),
+                        help="which merges to measure (default: all; each is minutes to an hour at 7B widths)")
     args = parser.parse_args()
-    results: dict = {"config": args.config, "widths": CONFIGS[args.config], "windows": args.windows,
+    results: dict = {"config": args.config, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+                     "widths": CONFIGS[args.config], "windows": args.windows,
                      "seq_len": args.seq_len, "finetunes": len(FINETUNES), "depths": {}}
     stages = [("taskvec", ["taskvec"]), ("hessian", ["hessian"])] + [
-        (name, ["merge", "--only", name]) for name in MERGES]
+        (name, ["merge", "--only", name]) for name in args.merges]
     for layers in args.layers:
         folder = args.work / f"{args.config}-{layers}"
         print(f"building {folder} ({layers} layers)", file=sys.stderr, flush=True)
         build(folder, CONFIGS[args.config], layers)
         path = recipe(folder, args.windows, args.seq_len)
+        shutil.rmtree(folder / "ws", ignore_errors=True)  # this benchmark's own workspace: every stage measured cold
+        shutil.rmtree(folder / "merged", ignore_errors=True)
         found = {}
         for name, command in stages:
             found[name] = run(path, *command)

@@ -21,7 +21,11 @@ Two comparisons, both against mergekit 0.1.5 running in its own virtual environm
    whether those explain all of the difference. Random methods (dare_*, della*) cannot match
    mergekit's global torch RNG: for them the distance to mergekit is set beside the distance
    between two mergecli seeds. Each entry names the config's mergekit method (`mergekit_method`),
-   so a caller can check that every method mergecli translates was run.
+   so a caller can check that every method mergecli translates was run. Configs with tokenizer
+   settings also compare the two tokenizers (tokens, ids, chat template, vocab_size) and, where
+   mergekit numbers a union's added tokens in another order, the rows token by token.
+3. Multi-stage files (`tests/mergekit_configs/multi/`): `mergekit-multi` against `mergecli merge`,
+   every stage's merge compared.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ from mergekit_oracle import CONFIGS, RANDOM, build_models, load_folder, referenc
 # -- comparison --------------------------------------------------------------------------------
 def difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict:
     """Largest |ours - theirs| over all tensors, that relative to the largest |theirs - base|
-    (the size of the merge's change), and the relative Frobenius distance of the changes."""
+    (the size of the merge's change), and the relative Frobenius distance of the changes (a
+    stacked layer the base lacks counts its whole size as its change)."""
     missing = sorted(set(ours) ^ set(theirs))
     worst, worst_name, change, num, den = 0.0, None, 0.0, 0.0, 0.0
     for name in sorted(set(ours) & set(theirs)):
@@ -67,7 +72,8 @@ def difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], b
         diff = float((a - b).abs().max()) if a.numel() else 0.0
         if diff > worst:
             worst, worst_name = diff, name
-        moved = b - base[name].float()
+        # a stacked layer beyond the base's, or rows of another vocabulary: its whole size is its change
+        moved = b - base[name].float() if name in base and base[name].shape == b.shape else b
         change = max(change, float(moved.abs().max()))
         num += float((a - b).double().square().sum())
         den += float(moved.double().square().sum())
@@ -82,7 +88,8 @@ def ulps(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], base: d
     base + delta are each rounded), more is a different selection."""
     worst, beyond, total = 0.0, 0, 0
     for name in set(ours) & set(theirs):
-        size = torch.maximum(base[name].abs(), theirs[name].abs()).to(dtype)
+        same = name in base and base[name].shape == theirs[name].shape
+        size = (torch.maximum(base[name].abs(), theirs[name].abs()) if same else theirs[name].abs()).to(dtype)
         spacing = (torch.nextafter(size, torch.tensor(float("inf"), dtype=dtype)) - size).float()
         units = (ours[name].float() - theirs[name].float()).abs() / spacing
         worst = max(worst, float(units.max()))
@@ -131,13 +138,19 @@ def run_configs(work: Path, mergekit_exe: Path, paths: dict[str, Path], only: li
         _, folder = mergecli_merge(rendered, work / "mergecli-out")
         entry["mergecli_seconds"] = round(time.time() - start, 1)
         ours = load_folder(folder)
+        vocabulary = None
+        if (recipe.get("tokenizer") or {}).get("source"):
+            vocabulary, entry["tokenizer"] = compare_tokenizers(folder, out, theirs)
+        elif (recipe.get("tokenizer") or {}).get("chat_template"):
+            entry["tokenizer"] = compare_tokenizers(folder, out, theirs)[1]
         entry["mergecli_vs_mergekit"] = difference(ours, theirs, base)
-        entry["mergecli_vs_reference"] = difference(ours, reference_merge(recipe, root), base)
+        entry["mergecli_vs_reference"] = difference(ours, reference_merge(recipe, root, vocabulary=vocabulary), base)
         if method in RANDOM:
-            entry["mergecli_seed0_vs_seed1"] = difference(ours, reference_merge(recipe, root, seed=1), base)
+            entry["mergecli_seed0_vs_seed1"] = difference(ours, reference_merge(recipe, root, seed=1,
+                                                                                vocabulary=vocabulary), base)
         elif method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
-            entry["with_mergekit_rounding"] = difference(reference_merge(recipe, root, mergekit_rounding=True), theirs,
-                                                         base)
+            entry["with_mergekit_rounding"] = difference(reference_merge(recipe, root, mergekit_rounding=True,
+                                                                         vocabulary=vocabulary), theirs, base)
         dtype = recipe["merges"][0].get("dtype", "float32")
         if dtype != "float32":
             low = getattr(torch, dtype)
@@ -149,6 +162,78 @@ def run_configs(work: Path, mergekit_exe: Path, paths: dict[str, Path], only: li
         results[name] = entry
         print(name, json.dumps({k: v for k, v in entry.items() if k != "notes"}), flush=True)
     return results
+
+
+def run_multi(work: Path, mergekit_exe: Path, paths: dict[str, Path]) -> dict:
+    """Every mergekit-multi file of `tests/mergekit_configs/multi/`: `mergekit-multi` (named merges
+    into an intermediate folder, the unnamed one to --out-path) against `mergecli merge FILE`, merge
+    by merge, each stage also against the oracle (reference_merge of its recipe, the earlier
+    stages' mergecli folders as its inputs)."""
+    from string import Template
+
+    from mergecli.recipe.load import load_recipe
+
+    results = {}
+    for config_path in sorted((CONFIGS / "multi").glob("*.yml")):
+        name = config_path.stem
+        folder = work / "multi" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        rendered = folder / config_path.name
+        rendered.write_text(Template(config_path.read_text()).substitute({k: str(v) for k, v in paths.items()}))
+        theirs_root = folder / "mergekit"
+        if not (theirs_root / "final" / "config.json").is_file():
+            done = subprocess.run([str(mergekit_exe.parent / "mergekit-multi"), str(rendered), "--intermediate-dir",
+                                   str(theirs_root / "intermediate"), "--out-path", str(theirs_root / "final"),
+                                   "--random-seed", "0", "--quiet", "--lora-merge-cache", str(work / "lora-cache")],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                results[name] = {"error": done.stderr[-2000:]}
+                continue
+        done = subprocess.run([sys.executable, "-m", "mergecli", "--json", "merge", str(rendered),
+                               f"output_dir={folder / 'mergecli'}", f"workspace={folder / 'mergecli-ws'}"],
+                              capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"mergecli merge {rendered} failed:\n{done.stderr[-2000:]}")
+        ours = json.loads(done.stdout)
+        final = load_recipe(rendered, [f"output_dir={folder / 'mergecli'}"], check_paths=False)
+        stages = {r.merges[0].name: r for r in [*final.stages, final]}
+        entry: dict[str, Any] = {"merges": [r["name"] for r in ours]}
+        for result in ours:
+            stage = stages[result["name"]]
+            theirs_folder = theirs_root / ("final" if stage is final else f"intermediate/{result['name']}")
+            mine, theirs = load_folder(Path(result["path"])), load_folder(theirs_folder)
+            base = load_folder(Path(stage.resolve(stage.base)))
+            data = stage.model_dump(mode="json", by_alias=True, exclude_none=True)
+            data["merges"] = [dict(m) for m in data["merges"]]
+            entry[result["name"]] = {"mergecli_vs_mergekit": difference(mine, theirs, base),
+                                     "mergecli_vs_reference": difference(mine, reference_merge(data, rendered.parent), base)}
+        results[name] = entry
+        print(name, json.dumps(entry), flush=True)
+    return results
+
+
+def compare_tokenizers(ours: Path, theirs: Path, their_tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """The two merged tokenizers: the same tokens (and ids), chat template, config vocab_size and
+    encodings of a sample text. Where the ids differ (mergekit orders the tokens several models add
+    by a Python set's order), mergekit's vocabulary tensors are re-ordered to mergecli's ids in
+    `their_tensors`, so that the tensors compare row by row, token by token. mergecli's vocabulary."""
+    from transformers import AutoTokenizer
+
+    a, b = AutoTokenizer.from_pretrained(ours), AutoTokenizer.from_pretrained(theirs)
+    va, vb = a.get_vocab(), b.get_vocab()
+    report = {"tokens": len(va), "same_tokens": set(va) == set(vb), "same_ids": va == vb,
+              "same_chat_template": a.chat_template == b.chat_template,
+              "same_vocab_size": json.loads((ours / "config.json").read_text())["vocab_size"]
+              == json.loads((theirs / "config.json").read_text())["vocab_size"]}
+    sample = "def add(a, b): <|im_start|>user Shall I compare thee<|im_end|>"
+    report["same_encoding"] = a(sample)["input_ids"] == b(sample)["input_ids"] if va == vb else None
+    if report["same_tokens"] and not report["same_ids"]:
+        order = [vb[t] for t, _ in sorted(va.items(), key=lambda item: item[1])]
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in their_tensors:
+                rows = their_tensors[name]
+                their_tensors[name] = torch.cat([rows[order], rows[len(order):]])
+    return va, report
 
 
 # -- function-level comparison inside mergekit's venv ------------------------------------------
@@ -394,6 +479,7 @@ def main() -> None:
         print(f"| {row['function']} | {row['case']} | {row['max_abs']:.3g} | {kept} | {row.get('why', '')} |")
     paths = build_models(args.work)
     configs = run_configs(args.work, exe, paths, args.configs)
+    multi = run_multi(args.work, exe, paths) if not args.configs else {}
     print("\n| config | method | max abs diff | relative (Frobenius) | after emulating mergekit | why |\n"
           "|---|---|---:|---:|---:|---|")
     for name, entry in configs.items():
@@ -406,8 +492,16 @@ def main() -> None:
         print(f"| {name} | {entry['method']} | {direct['max_abs']:.3g} | {direct['relative_fro']:.3g} | {after} | "
               f"{explain(entry)} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name, entry in multi.items():
+        if "error" in entry:
+            print(f"| {name} (multi) | | mergekit failed | | | |")
+            continue
+        for merge in entry["merges"]:
+            direct = entry[merge]["mergecli_vs_mergekit"]
+            print(f"| {name}: {merge} (multi) | | {direct['max_abs']:.3g} | {direct['relative_fro']:.3g} | | "
+                  f"{'fp32 rounding only' if direct['max_abs'] < 1e-6 else ''} |")
     args.out.write_text(json.dumps({"mergekit": "0.1.5", "torch": torch.__version__, "functions": functions,
-                                    "configs": configs}, indent=1, default=str))
+                                    "configs": configs, "multi": multi}, indent=1, default=str))
     print(f"wrote {args.out}")
 
 

@@ -22,6 +22,13 @@ class MergeCliError(Exception):
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
 
+class UsageError(MergeCliError):
+    """The command line asks for something that does not exist (an unknown format, device, built-in
+    recipe, no workspace named): exit code 2, like the parser's own usage errors."""
+
+    exit_code = 2
+
+
 class RecipeError(MergeCliError):
     """The recipe is invalid; raised before any model is opened."""
 

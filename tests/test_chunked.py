@@ -11,7 +11,7 @@ import torch
 from peft.utils import merge_utils
 
 from mergecli.methods import catalog, pipeline
-from mergecli.methods.pipeline import NonFiniteTaskVector, TaskTensor, merge_tensor
+from mergecli.methods.pipeline import NonFiniteTaskVector, TaskTensor, TensorPlan, merge_tensor
 from mergecli.methods.sparsify import bernoulli_mask, random_stream
 from mergecli.methods.stats import LayerStats
 
@@ -59,11 +59,11 @@ def test_chunked_merge_equals_one_piece(monkeypatch, method, params, transposed)
         stats = [LayerStats(x.T @ x / 200) for _ in t]
     stored = [x.T.contiguous() for x in t] if transposed else t
     base = taus(1, stored[0].shape, seed=3)[0] if METHODS[method].needs_base else None
-    args = (METHODS[method], stored, [1.0, 0.5, 2.0], params, "layer.w", transposed, stats, base)
+    plan = TensorPlan(METHODS[method], [1.0, 0.5, 2.0], params, "layer.w", transposed)
     monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 10**9)
-    whole, kept_whole, _ = merge_tensor(*args)
+    whole, kept_whole, _ = merge_tensor(plan, stored, stats, base)
     monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 50)  # 2 rows per chunk: 19 chunks
-    chunked, kept_chunked, _ = merge_tensor(*args)
+    chunked, kept_chunked, _ = merge_tensor(plan, stored, stats, base)
     assert torch.equal(whole, chunked) and kept_whole == kept_chunked
 
 
@@ -74,16 +74,18 @@ def test_new_trims_of_one_dimensional_tensors_chunk_alike(monkeypatch, method, p
     for Breadcrumbs (gathered over chunks)."""
     t = taus(3, (300,), seed=8, ties=True)
     monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 10**9)
-    whole, _, _ = merge_tensor(METHODS[method], t, [1.0, 1.0, 1.0], params, "norm.w")
+    whole, _, _ = merge_tensor(TensorPlan(METHODS[method], [1.0, 1.0, 1.0], params, "norm.w"), t)
     monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 16)
-    chunked, _, _ = merge_tensor(METHODS[method], t, [1.0, 1.0, 1.0], params, "norm.w")
+    chunked, _, _ = merge_tensor(TensorPlan(METHODS[method], [1.0, 1.0, 1.0], params, "norm.w"), t)
     assert torch.equal(whole, chunked)
 
 
 def test_chunked_ties_matches_peft_on_a_tensor_of_many_chunks(monkeypatch):
     monkeypatch.setattr(pipeline, "CHUNK_ELEMENTS", 1000)
     t = taus(3, (300, 40), seed=5)
-    ours, kept, offered = merge_tensor(METHODS["ties"], t, [1.0] * 3, {"score": "magnitude", "density": 0.25}, "w")
+    ours, kept, offered = merge_tensor(TensorPlan(METHODS["ties"], [1.0] * 3, {"score": "magnitude", "density": 0.25},
+                                                  "w"),
+                                       t)
     assert torch.allclose(ours, merge_utils.ties(t, torch.ones(3), density=0.25), atol=1e-6)
     assert (kept, offered) == (3 * 3000, 3 * 12000)
 
@@ -97,9 +99,10 @@ def test_a_finetune_stored_in_bf16_merges_like_its_fp32_difference(monkeypatch):
     by_reference = [TaskTensor(ft, base) for ft in fts]
     materialized = [ft.float() - base.float() for ft in fts]
     for method, params in CASES[:6]:
-        a, _, _ = merge_tensor(METHODS[method], by_reference, [1.0, 1.0], {**params, "lambda": 0.8}, "w", base=base,
-                               dtype=torch.bfloat16)
-        delta, _, _ = merge_tensor(METHODS[method], materialized, [1.0, 1.0], params, "w")
+        a, _, _ = merge_tensor(TensorPlan(METHODS[method], [1.0, 1.0], {**params, "lambda": 0.8}, "w",
+                                          dtype=torch.bfloat16),
+                               by_reference, base=base)
+        delta, _, _ = merge_tensor(TensorPlan(METHODS[method], [1.0, 1.0], params, "w"), materialized)
         assert a.dtype == torch.bfloat16
         assert torch.equal(a, (base.float() + 0.8 * delta).bfloat16()), method
 
@@ -125,5 +128,5 @@ def test_a_non_finite_task_vector_is_reported_with_its_model(monkeypatch, bad):
     t = taus(3, (20, 10), seed=9)
     t[2][17, 3] = bad  # in a late chunk
     with pytest.raises(NonFiniteTaskVector) as info:
-        merge_tensor(METHODS["ties"], t, [1.0] * 3, {"score": "magnitude", "density": 0.2}, "w")
+        merge_tensor(TensorPlan(METHODS["ties"], [1.0] * 3, {"score": "magnitude", "density": 0.2}, "w"), t)
     assert info.value.index == 2

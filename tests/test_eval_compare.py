@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import math
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def recipe(tmp_path, models):
     ], [{"name": "ta", "method": "task_arithmetic", "lambda": 0.5},
         {"name": "ties-sg", "method": "ties", "score": "sparsegpt"}],
         calibration={"samples": 4, "seq_len": 16},
-        evaluation={"samples": 3, "seq_len": 16, "datasets": {"general": {"path": "./general.jsonl"}}})
+        evaluation={"samples": 8, "seq_len": 16, "datasets": {"general": {"path": "./general.jsonl"}}})
 
 
 def test_compare_runs_missing_stages_and_every_format_parses_back(tmp_path, recipe, monkeypatch):
@@ -112,8 +113,10 @@ def test_gain_has_a_jackknife_se_and_general_text_only_a_perplexity(recipe):
             continue
         windows = {name: {d: [tuple(w) for w in data[name]["windows"][d]] for d in domains}
                    for name in ("base", row["model"], *domains)}
-        value, se = gain_with_se(windows["base"], {d: windows[d][d] for d in domains}, windows[row["model"]])
-        assert row["gain_retained"] == pytest.approx(value) and row["gain_retained_se"] == pytest.approx(se)
+        clusters = {d: data["base"]["documents"][d] for d in domains}  # windows of one document left out together
+        value, se = gain_with_se(windows["base"], {d: windows[d][d] for d in domains}, windows[row["model"]], clusters)
+        assert row["gain_retained"] == pytest.approx(value)
+        assert row["gain_retained_se"] == (None if math.isnan(se) else pytest.approx(se))
     merges = [r for r in rows if r["role"] == "merge"]
     assert all(r["gain_vs_best"] == 0 and r["gain_vs_best_se"] == 0 for r in merges if r["best"])
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mergecli.methods import catalog
-from mergecli.methods.pipeline import merge_tensor
+from mergecli.methods.pipeline import TensorPlan, merge_tensor
 from mergecli.methods.hessian_math import (DegenerateStatistics, count_weighted_delta, damped_cholesky,
                                            inverse_diagonal, obs_saliency, obs_trim, regmean_delta, wanda_score)
 from mergecli.methods.sparsify import rank_probabilities, topk_mask
@@ -61,7 +61,8 @@ def test_dead_inputs_rank_lowest():
 def test_all_dead_layer_falls_back_to_magnitude_in_the_merge():
     tau = torch.tensor([[3.0, -1.0, 0.5, 2.0]])
     stats = [LayerStats(torch.zeros(4, 4, dtype=torch.float64))]
-    delta, _, _ = merge_tensor(METHODS["ties"], [tau], [1.0], {"score": "sparsegpt", "density": 0.5}, "w", stats=stats)
+    delta, _, _ = merge_tensor(TensorPlan(METHODS["ties"], [1.0], {"score": "sparsegpt", "density": 0.5}, "w"), [tau],
+                               stats=stats)
     assert torch.equal(delta, torch.tensor([[3.0, 0.0, 0.0, 2.0]]))
 
 
@@ -109,14 +110,14 @@ def test_scaled_parts_of_regmean_are_its_per_model_terms():
     inverse = torch.linalg.inv(sum(tilde))
     expected = sum(s * t @ gt @ inverse for s, t, gt in zip(scales, taus, tilde))
     stats = [LayerStats(gm) for gm in grams]
-    merged, _, _ = merge_tensor(METHODS["regmean"], taus, [1.0] * 3, {}, "w", stats=stats, scales=scales)
+    merged, _, _ = merge_tensor(TensorPlan(METHODS["regmean"], [1.0] * 3, {}, "w", scales=scales), taus, stats=stats)
     assert torch.allclose(merged.double(), expected, atol=1e-5)
     additive = [name for name, method in METHODS.items() if method.additive]
     assert {"regmean", "task_arithmetic", "dare_linear"} <= set(additive) and "ties" not in additive
     for name in additive:
-        whole, _, _ = merge_tensor(METHODS[name], taus, [1.0] * 3, {}, "w", stats=stats)
-        parts = [merge_tensor(METHODS[name], taus, [1.0] * 3, {}, "w", stats=stats,
-                              scales=[float(i == j) for j in range(3)])[0] for i in range(3)]
+        whole, _, _ = merge_tensor(TensorPlan(METHODS[name], [1.0] * 3, {}, "w"), taus, stats=stats)
+        parts = [merge_tensor(TensorPlan(METHODS[name], [1.0] * 3, {}, "w", scales=[float(i == j) for j in range(3)]),
+                              taus, stats=stats)[0] for i in range(3)]
         assert torch.allclose(sum(parts), whole, atol=1e-5), name
 
 
@@ -145,8 +146,9 @@ def test_dare_with_sparsegpt_is_unbiased():
     x = correlated_inputs(64, 8, 7)
     stats = [LayerStats(x.T @ x / 64)]
     tau = torch.randn(4, 8, generator=torch.Generator().manual_seed(8))
-    runs = [merge_tensor(METHODS["dare_linear"], [tau], [1.0], {"score": "sparsegpt", "density": 0.5, "seed": s}, "w",
-                         stats=stats)[0] for s in range(3000)]
+    runs = [merge_tensor(TensorPlan(METHODS["dare_linear"], [1.0], {"score": "sparsegpt", "density": 0.5, "seed": s},
+                                    "w"),
+                         [tau], stats=stats)[0] for s in range(3000)]
     assert torch.allclose(torch.stack(runs).mean(0), tau, atol=0.12)
 
 
@@ -193,13 +195,16 @@ def test_count_weighted_is_regmean_of_a_one_hot_lookup():
     assert torch.allclose(out[~seen], (sum(w * t for t, w in zip(taus, weights)) / weights.sum())[~seen])
     # through the registered method: embedding stats select it, `embedding: mean` and linear stats do not
     stats = [TokenCounts(f) for f in freqs]
-    merged, _, _ = merge_tensor(METHODS["regmean"], taus, weights.tolist(), {}, "embed", stats=stats)
+    merged, _, _ = merge_tensor(TensorPlan(METHODS["regmean"], weights.tolist(), {}, "embed"), taus, stats=stats)
     assert torch.allclose(merged.double(), out, atol=1e-6)
-    plain, _, _ = merge_tensor(METHODS["regmean"], taus, weights.tolist(), {"embedding": "mean"}, "embed", stats=stats)
+    plain, _, _ = merge_tensor(TensorPlan(METHODS["regmean"], weights.tolist(), {"embedding": "mean"}, "embed"), taus,
+                               stats=stats)
     assert torch.allclose(plain.double(), sum(w * t for t, w in zip(taus, weights)) / weights.sum(), atol=1e-6)
     # data-aware scores do not rank embedding rows by token counts: magnitude, as without statistics
-    trimmed, _, _ = merge_tensor(METHODS["ties"], taus, weights.tolist(), {"score": "wanda", "density": 0.5}, "embed",
-                                 stats=stats)
-    unscored, _, _ = merge_tensor(METHODS["ties"], taus, weights.tolist(), {"score": "magnitude", "density": 0.5},
-                                  "embed")
+    trimmed, _, _ = merge_tensor(TensorPlan(METHODS["ties"], weights.tolist(), {"score": "wanda", "density": 0.5},
+                                            "embed"),
+                                 taus, stats=stats)
+    unscored, _, _ = merge_tensor(TensorPlan(METHODS["ties"], weights.tolist(),
+                                             {"score": "magnitude", "density": 0.5}, "embed"),
+                                  taus)
     assert torch.equal(trimmed, unscored)

@@ -36,7 +36,12 @@ def test_mergekit_config_merges_as_the_oracle_says(mk_models, tmp_path, name):
     expected_name = yaml.safe_load(config.read_text()).get("name", name)  # the config's name, else its file's
     assert merged["reused"] and Path(merged["path"]) == tmp_path / "merged" / expected_name
     ours = load_folder(Path(merged["path"]))
-    expected = reference_merge(recipe, tmp_path)
+    vocabulary = None
+    if (recipe.get("tokenizer") or {}).get("source"):  # rows re-mapped to the merged vocabulary, as written
+        from transformers import AutoTokenizer
+
+        vocabulary = AutoTokenizer.from_pretrained(merged["path"]).get_vocab()
+    expected = reference_merge(recipe, tmp_path, vocabulary=vocabulary)
     dtype = getattr(torch, recipe["merges"][0].get("dtype", "float32"))
     assert set(ours) == set(expected)
     for tensor, value in expected.items():
@@ -56,23 +61,23 @@ def _set(path: str, value):
     return change
 
 
-def _partial_slice(data: dict) -> dict:
+def _uneven_slice(data: dict) -> dict:
     base, model = data["base_model"], data["models"][0]["model"]
     return {"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5},
-            "slices": [{"sources": [{"model": base, "layer_range": [0, 2]}, {"model": model, "layer_range": [0, 2]}]}]}
+            "slices": [{"sources": [{"model": base, "layer_range": [0, 2]}, {"model": model, "layer_range": [0, 3]}]}]}
 
 
 BAD = [
-    ("unsupported-method", _set("merge_method", "passthrough"),
-     "merge_method: 'passthrough': supported with slices only"),
+    ("passthrough-of-three", _set("merge_method", "passthrough"),
+     "models: mergekit's passthrough copies exactly one model per output slice, got 3"),
     ("unknown-method", _set("merge_method", "frankenmerge"), "merge_method: 'frankenmerge' is not supported"),
     ("unknown-key", _set("merge_methods", "ties"), "merge_methods: not a mergekit config key"),
-    ("union-tokenizer", _set("tokenizer_source", "union"), "tokenizer_source: 'union' is not supported"),
+    ("unknown-template", _set("chat_template", "chatm"), "chat_template: 'chatm' is neither a built-in template"),
     ("per-model-lambda", _set("models.0.parameters.lambda", 0.5),
      "models.0.parameters.lambda: mergekit reads 'lambda'"),
     ("misspelt-parameter", _set("models.0.parameters.densty", 0.5), "models.0.parameters.densty: not a parameter"),
     ("density-out-of-range", _set("models.1.parameters.density", 1.5), "models.1.parameters.density: density 1.5"),
-    ("partial-slice", _partial_slice, "layer_range: [0, 2] is not the whole model"),
+    ("uneven-slice", _uneven_slice, "slices.0.sources.1.layer_range: [0, 3] has 3 layers, the slice's first source 2"),
     ("duplicate-key", None, "key 'merge_method' is given twice"),
 ]
 

@@ -21,7 +21,7 @@ def at(setting, name: str):
 
 CONFIGS = Path(__file__).parent / "mergekit_configs"
 PATHS = {"base": "./base", "ft_a": "./ft_a", "ft_b": "./ft_b", "ft_c": "./ft_c", "ft_far": "./ft_far",
-         "lora_c": "./lora_c"}
+         "lora_c": "./lora_c", "ft_tok": "./ft_tok", "ft_vocab": "./ft_vocab"}
 
 
 def load(name: str) -> dict:
@@ -87,6 +87,46 @@ def test_gradient_slerp_slices_become_models():
     assert at(t, "model.layers.1.input_layernorm.weight") == 0.5
 
 
+def test_passthrough_slices_become_copied_blocks():
+    out = run(load("frankenmerge"))
+    assert out.recipe["base"] == "./ft_a"  # no base_model: the first slice's source is the donor, as mergekit's
+    assert out.recipe["models"] == [{"name": "ft_b", "model": "./ft_b"}]
+    assert out.recipe["merges"][0] == {"name": "passthrough", "method": "passthrough", "dtype": "float32",
+                                       "layers": [{"from": "base", "range": [0, 3]},
+                                                  {"from": "ft_b", "range": [2, 4]}]}
+    dus = run(load("depth-upscaling")).recipe
+    assert dus["base"] == "./base" and dus["models"] == []  # the base twice: no fine-tune at all
+    assert [b["range"] for b in dus["merges"][0]["layers"]] == [[0, 3], [1, 4]]
+    expansion = run(load("block-expansion")).recipe["merges"][0]["layers"]
+    assert "scale" not in expansion[0] and at(expansion[1]["scale"], "model.layers.1.self_attn.o_proj.weight") == 0
+    whole = run(load("passthrough")).recipe
+    assert whole["base"] == "./ft_a" and whole["merges"][0]["layers"] == [
+        {"from": "base", "scale": [{"filter": "down_proj", "value": 0.5}, {"value": 1.0}]}]  # every layer
+
+
+def test_merge_slices_become_merge_blocks_with_their_own_ranges_and_parameters():
+    out = run(load("stacked-ties"))
+    assert out.recipe["base"] == "./base"
+    assert out.recipe["models"] == [{"name": "ft_a", "model": "./ft_a"}, {"name": "lora_c", "model": "./lora_c"}]
+    merge = out.recipe["merges"][0]
+    assert merge["method"] == "ties" and "models" not in merge
+    first, second = merge["layers"]
+    assert first["range"] == [0, 2] and first["models"] == [
+        {"name": "ft_a", "weight": 1.0, "density": 0.5, "range": [2, 4]},
+        {"name": "lora_c", "weight": 0.5, "density": 0.5, "range": [1, 3]}]  # the slice's density before the top's
+    assert second["range"] == [1, 4] and second["models"][0] == {"name": "ft_a", "weight": 1.0, "density": 0.3}
+    assert second["models"][1]["density"] == 0.7 and second["normalize"] is True
+    slerp = run(load("stacked-slerp")).recipe["merges"][0]["layers"]
+    assert slerp[0]["t"] == [{"filter": "self_attn", "value": [0, 1]}, {"value": 0.5}] and slerp[1]["t"] == 0.3
+    assert slerp[1]["models"] == [{"name": "ft_far", "range": [1, 3]}]
+
+
+def test_one_slice_of_whole_models_stays_a_merge_of_the_base_tensors():
+    assert "layers" not in merge_of("gradient-slerp")
+    partial = run(load("gradient-slerp"), layers=8).recipe["merges"][0]  # [0, 4] of 8 layers: a block
+    assert partial["layers"][0]["range"] == [0, 4] and partial["layers"][0]["models"] == [{"name": "ft_far"}]
+
+
 def test_slerp_models_syntax():
     merge = merge_of("slerp")
     assert merge["t"] == 0.5 and merge["models"] == ["ft_far"]
@@ -132,7 +172,8 @@ def test_della_breadcrumbs_model_stock():
 
 def test_precedence_levels_flatten_to_the_same_values():
     data = {"merge_method": "ties", "base_model": "./base",
-            "slices": [{"sources": [{"model": "./ft_a", "layer_range": [0, 4],
+            "slices": [{"sources": [{"model": "./base", "layer_range": [0, 4]},
+                                    {"model": "./ft_a", "layer_range": [0, 4],
                                      "parameters": {"weight": [{"filter": "mlp", "value": 0.25}]}},
                                     {"model": "./ft_b", "layer_range": [0, 4]}],
                         "parameters": {"weight": [{"filter": "self_attn", "value": [0.1, 0.9]}]}}],
@@ -158,11 +199,21 @@ def test_relative_paths_rebased_for_the_recipe_folder(tmp_path):
     assert hub.recipe["base"] == "org/base@v1" and hub.recipe["models"][0]["model"] == "org/ft"
 
 
-def test_tokenizer_source_base_is_honoured():
-    data = load("ties") | {"tokenizer_source": "base"}
-    assert run(data).recipe["extra_tokens"] == "base"
-    data = load("ties") | {"tokenizer": {"source": "base"}}
-    assert run(data).recipe["extra_tokens"] == "base"
+def test_tokenizer_settings_become_the_recipes_tokenizer():
+    assert run(load("ties") | {"tokenizer_source": "base"}).recipe["tokenizer"] == {"source": "base"}
+    assert run(load("ties") | {"tokenizer_source": "./ft_b"}).recipe["tokenizer"] == {"source": "ft_b"}
+    assert run(load("ties") | {"tokenizer": {}}).recipe["tokenizer"] == {"source": "union"}  # mergekit's default
+    assert run(load("ties") | {"chat_template": "chatml"}).recipe["tokenizer"] == {"chat_template": "chatml"}
+    assert "tokenizer" not in run(load("ties")).recipe
+    out = run(load("tokenizer-tokens")).recipe["tokenizer"]
+    assert out == {"source": "ft_tok", "pad_to_multiple_of": 32, "chat_template": "chatml",
+                   "tokens": {"<|im_end|>": {"source": {"model": "ft_tok", "token": "</s>"}, "force": True},
+                              "<|new|>": {"source": "zero"}}}
+    rule = run(load("ties") | {"tokenizer": {"tokens": {"<x>": {"source": "./base"},
+                                                         "<y>": {"source": {"kind": "model_token", "model": "./ft_a",
+                                                                            "token_id": 3}}}}})
+    assert rule.recipe["tokenizer"]["tokens"] == {"<x>": {"source": "base"},
+                                                  "<y>": {"source": {"model": "ft_a", "token_id": 3}}}
 
 
 def _with(name: str, **changes):
@@ -173,10 +224,19 @@ def _with(name: str, **changes):
 
 @pytest.mark.parametrize("data, key", [
     (_with("ties", merge_method="frankenmerge"), "merge_method: 'frankenmerge' is not supported"),
-    (_with("ties", merge_method="passthrough"), "merge_method: 'passthrough': supported with slices only"),
-    (_with("ties", tokenizer_source="union"), "tokenizer_source: 'union'"),
-    (_with("ties", tokenizer={"source": "base", "tokens": {"<x>": {"source": "./ft_a"}}}), "tokenizer.tokens"),
-    (_with("ties", chat_template="chatml"), "chat_template"),
+    (_with("ties", merge_method="passthrough"), "models: mergekit's passthrough copies exactly one model per output "
+                                                "slice, got 3"),
+    (_with("passthrough", base_model="./base"), "models: mergekit's passthrough takes one input and adds base_model"),
+    (_with("passthrough", models=[{"model": "./ft_a", "parameters": {"weight": 1}}]),
+     "models.0.parameters.weight: not a parameter of mergekit's passthrough"),
+    (_with("ties", tokenizer_source="./elsewhere"), "tokenizer_source: './elsewhere' is neither base_model nor a model"),
+    (_with("ties", tokenizer_source="union", tokenizer={"source": "base"}), "tokenizer: give tokenizer or "),
+    (_with("ties", tokenizer={"source": "base", "tokens": {"<x>": {"force": True}}}), "tokenizer.tokens.<x>.source: "
+                                                                                      "required"),
+    (_with("ties", tokenizer={"tokens": {"<x>": {"source": {"kind": "mean"}}}}),
+     "tokenizer.tokens.<x>.source.kind: expected model_token or zero"),
+    (_with("ties", tokenizer={"source": "union", "pad": 8}), "tokenizer.pad: not a mergekit tokenizer key"),
+    (_with("ties", chat_template="chatm"), "chat_template: 'chatm' is neither a built-in template"),
     (_with("ties", modules={"text_decoder": {}}), "modules"),
     (_with("ties", dtype="float64"), "dtype: 'float64'"),
     (_with("ties", base_model=None), "base_model: required by mergekit's ties"),
@@ -200,11 +260,23 @@ def _with(name: str, **changes):
     (_with("task_arithmetic", models=[{"model": "./other+./lora_c", "parameters": {"weight": 1}}]),
      "models.0.model: './other+./lora_c' applies a LoRA to './other'"),
     (_with("gradient-slerp", slices=[{"sources": [{"model": "./ft_a", "layer_range": [0, 2]},
-                                                  {"model": "./ft_far", "layer_range": [0, 2]}]}]),
-     "slices.0.sources.0.layer_range: [0, 2] is not the whole model [0, 4]"),
-    (_with("gradient-slerp", slices=[{"sources": [{"model": "./ft_a", "layer_range": [0, 4]}]},
-                                     {"sources": [{"model": "./ft_far", "layer_range": [0, 4]}]}]),
-     "slices: more than one output slice"),
+                                                  {"model": "./ft_far", "layer_range": [0, 3]}]}]),
+     "slices.0.sources.1.layer_range: [0, 3] has 3 layers, the slice's first source 2"),
+    (_with("gradient-slerp", slices=[{"sources": [{"model": "./ft_a", "layer_range": [2, 2]}]}]),
+     "slices.0.sources.0.layer_range: expected [first, end] with 0 <= first < end, got [2, 2]"),
+    (_with("gradient-slerp", slices=[{"sources": [{"model": "./ft_a", "layer_range": [0, 2]},
+                                                  {"model": "./ft_far", "layer_range": [0, 2]}]},
+                                     {"sources": [{"model": "./ft_b", "layer_range": [2, 4]},
+                                                  {"model": "./ft_far", "layer_range": [2, 4]}]}]),
+     "slices.1.sources: base_model './ft_a' is not among this slice's sources, and mergekit's slerp needs it"),
+    (_with("linear", slices=[{"sources": [{"model": "./ft_a", "layer_range": [0, 2], "parameters": {"weight": 1}},
+                                          {"model": "./ft_b", "layer_range": [0, 2], "parameters": {"weight": 1}}]},
+                             {"sources": [{"model": "./ft_b", "layer_range": [2, 4], "parameters": {"weight": 1}},
+                                          {"model": "./ft_a", "layer_range": [2, 4], "parameters": {"weight": 1}}]}],
+           models=None),
+     "slices.1.sources: './ft_b' plays the base's part in this slice and './ft_a' in the first"),
+    (_with("gradient-slerp", slices=[{"sources": [{"model": "./ft_a", "layer_range": [0, 4]}],
+                                      "residual_weight": 0.5}]), "slices.0.residual_weight: not supported"),
     (_with("ties", models=[{"model": "./ft_a", "parameters": {"weight": 1}, "lora": "x"}]),
      "models.0.lora: not a mergekit key here"),
 ])
@@ -235,15 +307,15 @@ def test_inert_keys_are_dropped_with_a_note():
 
 def test_every_method_maps_to_a_registered_method_with_a_known_base_mode():
     from mergecli.methods import catalog
-    from mergecli.recipe.mergekit import BASE_MODES, METHODS, UNSUPPORTED
+    from mergecli.recipe.mergekit import BASE_MODES, METHODS
 
     for name, method in METHODS.items():
         assert method.base in BASE_MODES and method.mergecli in catalog(), name
         params = {p.name for p in catalog()[method.mergecli].params} | {"weight"}
         assert (set(method.shared) | set(method.per_model) | set(method.fixed)) - method.inert <= params, name
-    assert not set(UNSUPPORTED) & set(METHODS)
+    assert "passthrough" not in METHODS  # translated on its own: copied blocks, no method parameters
     covered = {yaml.safe_load(path.read_text())["merge_method"] for path in CONFIGS.glob("*.yml")}
-    assert covered == set(METHODS)  # every translated method has a config the CLI tests run
+    assert covered == set(METHODS) | {"passthrough"}  # every translated method has a config the CLI tests run
 
 
 def test_every_fixture_translates_to_a_valid_recipe():
@@ -267,7 +339,7 @@ def test_import_config_file(tmp_path):
     assert out.recipe["base"] == "models/base" and out.recipe["models"][0]["model"] == "models/ft"
     multi = tmp_path / "multi.yml"
     multi.write_text(config.read_text() + "---\n" + config.read_text())
-    with pytest.raises(RecipeError, match="another document"):
+    with pytest.raises(RecipeError, match=r"a multi-stage file \(2 documents\); run it as it is"):
         import_config(multi)
     broken = tmp_path / "broken.yml"
     broken.write_text("merge_method: [ties\n")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mergecli.methods import catalog
 from mergecli.methods import reduce
-from mergecli.methods.pipeline import CHUNK_ELEMENTS, merge_tensor
+from mergecli.methods.pipeline import CHUNK_ELEMENTS, TensorPlan, merge_tensor
 from mergecli.methods.selective import fusion_threshold, nearswap, ram, ramplus_tl, sce, sce_mask
 from mergecli.methods.spherical import karcher, multislerp, nuslerp
 
@@ -32,7 +32,7 @@ def randn(*shape, seed=0, scale=1.0):
 def merged(name, base, models, weights=None, **params):
     """mergecli's merged weights of `models` (full weights) against `base`."""
     taus = [m - base for m in models]
-    out, _, _ = merge_tensor(METHODS[name], taus, weights or [1.0] * len(models), params, "t", base=base)
+    out, _, _ = merge_tensor(TensorPlan(METHODS[name], weights or [1.0] * len(models), params, "t"), taus, base=base)
     return out
 
 
@@ -340,7 +340,7 @@ def test_multislerp_one_model_antipodal_pair_and_balanced_antipodes(family):
     base, (a, _, _), _ = family
     assert torch.allclose(merged("multislerp", base, [a], [0.3]), a, atol=ATOL)  # returned as it is
     u = a - base  # task vectors u and -u, weights 1/2: the mean direction is 0, so linear: 0
-    out, _, _ = merge_tensor(METHODS["multislerp"], [u, -u], [0.5, 0.5], {}, "t", base=base)
+    out, _, _ = merge_tensor(TensorPlan(METHODS["multislerp"], [0.5, 0.5], {}, "t"), [u, -u], base=base)
     assert torch.equal(out, base)
     assert torch.equal(mk_multislerp([u, -u], [0.5, 0.5]), torch.zeros_like(u))
     with pytest.raises(ValueError, match="zero"):
@@ -474,8 +474,9 @@ def test_an_absent_model_is_the_base_there(family, name, count):
     base, tunes, _ = family
     taus = [t - base for t in tunes[:count]]
     method = METHODS[name]
-    with_none, _, _ = merge_tensor(method, [None, *taus[1:]], [1.0] * count, {}, "t", base=base)
-    with_zero, _, _ = merge_tensor(method, [torch.zeros_like(base), *taus[1:]], [1.0] * count, {}, "t", base=base)
+    with_none, _, _ = merge_tensor(TensorPlan(method, [1.0] * count, {}, "t"), [None, *taus[1:]], base=base)
+    with_zero, _, _ = merge_tensor(TensorPlan(method, [1.0] * count, {}, "t"), [torch.zeros_like(base), *taus[1:]],
+                                   base=base)
     assert torch.equal(with_none, with_zero)
 
 
@@ -483,9 +484,9 @@ def test_elementwise_methods_give_the_same_bits_in_chunks():
     rows, cols = 2 * CHUNK_ELEMENTS // 256 + 6, 256  # several chunks of rows
     base = randn(rows, cols, seed=0)
     taus = [randn(rows, cols, seed=1 + i, scale=0.02) for i in range(3)]
-    out, _, _ = merge_tensor(METHODS["ram"], taus, [1.0] * 3, {"epsilon": 0.01}, "t", base=base)
+    out, _, _ = merge_tensor(TensorPlan(METHODS["ram"], [1.0] * 3, {"epsilon": 0.01}, "t"), taus, base=base)
     assert torch.equal(out, base + ram(taus, 0.01))
-    out, _, _ = merge_tensor(METHODS["nearswap"], taus[:1], [1.0], {"t": 0.01}, "t", base=base)
+    out, _, _ = merge_tensor(TensorPlan(METHODS["nearswap"], [1.0], {"t": 0.01}, "t"), taus[:1], base=base)
     assert torch.equal(out, base + (nearswap(base, taus[0], 0.01) - base))
 
 
@@ -501,7 +502,8 @@ def test_whole_tensor_methods_do_not_depend_on_the_thread_count(name, count, par
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            outs.append(merge_tensor(METHODS[name], taus, [1.0, 0.5, 0.8][:count], params, "t", base=base)[0])
+            outs.append(merge_tensor(TensorPlan(METHODS[name], [1.0, 0.5, 0.8][:count], params, "t"), taus,
+                                     base=base)[0])
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(outs[0], out) for out in outs[1:])

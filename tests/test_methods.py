@@ -5,7 +5,7 @@ import torch
 from peft.utils import merge_utils
 
 from mergecli.methods import catalog
-from mergecli.methods.pipeline import merge_tensor, trim
+from mergecli.methods.pipeline import TensorPlan, merge_tensor, trim
 from mergecli.methods.combine import disjoint_mean, elect_sign, weighted_sum
 from mergecli.methods.sparsify import bernoulli_mask, keep_count, random_stream, topk_mask
 
@@ -49,7 +49,9 @@ def test_ties_on_hand_computed_case():
     (1,0): both positive -> (3 + 2) / 2 = 2.5          (1,2): -4 + 4 = 0 -> no sign -> 0
     (1,3): 2 - 3 < 0 -> -3.0                           (2,3): (1.5 + 1.0) / 2 = 1.25
     """
-    delta, kept, offered = merge_tensor(METHODS["ties"], [T1, T2], [1.0, 1.0], {"score": "magnitude", "density": 0.5}, "w")
+    delta, kept, offered = merge_tensor(TensorPlan(METHODS["ties"], [1.0, 1.0],
+                                                   {"score": "magnitude", "density": 0.5}, "w"),
+                                        [T1, T2])
     expected = torch.tensor([[-1.5, -2.0, 0.0, 0.0], [2.5, 0.0, 0.0, -3.0], [0.0, 0.0, 0.0, 1.25]])
     assert torch.allclose(delta, expected)
     assert (kept, offered) == (12, 24)
@@ -65,7 +67,7 @@ def test_weighted_disjoint_mean_divides_by_agreeing_weights():
 
 
 def test_task_arithmetic_is_weighted_sum():
-    delta, _, _ = merge_tensor(METHODS["task_arithmetic"], [T1, T2, T3], [0.5, 0.3, 0.2], {}, "w")
+    delta, _, _ = merge_tensor(TensorPlan(METHODS["task_arithmetic"], [0.5, 0.3, 0.2], {}, "w"), [T1, T2, T3])
     assert torch.allclose(delta, 0.5 * T1 + 0.3 * T2 + 0.2 * T3)
     assert torch.allclose(weighted_sum(torch.stack([T1, T2]), torch.tensor([1.0, 1.0])), T1 + T2)
 
@@ -75,7 +77,8 @@ def test_ties_matches_peft_merge_utils_with_unit_weights():
     weights (and no exactly-zero sums, almost surely for random data) that is our formula."""
     gen = torch.Generator().manual_seed(0)
     taus = [torch.randn(16, 24, generator=gen) for _ in range(3)]
-    ours, _, _ = merge_tensor(METHODS["ties"], taus, [1.0] * 3, {"score": "magnitude", "density": 0.25}, "w")
+    ours, _, _ = merge_tensor(TensorPlan(METHODS["ties"], [1.0] * 3, {"score": "magnitude", "density": 0.25}, "w"),
+                              taus)
     # peft's magnitude_prune keeps int(density * n) = 96 entries; round() gives the same here.
     theirs = merge_utils.ties(taus, torch.ones(3), density=0.25)
     assert torch.allclose(ours, theirs, atol=1e-6)
@@ -85,7 +88,7 @@ def test_task_arithmetic_matches_peft():
     gen = torch.Generator().manual_seed(1)
     taus = [torch.randn(8, 8, generator=gen) for _ in range(3)]
     w = [0.2, 0.5, 0.3]
-    ours, _, _ = merge_tensor(METHODS["task_arithmetic"], taus, w, {}, "w")
+    ours, _, _ = merge_tensor(TensorPlan(METHODS["task_arithmetic"], w, {}, "w"), taus)
     assert torch.allclose(ours, merge_utils.task_arithmetic(taus, torch.tensor(w)), atol=1e-6)
 
 
@@ -95,7 +98,7 @@ def test_dare_linear_given_the_same_mask_matches_peft_formula():
     taus = [torch.randn(32, 32, generator=gen) for _ in range(2)]
     d = 0.3
     params = {"score": "random", "density": d, "seed": 7}
-    ours, _, _ = merge_tensor(METHODS["dare_linear"], taus, [1.0, 1.0], params, "layer.w")
+    ours, _, _ = merge_tensor(TensorPlan(METHODS["dare_linear"], [1.0, 1.0], params, "layer.w"), taus)
     masks = [bernoulli_mask(t.shape, d, random_stream(7, "layer.w", i)) for i, t in enumerate(taus)]
     expected = sum(t * m / d for t, m in zip(taus, masks))
     assert torch.allclose(ours, expected, atol=1e-6)
@@ -123,9 +126,9 @@ def test_per_row_on_transposed_weights_selects_output_rows():
     """GPT-2 Conv1D stores in x out; per-row top-k must pick within output features (columns there)."""
     w_out_in = torch.randn(6, 10, generator=torch.Generator().manual_seed(4))
     params = {"score": "magnitude", "density": 0.3, "topk": "row"}
-    normal, _, _ = merge_tensor(METHODS["task_arithmetic_topk"], [w_out_in], [1.0], params, "a")
-    transposed, _, _ = merge_tensor(METHODS["task_arithmetic_topk"], [w_out_in.T.contiguous()], [1.0], params, "a",
-                                    transposed=True)
+    normal, _, _ = merge_tensor(TensorPlan(METHODS["task_arithmetic_topk"], [1.0], params, "a"), [w_out_in])
+    transposed, _, _ = merge_tensor(TensorPlan(METHODS["task_arithmetic_topk"], [1.0], params, "a", transposed=True),
+                                    [w_out_in.T.contiguous()])
     assert torch.equal(normal, transposed.T)
     assert torch.equal((normal != 0).sum(dim=1), torch.full((6,), 3))
 
@@ -133,7 +136,8 @@ def test_per_row_on_transposed_weights_selects_output_rows():
 def test_missing_task_vector_is_left_out_of_the_vote():
     """A LoRA that did not touch a tensor neither votes nor dilutes the mean."""
     t = torch.tensor([[2.0, -2.0]])
-    delta, _, _ = merge_tensor(METHODS["ties"], [t, None], [1.0, 1.0], {"score": "magnitude", "density": 1.0}, "w")
+    delta, _, _ = merge_tensor(TensorPlan(METHODS["ties"], [1.0, 1.0], {"score": "magnitude", "density": 1.0}, "w"),
+                               [t, None])
     assert torch.equal(delta, t)
 
 

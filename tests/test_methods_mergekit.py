@@ -237,14 +237,14 @@ def test_a_missing_tensor_is_the_base_for_averages_and_no_voter_for_elections():
     """`absent` is declared per method: linear/slerp/model_stock see tau = 0 with its weight (a LoRA's
     untouched weight equals the base's), TIES-like methods leave the model out."""
     from mergecli.methods import catalog
-    from mergecli.methods.pipeline import merge_tensor
+    from mergecli.methods.pipeline import TensorPlan, merge_tensor
 
     methods = catalog()
     g = torch.Generator().manual_seed(3)
     base, tau = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
-    averaged, _, offered = merge_tensor(methods["linear"], [tau, None], [1.0, 3.0], {}, "w", base=base)
+    averaged, _, offered = merge_tensor(TensorPlan(methods["linear"], [1.0, 3.0], {}, "w"), [tau, None], base=base)
     assert torch.allclose(averaged, base + tau / 4) and offered == 40
-    elected, _, offered = merge_tensor(methods["ties"], [tau, None], [1.0, 3.0], {"density": 1.0}, "w")
+    elected, _, offered = merge_tensor(TensorPlan(methods["ties"], [1.0, 3.0], {"density": 1.0}, "w"), [tau, None])
     assert torch.allclose(elected, tau) and offered == 20
-    stock, _, _ = merge_tensor(methods["model_stock"], [tau, None], [1.0, 1.0], {}, "w", base=base)
+    stock, _, _ = merge_tensor(TensorPlan(methods["model_stock"], [1.0, 1.0], {}, "w"), [tau, None], base=base)
     assert torch.allclose(stock, base)  # cos(tau, 0) = 0: the ratio is 0

@@ -241,8 +241,10 @@ def test_lambda_auto_is_refused_where_it_cannot_be_chosen(trained, models):
 @pytest.mark.slow
 @pytest.mark.parametrize("choice", ["auto", "learned"])
 def test_lambda_choice_under_torchrun_is_the_single_process_choice(trained, models, choice):
-    """Two processes: rank 0 searches (or learns) and sends its choice; the merge equals one
-    process's, bit for bit."""
+    """Two processes. auto: rank 0 searches and sends its choice, so the merge equals one process's
+    bit for bit. learned: each process runs its share of every step's windows and the gradients are
+    added up over the ranks, a different order of fp32 sums than one process's, so the scales and
+    the merge equal one process's to within that rounding (and the same step is kept)."""
     import os
     import subprocess
     import sys
@@ -260,10 +262,18 @@ def test_lambda_choice_under_torchrun_is_the_single_process_choice(trained, mode
                               timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[label] = json.loads(done.stdout)[0]
-    assert runs["two"]["search"] == {**runs["one"]["search"], "seconds": runs["two"]["search"]["seconds"]}
     one, two = ({k: v for f in sorted((trained / f"out-{choice}-{label}" / "ta").glob("*.safetensors"))
                  for k, v in load_file(f).items()} for label in ("one", "two"))
-    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert one.keys() == two.keys()
+    if choice == "auto":
+        assert runs["two"]["search"] == {**runs["one"]["search"], "seconds": runs["two"]["search"]["seconds"]}
+        assert all(torch.equal(one[k], two[k]) for k in one)
+        return
+    a, b = runs["one"]["search"], runs["two"]["search"]
+    assert a["kept"] == b["kept"] and a["scales"].keys() == b["scales"].keys()
+    assert b["trace"] == pytest.approx(a["trace"], rel=1e-6) and b["score"] == pytest.approx(a["score"], rel=1e-6)
+    assert all(b["scales"][g] == pytest.approx(a["scales"][g], abs=2e-6) for g in a["scales"])
+    assert all(torch.allclose(one[k].float(), two[k].float(), rtol=1e-5, atol=1e-6) for k in one)
 
 
 GENERAL = [f"The river number {i} runs past the old mill, and the town sleeps under the hill." for i in range(60)]

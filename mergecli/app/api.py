@@ -13,6 +13,7 @@ from ..recipe.schema import Recipe
 from ..recipe.load import load_recipe
 from ..stages import stages
 from ..stages.base import Context, Stage
+from .moe import run_moe
 
 
 def _runner(stage: Stage) -> Callable[..., Any]:
@@ -36,4 +37,4 @@ def compare(recipe: Recipe, reporter: Reporter = SILENT, device: str = "cpu") ->
     return {row["model"]: row for row in rows}
 
 
-__all__ = ["Context", "Recipe", "compare", "load_recipe", *RUNNERS]
+__all__ = ["Context", "Recipe", "compare", "load_recipe", "run_moe", *RUNNERS]

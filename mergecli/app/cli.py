@@ -27,14 +27,20 @@ from rich.markup import escape
 
 from ..version import __version__
 from .display import RichReporter, table
+from .moe import run_moe, show_moe
 from ..fsutil import size_text
 from ..distributed import DEFAULT_TIMEOUT, SINGLE, Group, PeerFailed, join
-from ..errors import MergeCliError
+from ..errors import MergeCliError, UsageError
 from ..fsutil import folder_bytes
 from ..recipe.schema import Recipe
-from ..recipe.load import load_recipe, recipes_dir
+from ..recipe.load import load_recipe, recipes_dir, validate_recipe
 from ..stages import stages
 from ..stages.base import Context, Stage, View
+from ..recipe.mergekit import import_config
+from ..quality.report import comparison, comparison_text, plot, render
+from ..stages.compare import comparison_view
+from ..models.architectures import TESTED
+from ..store.workspace import Workspace
 
 app = typer.Typer(help="Merge fine-tuned language models: task vectors, Hessians, merges, evaluation.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -43,8 +49,12 @@ ws_app = typer.Typer(help="Inspect and clean the workspace cache.", no_args_is_h
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(ws_app, name="ws")
 
-OVERRIDES = typer.Argument(None, help="recipe overrides, e.g. density=0.3 merges.ties.seed=1", show_default=False)
-RECIPE = typer.Argument(..., help="YAML recipe file", show_default=False)
+OVERRIDES = typer.Argument(None, help="recipe overrides, e.g. density=0.3 merges.ties.seed=1", show_default=False,
+                           metavar="KEY=VALUE")
+RECIPE = typer.Argument(..., help="YAML recipe file (or a mergekit config)", show_default=False, metavar="RECIPE")
+# the options every command takes, before or after the command's name (`main` moves them to the front)
+GLOBAL_SWITCHES = ("-q", "--quiet", "--json", "--debug", "--wait", "--no-wait", "--version")
+GLOBAL_VALUES = ("-w", "--workspace", "--device", "--backend", "--dist-timeout")
 
 
 @dataclass
@@ -93,17 +103,20 @@ OPTIONS = Options()
 @app.callback(invoke_without_command=True)
 def main_options(
     ctx: typer.Context,
-    workspace: Optional[Path] = typer.Option(None, "--workspace", "-w", help="workspace folder (overrides the recipe's)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or logs"),
-    json_output: bool = typer.Option(False, "--json", help="machine-readable result on stdout"),
-    device: str = typer.Option("cpu", "--device", help="torch device for the math: cpu, cuda, cuda:1, mps"),
-    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="wait for, or fail on, another run holding a lock"),
-    backend: Optional[str] = typer.Option(None, "--backend", help="under torchrun: process-group backend "
-                                          "(default nccl with --device cuda, else gloo)"),
-    dist_timeout: float = typer.Option(DEFAULT_TIMEOUT, "--dist-timeout", min=1, help="under torchrun: seconds a "
-                                       "process waits for the others before failing"),
-    version: bool = typer.Option(False, "--version", help="print the version and exit", is_eager=True),
+    workspace: Optional[Path] = typer.Option(None, "--workspace", "-w", metavar="DIR",
+                                             help="workspace folder (overrides the recipe's)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help="no progress bars or logs"),
+    json_output: bool = typer.Option(False, "--json", metavar="", help="machine-readable result on stdout"),
+    device: str = typer.Option("cpu", "--device", metavar="DEVICE",
+                               help="torch device for the math: cpu, cuda, cuda:1, mps"),
+    debug: bool = typer.Option(False, "--debug", metavar="", help="show tracebacks"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", metavar="",
+                              help="wait for, or fail on, another run holding a lock"),
+    backend: Optional[str] = typer.Option(None, "--backend", metavar="NAME", help="under torchrun: process-group "
+                                          "backend (default nccl with --device cuda, else gloo)"),
+    dist_timeout: float = typer.Option(DEFAULT_TIMEOUT, "--dist-timeout", min=1, metavar="SECONDS", help="under "
+                                       "torchrun: seconds a process waits for the others before failing"),
+    version: bool = typer.Option(False, "--version", metavar="", help="print the version and exit", is_eager=True),
 ) -> None:
     if version:
         typer.echo(f"mergecli {__version__}")
@@ -117,7 +130,7 @@ def main_options(
         if group.launched and group.main:
             OPTIONS.reporter.log(f"torchrun: {group.world} process(es), backend {group.backend}")
         if group.world > 1 and ctx.invoked_subcommand not in stages():
-            raise MergeCliError(f"`{ctx.invoked_subcommand}` runs in one process; only the stages "
+            raise UsageError(f"`{ctx.invoked_subcommand}` runs in one process; only the stages "
                                 f"({', '.join(stages())}) are shared out under torchrun", "run it without torchrun")
     except MergeCliError as exc:
         raise typer.Exit(report(exc)) from None
@@ -189,7 +202,7 @@ def _stage_command(stage: Stage) -> None:
         annotation = Optional[option.type] if option.default is None else option.type
         params.append(inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                         default=typer.Option(option.default, *option.cli_flags, help=option.help,
-                                                             min=option.minimum)))
+                                                             min=option.minimum, metavar=option.cli_metavar)))
     run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     run.__annotations__ = {p.name: p.annotation for p in params}
     run.__doc__ = stage.summary
@@ -243,7 +256,7 @@ def recipes_cp(name: str = typer.Argument(..., help="built-in recipe name"),
     """Copy a built-in recipe to edit it."""
     found = builtin_recipes()
     if name not in found:
-        raise MergeCliError(f"no built-in recipe named {name!r}", f"choose one of: {', '.join(found)}")
+        raise UsageError(f"no built-in recipe named {name!r}", f"choose one of: {', '.join(found)}")
     target = dest / f"{name}.yaml" if dest.is_dir() else dest
     if target.exists() or target.is_symlink():
         raise MergeCliError(f"{target} already exists", "choose another destination")
@@ -261,8 +274,6 @@ def recipes_import(config: Path = typer.Argument(..., help="mergekit YAML config
     """Translate a mergekit config into a mergecli recipe (any command also takes the config itself)."""
     import yaml
 
-    from ..recipe.mergekit import import_config
-    from ..recipe.load import validate_recipe
 
     dest = (output.absolute().parent if output else config.absolute().parent)
     translation = import_config(config, dest)
@@ -289,15 +300,29 @@ def _description(path: Path) -> str:
     return first.lstrip("# ").strip()
 
 
+# -- mixtures of experts ---------------------------------------------------------------------
+@app.command()
+@command
+def moe(config: Path = typer.Argument(..., help="mergekit-moe YAML config (base_model, experts, gate_mode...)",
+                                      show_default=False, metavar="CONFIG"),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="DIR",
+                                              help="folder to write (default: merged/<config name>/ beside it)"),
+        seed: int = typer.Option(0, "--seed", metavar="N", help="gate_mode random / uniform_random: the draw "
+                                 "(mergekit-moe's --random-seed)"),
+        overwrite: bool = typer.Option(False, "--overwrite", metavar="",
+                                        help="rebuild even when the folder is current")) -> None:
+    """Build a mixture of experts (Mixtral, or Qwen2-MoE with a shared expert) from a mergekit-moe config."""
+    OPTIONS.emit(show_moe(run_moe(config, output, reporter=OPTIONS.reporter, device=OPTIONS.device, seed=seed,
+                                  overwrite=overwrite, wait=OPTIONS.wait)))
+
+
 # -- the demo and the architecture table ----------------------------------------------------
 @app.command()
 @command
 def demo(workdir: Path = typer.Option(Path("mergecli-demo"), "--workdir", help="where the demo's models and results go"),
          overrides: Optional[list[str]] = OVERRIDES) -> None:
     """The whole pipeline on SmolLM2-135M-Instruct with three home-made fine-tunes; no model hub needed."""
-    from .demo import run_demo
-    from ..quality.report import comparison, comparison_text, plot
-    from ..stages.compare import comparison_view
+    from .demo import run_demo  # start-up time: the demo imports torch, --help should not
 
     recipe, results = run_demo(workdir, OPTIONS.reporter, OPTIONS.device, OPTIONS.wait, overrides)
     rows = comparison(results)
@@ -315,8 +340,6 @@ def demo(workdir: Path = typer.Option(Path("mergecli-demo"), "--workdir", help="
 @command
 def archs(fmt: str = typer.Option("table", "--format", help="table | markdown | json")) -> None:
     """The architectures tested end to end, and what mergecli reads off each."""
-    from ..models.architectures import TESTED
-    from ..quality.report import render
 
     rows = [a.row() for a in TESTED]
     if fmt in ("markdown", "json"):
@@ -324,19 +347,18 @@ def archs(fmt: str = typer.Option("table", "--format", help="table | markdown | 
     elif fmt == "table":
         OPTIONS.emit(View("tested architectures", list(rows[0]), [list(r.values()) for r in rows], rows))
     else:
-        raise MergeCliError(f"unknown --format {fmt!r}", "use table, markdown or json")
+        raise UsageError(f"unknown --format {fmt!r}", "use table, markdown or json")
 
 
 # -- workspace ------------------------------------------------------------------------------
 def _workspace(recipe: Optional[Recipe]):
-    from ..store.workspace import Workspace
 
     if OPTIONS.workspace:
         if OPTIONS.workspace.exists() and not OPTIONS.workspace.is_dir():
             raise MergeCliError(f"workspace {OPTIONS.workspace} is a file, not a folder")
         return Workspace(OPTIONS.workspace.absolute(), log=OPTIONS.reporter.log)
     if recipe is None:
-        raise MergeCliError("which workspace?", "pass a recipe, or --workspace PATH before the command")
+        raise UsageError("which workspace?", "pass a recipe, or --workspace PATH")
     return OPTIONS.context(recipe).workspace
 
 
@@ -356,11 +378,11 @@ def ws_ls(recipe: Optional[Path] = typer.Argument(None, help="recipe whose works
     artifacts = sorted(ws.artifacts(), key=lambda a: (a.kind, a.label))
     data = [{"kind": a.kind, "key": a.key, "label": a.label, "bytes": a.size, "path": str(a.path),
              **({"used": a.key in used} if loaded else {})} for a in artifacts]
-    rows = [[a.kind, a.label, size_text(a.size), a.key, *(["yes" if a.key in used else ""] if loaded else [])]
+    # one readable row per artifact; the keys (20 hex digits) are in --json
+    rows = [[a.kind, a.label, size_text(a.size), *(["yes" if a.key in used else ""] if loaded else [])]
             for a in artifacts]
-    rows.append(["total", "", size_text(sum(a.size for a in artifacts)), "", *([""] if loaded else [])])
-    OPTIONS.emit(View(f"workspace {ws.root}", ["kind", "what", "size", "key", *(["used"] if loaded else [])],
-                      rows, data))
+    rows.append(["total", "", size_text(sum(a.size for a in artifacts)), *([""] if loaded else [])])
+    OPTIONS.emit(View(f"workspace {ws.root}", ["kind", "what", "size", *(["used"] if loaded else [])], rows, data))
 
 
 @ws_app.command("gc")
@@ -398,11 +420,33 @@ def _on_sigint(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def global_options_first(argv: list[str]) -> list[str]:
+    """The arguments with the global options moved before the command's name: `mergecli validate
+    r.yaml --json` means what `mergecli --json validate r.yaml` means (people put flags last)."""
+    moved, rest = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            rest += [arg, *args]
+            break
+        name = arg.split("=", 1)[0]
+        if rest and name in GLOBAL_SWITCHES:
+            moved.append(arg)
+        elif rest and name in GLOBAL_VALUES:
+            moved.append(arg)
+            if "=" not in arg:
+                moved.append(next(args, ""))
+        else:
+            rest.append(arg)
+    command = next((i for i, a in enumerate(rest) if not a.startswith("-")), len(rest))
+    return rest[:command] + moved + rest[command:]
+
+
 def main() -> None:
     """Entry point: Ctrl-C at any moment is one line and exit code 130."""
     signal.signal(signal.SIGINT, _on_sigint)
     try:
-        app()
+        app(global_options_first(sys.argv[1:]))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

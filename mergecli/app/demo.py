@@ -11,6 +11,7 @@ eval -> compare on its recipe. Everything is cached: a second run only prints th
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -27,10 +28,11 @@ from ..models.reference import resolve_model
 from ..progress import Reporter
 from ..quality.report import Evaluated
 from ..recipe.load import load_recipe, recipes_dir
-from ..recipe.schema import Recipe
+from ..recipe.schema import DatasetSpec, Recipe
 from ..stages import evaluate
 from ..stages.base import Context
 from .finetune import TrainSettings, train
+from ..models.quiet import quiet_libraries
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +86,7 @@ def make_base(dequantized: Path, out: Path, stamp: dict, recipe: Recipe, reporte
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..models.loading import load_tokenizer
+    from ..models.loading import load_tokenizer  # start-up time (torch)
 
     def build(tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(dequantized, dtype=torch.float32, trust_remote_code=False)
@@ -105,7 +107,7 @@ def disk_estimate(model: "torch.nn.Module", recipe: Recipe) -> dict[str, int]:
     same input, per fine-tune), merged (each variant at 2 bytes a parameter)."""
     import torch
 
-    from ..engine.collect import find_groups, linear_modules
+    from ..engine.collect import find_groups, linear_modules  # start-up time (torch)
 
     params = sum(p.numel() for p in model.parameters())
     layers = linear_modules(model)  # what the LoRA fine-tunes adapt (finetune.LORA_TARGETS): every linear layer
@@ -126,13 +128,27 @@ def make_fine_tunes(base: Path, base_stamp: dict, workdir: Path, reporter: Repor
 
 
 def _fine_tune(base: Path, data: str, settings: TrainSettings, reporter: Reporter, name: str, out: Path) -> None:
-    from ..engine.calibration import load_texts
+    from ..engine.calibration import load_texts  # start-up time (torch)
     from ..models.loading import load_tokenizer
-    from ..recipe.schema import DatasetSpec
 
     texts = load_texts(DatasetSpec(path=str(data_dir() / data)), data_dir(), load_tokenizer(base))
     losses = train(base, texts, out, settings, reporter, name)
     reporter.log(f"fine-tune {name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+
+DATA_FILES = ("code.jsonl", "verse.jsonl", "arithmetic.jsonl", "LICENSES.md")
+
+
+def copy_data(out: Path, reporter: Reporter) -> None:
+    """The demo's corpora, copied into the work folder (unless already there), so its recipe names
+    them by relative paths and the folder holds everything its results came from."""
+    files = {name: (data_dir() / name).read_bytes() for name in DATA_FILES}
+    stamp = {"data": {name: hashlib.sha256(content).hexdigest() for name, content in files.items()}}
+
+    def build(tmp: Path) -> None:
+        for name, content in files.items():
+            (tmp / name).write_bytes(content)
+    _make_once(out, stamp, build, reporter, "corpora")
 
 
 def _make_once(out: Path, stamp: dict, build: Callable[[Path], None], reporter: Reporter, what: str) -> None:
@@ -158,7 +174,6 @@ def _made_here(folder: Path) -> bool:
 
 def run_demo(workdir: Path, reporter: Reporter, device: str = "cpu", wait: bool = True,
              overrides: list[str] | None = None) -> tuple[Recipe, list[Evaluated]]:
-    from ..models.quiet import quiet_libraries
 
     quiet_libraries()
     workdir = workdir.resolve()
@@ -170,7 +185,8 @@ def run_demo(workdir: Path, reporter: Reporter, device: str = "cpu", wait: bool 
     if recipe_path.exists() and not recipe_path.read_text().startswith(template.splitlines()[0]):
         raise MergeCliError(f"{recipe_path} exists and is not the demo's recipe; it is left untouched",
                             "choose another --workdir")
-    recipe_path.write_text(template.replace("DATA", str(data_dir())))
+    copy_data(workdir / "data", reporter)
+    recipe_path.write_text(template.replace("DATA", "./data"))  # relative: the folder survives a move
     base_stamp = {"gguf": str(gguf), "dtype": "bfloat16"}
     make_base(dequantized, workdir / "models" / "base", base_stamp,
               load_recipe(recipe_path, overrides, check_paths=False), reporter)

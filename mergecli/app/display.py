@@ -70,8 +70,9 @@ def _table(title: str, columns: Sequence[str], cells: list[list[str]], right: li
     result = Table(title=title or None, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for i in keep:
         widest = max((len(row[i]) for row in cells), default=0)
+        longest_word = max((len(word) for row in cells for word in row[i].split()), default=1)
         result.add_column(_header(columns[i], widest), justify="right" if right[i] else "left", no_wrap=right[i],
-                          overflow="fold")
+                          overflow="fold", min_width=min(longest_word, 40))  # text wraps at spaces, words stay whole
     for row in cells:
         result.add_row(*(row[i] for i in keep))
     return result

@@ -27,6 +27,9 @@ from ..recipe.schema import CalibrationSpec, DatasetSpec
 class Windows:
     input_ids: torch.Tensor  # (samples, seq_len) int64
     attention_mask: torch.Tensor  # (samples, seq_len) int64, 0 on padding
+    # the document each window starts in (its index in the text's order), where the windows were cut
+    # from documents: windows of one document are not independent samples of the text (`gain.py`)
+    documents: tuple[int, ...] | None = None
 
     @property
     def tokens(self) -> int:
@@ -93,8 +96,10 @@ def make_windows(texts: list[str], tokenizer, samples: int, seq_len: int, seed: 
     mask = torch.zeros((samples, seq_len), dtype=torch.long)
     if pack:
         stream: list[int] = []
+        starts: list[tuple[int, int]] = []  # (position in the stream, document) where each document begins
         need = samples * seq_len
         for i in order:
+            starts.append((len(stream), i))
             stream.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
             if eos is not None:
                 stream.append(eos)
@@ -105,7 +110,12 @@ def make_windows(texts: list[str], tokenizer, samples: int, seq_len: int, seed: 
                                 "lower --samples or --seq-len, or add text")
         ids[:] = torch.tensor(stream[:need]).reshape(samples, seq_len)
         mask[:] = 1
-        return Windows(ids, mask)
+        documents, k = [], 0
+        for row in range(samples):
+            while k + 1 < len(starts) and starts[k + 1][0] <= row * seq_len:
+                k += 1
+            documents.append(starts[k][1])
+        return Windows(ids, mask, tuple(documents))
     if len(order) < samples:
         raise MergeCliError(f"{what} has {len(order)} documents, --samples {samples} needs as many",
                             "lower --samples, or use pack: true")
@@ -113,7 +123,7 @@ def make_windows(texts: list[str], tokenizer, samples: int, seq_len: int, seed: 
         tokens = tokenizer(texts[i], add_special_tokens=False)["input_ids"][:seq_len]
         ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         mask[row, :len(tokens)] = 1
-    return Windows(ids, mask)
+    return Windows(ids, mask, tuple(order[:samples]))
 
 
 def spread_windows(texts: list[str], tokenizer, samples: int, seq_len: int, seed: int,

@@ -86,7 +86,10 @@ def account_lines(account: dict[str, Any], names: bool = True, shown: int = 4) -
         return f" ({', '.join(items[:shown])}{more})" if names else ""
 
     lines = [f"{account.get('merged', 0)} merged"]
-    lines += [f"{len(items)} copied from the base: {why}{listed(items)}" for why, items in account.get("copied", {}).items()]
+    lines += [f"{len(items)} copied from the base: {why}{listed(items)}"
+              for why, items in account.get("copied", {}).items()]
+    lines += [f"{len(items)} copied as stored from {model} (layer stacking){listed(items)}"
+              for model, items in account.get("passed_through", {}).items()]
     lines += [f"{len(items)} buffers of {model} skipped (not weights; the base has none){listed(items)}"
               for model, items in account.get("skipped_buffers", {}).items()]
     lines += [f"{model} lacks {len(items)} buffers of the base (copied from the base){listed(items)}"

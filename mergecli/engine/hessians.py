@@ -208,8 +208,8 @@ class HessianReader:
             return None
         with self._lock:
             if group not in self._cache:
-                gram = self._ckpt.get(f"{group}.H").to(self._device, torch.float64) / max(self._counts[group], 1)
-                self._cache[group] = LayerStats(gram, self._damp)
+                h = self._ckpt.get(f"{group}.H").to(self._device)
+                self._cache[group] = LayerStats(h, self._damp, max(self._counts[group], 1))
                 if len(self._cache) > self._keep:
                     self._cache.popitem(last=False)
             self._cache.move_to_end(group)

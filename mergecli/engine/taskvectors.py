@@ -79,8 +79,12 @@ class TaskVector:
     def __contains__(self, canonical: str) -> bool:
         return canonical in self._manifest["tensors"]
 
-    def tensor(self, canonical: str, base: torch.Tensor) -> TaskTensor | None:
-        """This model's task vector for one tensor, given the base's tensor; None if it has none."""
+    def tensor(self, canonical: str, base: torch.Tensor, own_base: torch.Tensor | None = None) -> TaskTensor | None:
+        """This model's task vector for one tensor, given the base's tensor; None if it has none.
+
+        A layer-stacking merge may set a model's tensor against another tensor of the base (layer
+        5 of the model against layer 3 of the base): `base` is then that tensor and `own_base` the
+        base's tensor of `canonical`, which a materialized task vector (a LoRA's) is relative to."""
         stored = self._manifest["tensors"].get(canonical)
         if stored is None:
             return None
@@ -88,7 +92,21 @@ class TaskVector:
             weights = self._finetune.get(stored)
             return TaskTensor(weights[: base.shape[0]] if base.dim() else weights, base)
         assert self._stored is not None
+        if own_base is not None and own_base is not base:
+            return TaskTensor(self._stored.get(canonical) + own_base.to(torch.float32), base)
         return TaskTensor(self._stored.get(canonical))
+
+    def weights(self, canonical: str, base: torch.Tensor) -> torch.Tensor | None:
+        """This model's own tensor (a layer-stacking merge copies it): as stored for a full fine-tune
+        (every row), the base's `base` plus the task vector for a LoRA; None where it has no task
+        vector (buffers, integer tensors: the base's are the model's)."""
+        stored = self._manifest["tensors"].get(canonical)
+        if stored is None:
+            return None
+        if self.by_reference:
+            return self._finetune.get(stored)
+        assert self._stored is not None
+        return base.to(torch.float32) + self._stored.get(canonical)
 
     def get(self, canonical: str, base: torch.Tensor) -> torch.Tensor:
         """The fp32 task vector of one tensor, materialized (for inspection; merges stream it)."""
@@ -201,7 +219,8 @@ def _check_match(model: str, base: Checkpoint, base_map: dict[str, str], ft: Che
     be lost. Buffers (`Architecture.is_buffer`) are exempt both ways. The one allowed shape
     difference is a fine-tune with added tokens (more rows in vocab-indexed tensors) when the
     recipe says what to do with them (`extra_tokens: base | union`); the returned names are those
-    tensors.
+    tensors. With `vocabulary` (a recipe's `tokenizer.source`) the embeddings may have any number
+    of rows: the merge re-maps them by token.
     """
     problems = [f"missing in the fine-tune: {base_map[n]}" for n in base_map
                 if n not in ft_map and not arch.is_buffer(n)]
@@ -212,10 +231,13 @@ def _check_match(model: str, base: Checkpoint, base_map: dict[str, str], ft: Che
         b, f = base.info(base_map[name]).shape, ft.info(ft_map[name]).shape
         if b == f or arch.is_buffer(name):
             continue
+        if extra_tokens == "vocabulary" and arch.module_of(name) in arch.embeddings and f[1:] == b[1:]:
+            continue  # rows re-mapped by token at merge time, read from the fine-tune as they are
         if len(b) == 2 and f[1:] == b[1:] and f[0] > b[0] and extra_tokens != "error":
             grown.append(name)
         else:
-            hint = " (added tokens? set extra_tokens: base or union)" if len(b) == 2 and f[1:] == b[1:] else ""
+            hint = (" (added tokens? set extra_tokens: base or union, or tokenizer.source to re-map rows by token)"
+                    if len(b) == 2 and f[1:] == b[1:] else "")
             problems.append(f"{name}: shape {list(f)} in the fine-tune, {list(b)} in the base{hint}")
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""

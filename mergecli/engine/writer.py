@@ -5,6 +5,11 @@ task vector), apply the variant's method (the pure pipeline in `methods/pipeline
 rows at a time), append the result to the shard being written. Peak memory is the largest tensor
 times (models + 2) in its stored dtype, plus one score buffer for top-k (fp32; fp64 for
 data-aware scores), independent of depth.
+
+Which tensors are written, and from which inputs, is the variant's layout (`layout.py`): the base's
+tensors, or a layer-stacking variant's blocks (layers copied from one model, or merged from other
+layers of the base and the models). With a merged vocabulary (`vocabulary.py`) the embedding and
+output layer of every input are re-mapped to it by token first.
 """
 
 from __future__ import annotations
@@ -22,15 +27,19 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 
 from ..distributed import SINGLE, Group
-from ..errors import MergeCliError
+from ..errors import MergeCliError, RecipeError
 from .hessians import HessianReader
-from ..methods.pipeline import NonFiniteTaskVector, OutOfRange, fit, merge_tensor
+from ..methods import schedule
+from ..methods.pipeline import NonFiniteTaskVector, OutOfRange, TaskTensor, TensorPlan, fit, merge_tensor
 from ..methods.settings import VariantSettings
 from ..methods.table import Unbounded
 from ..models.architecture import Architecture
 from ..models.safetensors_io import Checkpoint, ShardedWriter, StreamingWriter, TensorInfo
 from ..progress import Reporter
-from .taskvectors import TaskVector
+from ..recipe.schema import BASE
+from .layout import BASE as BASE_MODEL, Block, Layout, Output, stacked, whole
+from .taskvectors import TaskVector, by_canonical
+from .vocabulary import MergedTokenizer, Vocabulary
 
 T = TypeVar("T")
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -53,6 +62,12 @@ class VariantPlan:
     # per tensor (canonical name), a factor for each model's part of the merge (`lambda: learned`,
     # `learn.py`); None: every part as the method gives it
     scales: Callable[[str], Sequence[float] | None] | None = None
+    # a layer-stacking variant's blocks (`layout.stacked`); None: the base's tensors, each merged
+    blocks: Sequence[Block] | None = None
+    # the tokenizer written in place of the base's files, and the vocabulary the rows are re-mapped
+    # to (`vocabulary.py`); None: the base's files and rows as they are
+    tokenizer: MergedTokenizer | None = None
+    names: Sequence[str] = ()  # per task vector, the model's name (a copied block's account names it)
 
 
 @dataclass
@@ -74,6 +89,7 @@ MERGED = "merged"
 BUFFER = "a buffer, not a weight"
 INTEGER = "an integer tensor, equal in every fine-tune"
 UNCHANGED = "no fine-tune changes it"
+PASSED = "copied from "  # + the model: a layer-stacking variant's copied block (mergekit's passthrough)
 
 
 @dataclass
@@ -118,10 +134,12 @@ def write_variant(folder: Path, plan: VariantPlan, base: Path, arch: Architectur
     tally = Tally()
     with Checkpoint.open(base) as ckpt:
         extra = _extra_rows(plan.vectors) if plan.extra_tokens == "union" else {}
+        layout = layout_of(plan, ckpt, arch)
         infos = output_infos(plan, ckpt, arch, extra)
-        sizes = {arch.canonical(i.name): i.nbytes for i in infos}  # a tied pair is computed once
+        key = {o.name: o.key for o in layout.outputs}
+        sizes = {key[i.name]: i.nbytes for i in infos}  # a tied pair is computed once
         owner = dict(zip(sizes, group.balance(list(sizes.values()))))
-        writer = ShardedWriter(folder, infos, plan.shard_bytes, owners=[owner[arch.canonical(i.name)] for i in infos],
+        writer = ShardedWriter(folder, infos, plan.shard_bytes, owners=[owner[key[i.name]] for i in infos],
                                rank=group.rank)
         with writer, reporter.track(label, len(infos)) as advance:
             for info, tensor, _ in stream(plan, ckpt, list(writer.order), arch, device, workers, label, tally, extra):
@@ -129,10 +147,43 @@ def write_variant(folder: Path, plan: VariantPlan, base: Path, arch: Architectur
                 advance(1)
     written = tally.written(time.perf_counter() - start, len(infos), writer.all_files, plan.vectors, group)
     if group.main:
-        copy_side_files(base, folder, None if plan.dtype is None else str(plan.dtype).removeprefix("torch."))
+        copy_side_files(base, folder, None if plan.dtype is None else str(plan.dtype).removeprefix("torch."),
+                        tokenizer=plan.tokenizer is None)
+        if plan.tokenizer is not None:
+            plan.tokenizer.save(folder)
+        if layout.depth is not None:
+            set_depth(folder / "config.json", layout.depth, layout.origins)
         if extra:
             adopt_vocabulary(folder, extra, sources, infos, arch)
     return written
+
+
+def layout_of(plan: VariantPlan, ckpt: Checkpoint, arch: Architecture) -> Layout:
+    """What each output tensor of the variant is made from (`layout.py`)."""
+    if plan.blocks is None:
+        return whole(arch, ckpt.names(), plan.settings, len(plan.vectors))
+    try:
+        return stacked(arch, ckpt.names(), plan.blocks)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+
+
+def set_depth(config_path: Path, depth: int, origins: Sequence[int]) -> None:
+    """A layer-stacking variant's config: its number of decoder layers (mergekit sets only that);
+    a per-layer list of the base (`layer_types`) follows the layers it took them from."""
+    config = json.loads(config_path.read_text())
+    target = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    base_depth = None
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(target.get(key), int):
+            base_depth, target[key] = target[key], depth
+            break
+    else:
+        raise MergeCliError(f"{config_path.name}: no num_hidden_layers, n_layer or num_layers to set to {depth}")
+    types = target.get("layer_types")
+    if isinstance(types, list) and len(types) == base_depth:
+        target["layer_types"] = [types[i] for i in origins]
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def write_parts(folder: Path, plan: VariantPlan, base: Path, arch: Architecture,
@@ -168,25 +219,37 @@ def write_parts(folder: Path, plan: VariantPlan, base: Path, arch: Architecture,
 
 def account_of(how: dict[str, str], vectors: Sequence[TaskVector]) -> dict:
     """What happened to every tensor of the inputs: how many output tensors were merged, which were
-    copied from the base and why, and which tensors of a fine-tune were not written (buffers the
-    base lacks) or were lacked (buffers the base has)."""
+    copied from the base and why, which a layer-stacking variant copied from a model (by model:
+    `passed_through`, absent when none), and which tensors of a fine-tune were not written (buffers
+    the base lacks) or were lacked (buffers the base has)."""
     copied: dict[str, list[str]] = {}
+    passed: dict[str, list[str]] = {}
     for name, what in sorted(how.items()):
-        if what != MERGED:
+        if what.startswith(PASSED):
+            passed.setdefault(what.removeprefix(PASSED), []).append(name)
+        elif what != MERGED:
             copied.setdefault(what, []).append(name)
     skipped = {v.model: v.buffers("skipped") for v in vectors if v.buffers("skipped")}
     lacking = {v.model: v.buffers("lacking") for v in vectors if v.buffers("lacking")}
     return {"merged": sum(what == MERGED for what in how.values()), "copied": copied,
-            "skipped_buffers": skipped, "lacking_buffers": lacking}
+            "skipped_buffers": skipped, "lacking_buffers": lacking,
+            **({"passed_through": passed} if passed else {})}
 
 
 def output_infos(plan: VariantPlan, ckpt: Checkpoint, arch: Architecture,
                  extra: dict[str, tuple[int, int]]) -> list[TensorInfo]:
-    """Name, shape and dtype of every output tensor: the base's, grown by added tokens, in the
+    """Name, shape and dtype of every output tensor: the base's (or, for a layer-stacking variant,
+    those of the base's layers each output layer stands for), grown by added tokens, in the
     variant's dtype."""
-    return [TensorInfo(n, _grown(i.shape, extra.get(arch.canonical(n))),
-                       plan.dtype if plan.dtype and i.dtype.is_floating_point else i.dtype)
-            for n, i in ((n, ckpt.info(n)) for n in ckpt.names())]
+    vocabulary = plan.tokenizer.vocabulary if plan.tokenizer else None
+
+    def shape(output: Output, info: TensorInfo) -> tuple[int, ...]:
+        if vocabulary is not None and info.dtype.is_floating_point and is_vocabulary(arch, output.reference):
+            return (vocabulary.size, *info.shape[1:])
+        return _grown(info.shape, extra.get(output.key))
+
+    return [TensorInfo(o.name, shape(o, i), plan.dtype if plan.dtype and i.dtype.is_floating_point else i.dtype)
+            for o, i in ((o, ckpt.info(o.stored)) for o in layout_of(plan, ckpt, arch).outputs)]
 
 
 def merged_tensors(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo], arch: Architecture,
@@ -198,29 +261,45 @@ def merged_tensors(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo],
     Every parameter and weight is resolved for the tensor (name and layer) before it is merged."""
     vectors = plan.vectors
     extra = extra or {}
+    layout = layout_of(plan, ckpt, arch)
+    stored = by_canonical(ckpt, arch)
+    vocabulary = plan.tokenizer.vocabulary if plan.tokenizer else None
 
     def merged(info: TensorInfo) -> tuple[torch.Tensor, int, int, bool, str]:
-        canonical = arch.canonical(info.name)
-        theta = ckpt.get(info.name)
+        out = layout.by_name[info.name]
+        block = layout.blocks[out.block]
+        canonical = out.reference
+        theta = ckpt.get(out.stored)
         k = n = 0
         missing = False
         what = MERGED
-        if theta.dtype.is_floating_point and any(canonical in v for v in vectors):
-            theta = theta.to(device)
-            module = arch.module_of(canonical)
-            stats = [r.stats(module) for r in plan.readers] if plan.readers else None
-            missing = bool(plan.readers) and any(s is None for s in stats)
-            sources_ = [v.tensor(canonical, theta) for v in vectors]
+        models = [vectors[i] for i in block.models]
+        rows = None  # a vocabulary tensor's inputs re-mapped to the merged vocabulary
+        if vocabulary is not None and theta.dtype.is_floating_point and is_vocabulary(arch, canonical):
+            rows = _remapped(plan, vocabulary, block, canonical, out.key, theta)
+        changed = rows is not None or any(name in v or name != canonical for v, name in zip(models, out.inputs))
+        if block.copies:
+            theta, what = _copied(plan, block, out, theta, info, arch.is_buffer(canonical), label, rows)
+        elif theta.dtype.is_floating_point and changed:
+            readers = [plan.readers[i] for i in block.models] if plan.readers else None
+            stats = [r.stats(arch.module_of(name)) for r, name in zip(readers, out.inputs)] if readers else None
+            missing = bool(readers) and any(s is None for s in stats)
+            if rows is not None:
+                theta = rows[BASE].to(device)
+                sources_ = [TaskTensor(rows[plan.names[i]], theta) for i in block.models]
+            else:
+                theta = theta.to(device)
+                sources_ = [_task_tensor(v, name, theta, None if name == canonical else ckpt.get(stored[name]))
+                            for v, name in zip(models, out.inputs)]
             sources_ = [None if t is None else t.to(device) for t in sources_]
-            values = plan.settings.at(canonical, arch.layer_of(canonical), arch.num_layers)
+            values = layout.resolve(out)
             try:
-                theta, k, n = merge_tensor(plan.settings.method, sources_, values.weights, values.params,
-                                           canonical, arch.is_transposed(canonical), stats, base=theta,
-                                           dtype=info.dtype, model_params=values.model_params, clamp=plan.clamp,
-                                           scales=plan.scales(canonical) if plan.scales else None,
-                                           linear=arch.is_linear(canonical))
+                tensor = TensorPlan(block.settings.method, values.weights, values.params, out.key,
+                                    arch.is_transposed(canonical), arch.is_linear(canonical), values.model_params,
+                                    plan.scales(canonical) if plan.scales else None, info.dtype, plan.clamp)
+                theta, k, n = merge_tensor(tensor, sources_, stats, base=theta)
             except NonFiniteTaskVector as exc:
-                raise MergeCliError(f"{vectors[exc.index].model}: tensor {canonical} has NaN/Inf entries in its "
+                raise MergeCliError(f"{models[exc.index].model}: tensor {canonical} has NaN/Inf entries in its "
                                     "task vector", "the checkpoint (or the base) is corrupt") from None
             except OutOfRange as exc:
                 raise out_of_range(exc, label) from None
@@ -233,17 +312,74 @@ def merged_tensors(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo],
             what = BUFFER if arch.is_buffer(canonical) else UNCHANGED
         else:
             what = BUFFER if arch.is_buffer(canonical) else INTEGER
-        if canonical in extra:
-            index, _ = extra[canonical]
-            theta = torch.cat([theta.to(info.dtype), vectors[index].extra(canonical).to(info.dtype)])
+        if out.key in extra:
+            index, _ = extra[out.key]
+            theta = torch.cat([theta.to(info.dtype), vectors[index].extra(out.key).to(info.dtype)])
         return theta.to(info.dtype), k, n, missing, what
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // workers))
     try:
-        yield from in_order(infos, arch.canonical, merged, workers)
+        yield from in_order(infos, lambda name: layout.by_name[name].key, merged, workers)
     finally:
         torch.set_num_threads(threads)
+
+
+def _task_tensor(vector: TaskVector, name: str, reference: torch.Tensor,
+                 own_base: torch.Tensor | None) -> TaskTensor | None:
+    """A model's task vector for tensor `name` against the base's `reference` (`own_base`: the base's
+    tensor `name`, when a layer-stacking merge sets it against another layer). A model without a
+    task vector for `name` (a LoRA that leaves it alone) holds the base's own tensor there: against
+    another layer of the base that is a change too."""
+    found = vector.tensor(name, reference, own_base)
+    if found is None and own_base is not None and own_base.dtype.is_floating_point:
+        return TaskTensor(own_base, reference)
+    return found
+
+
+def is_vocabulary(arch: Architecture, name: str) -> bool:
+    """A tensor whose rows are tokens: the input embedding or the output layer (mergekit's
+    `vocabulary_axis: 0`)."""
+    return arch.module_of(name) in arch.embeddings
+
+
+def _remapped(plan: VariantPlan, vocabulary: Vocabulary, block: Block, canonical: str, name: str,
+              theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A vocabulary tensor of every input of its block (the base and the merged models, or the
+    copied model) re-mapped to the merged vocabulary (`vocabulary.py`); a model without a task
+    vector for it (a LoRA) has the base's rows."""
+    def own(index: int) -> torch.Tensor:
+        found = plan.vectors[index].weights(canonical, theta)
+        return theta if found is None else found
+
+    if block.copies:
+        key = BASE if block.source == BASE_MODEL else plan.names[block.source]
+        inputs = {key: theta if block.source == BASE_MODEL else own(block.source)}
+    else:
+        inputs = {BASE: theta, **{plan.names[i]: own(i) for i in block.models}}
+    return vocabulary.remap(inputs, name)
+
+
+def _copied(plan: VariantPlan, block: Block, out: Output, theta: torch.Tensor, info: TensorInfo, buffer: bool,
+            label: str, rows: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, str]:
+    """A copied block's tensor (mergekit's passthrough): the model's own, as stored (re-mapped to
+    the merged vocabulary: `rows`), times its `scale` where one is set for the tensor it reads.
+    Where a model has no task vector (buffers, integer tensors, weights a LoRA leaves alone) its
+    tensor is the base's."""
+    model = BASE if block.source == BASE_MODEL else plan.names[block.source]
+    if rows is not None:
+        own = rows[model]
+    else:
+        own = None if block.source == BASE_MODEL else plan.vectors[block.source].weights(out.reference, theta)
+        own = theta if own is None else own
+    if not own.dtype.is_floating_point:
+        return own, BUFFER if buffer else INTEGER
+    if buffer:
+        return _fitted(own, info.dtype, plan.clamp, out.name, label), BUFFER
+    scale = schedule.resolve_first([block.scale], out.reference, out.layer, out.length)
+    if scale is not None:
+        own = own.to(torch.float32) * scale
+    return _fitted(own, info.dtype, plan.clamp, out.name, label), PASSED + model
 
 
 def out_of_range(exc: OutOfRange, label: str) -> MergeCliError:
@@ -325,10 +461,11 @@ def adopt_vocabulary(folder: Path, extra: dict[str, tuple[int, int]], sources: S
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def copy_side_files(base: Path, folder: Path, dtype: str | None) -> None:
+def copy_side_files(base: Path, folder: Path, dtype: str | None, tokenizer: bool = True) -> None:
     """The base's config, generation config and tokenizer files (named ones only: a base folder may
-    hold anything else, which is not the merged model's)."""
-    for name in (*CONFIG_FILES, *TOKENIZER_FILES):
+    hold anything else, which is not the merged model's; `tokenizer=False`: the merge writes a
+    tokenizer of its own)."""
+    for name in (*CONFIG_FILES, *(TOKENIZER_FILES if tokenizer else ())):
         if (base / name).is_file():
             shutil.copyfile(base / name, folder / name)
     config_path = folder / "config.json"

@@ -17,7 +17,7 @@ ranking score (see `rank_probabilities`), survivors divided by their keep-probab
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -238,28 +238,46 @@ def trim(tau: torch.Tensor, method: Method, params: Mapping[str, Any], tensor_na
     return plan.start(whole, {})(source.rows(*whole[0]), 0)[0].reshape(tau.shape)
 
 
-def merge_tensor(method: Method, taus: Iterable[TaskTensor | torch.Tensor | None], weights: Sequence[float],
-                 params: Mapping[str, Any] | None = None, tensor_name: str = "", transposed: bool = False,
-                 stats: Sequence[LayerStats | TokenCounts | None] | None = None, base: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None, model_params: Sequence[Mapping[str, Any]] | None = None,
-                 clamp: bool = False, scales: Sequence[float] | None = None,
-                 linear: bool = False) -> tuple[torch.Tensor, int, int]:
-    """Merged delta for one tensor (or, given `base`, the merged weight `base + lambda * delta` in
-    `dtype`), plus (entries kept, entries offered) for the density report.
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one tensor is merged, everything but its data: the method and its values for this
+    tensor (`params`; missing ones take the method's defaults), the models' weights and the values
+    each model overrides for its own trim (`model_params[i]`), per-model factors of each trimmed
+    task vector (`scales`), what the tensor is (its name, for messages and random streams; stored
+    in x out, `transposed`, as GPT-2's Conv1D; a linear layer's weight, `linear`, where subspace
+    methods use their matrix math), and how the result is written (`dtype`, `clamp`)."""
 
-    `params` are the variant's values for this tensor (missing ones take the method's defaults);
-    `model_params[i]` overrides them for model i's trim. `scales[i]` multiplies model i's trimmed
-    task vector before the method combines them (its weight, which also weighs its statistics, is
-    untouched): for an additive method the merge is then sum_i scales[i] * (model i's part). A
-    model without this tensor (None, e.g. a LoRA that did not target it) is what the method's
-    `absent` says: skipped (it neither votes in TIES nor counts in a mean) or a zero task vector
-    with its weight. `transposed` marks weights stored in x out (GPT-2's Conv1D); all math sees
-    them out x in. `linear` marks the weight of a linear layer (not an embedding or a norm): it
-    reaches the method's combine, and methods with per-matrix subspace math (`subspace.py`) use
-    that math only there. A task vector with NaN/Inf raises NonFiniteTaskVector naming the model;
-    a merged value that is not finite, or beyond the range of `dtype`, raises OutOfRange (with
-    `clamp`, values beyond the range are clamped to it instead; NaN is never clamped).
+    method: Method
+    weights: Sequence[float]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    name: str = ""
+    transposed: bool = False
+    linear: bool = False
+    model_params: Sequence[Mapping[str, Any]] | None = None
+    scales: Sequence[float] | None = None
+    dtype: torch.dtype | None = None
+    clamp: bool = False
+
+
+def merge_tensor(plan: TensorPlan, taus: Iterable[TaskTensor | torch.Tensor | None],
+                 stats: Sequence[LayerStats | TokenCounts | None] | None = None,
+                 base: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
+    """Merged delta for one tensor (or, given `base`, the merged weight `base + lambda * delta` in
+    `plan.dtype`), plus (entries kept, entries offered) for the density report.
+
+    `scales[i]` multiplies model i's trimmed task vector before the method combines them (its
+    weight, which also weighs its statistics, is untouched): for an additive method the merge is
+    then sum_i scales[i] * (model i's part). A model without this tensor (None, e.g. a LoRA that
+    did not target it) is what the method's `absent` says: skipped (it neither votes in TIES nor
+    counts in a mean) or a zero task vector with its weight. All math sees a transposed tensor
+    out x in. A task vector with NaN/Inf raises NonFiniteTaskVector naming the model; a merged
+    value that is not finite, or beyond the range of `dtype`, raises OutOfRange (with `clamp`,
+    values beyond the range are clamped to it instead; NaN is never clamped); a method's own
+    divisor near zero raises `table.Unbounded`.
     """
+    method, weights, tensor_name, transposed = plan.method, plan.weights, plan.name, plan.transposed
+    model_params, scales, dtype, clamp = plan.model_params, plan.scales, plan.dtype, plan.clamp
+    params = plan.params
     values = {**method.defaults(), **(params or {})}
     given = [t if t is None or isinstance(t, TaskTensor) else TaskTensor(t) for t in taus]
     like = next((t.weights for t in given if t is not None), None)
@@ -302,7 +320,7 @@ def merge_tensor(method: Method, taus: Iterable[TaskTensor | torch.Tensor | None
             trimmed.append(t)
         base_rows = None if reference is None else reference[start:stop].to(torch.float32, copy=True)
         delta = method.combine(trimmed, w, params=values, stats=used_stats,
-                               base=base_rows if method.needs_base else None, linear=linear)
+                               base=base_rows if method.needs_base else None, linear=plan.linear)
         target[start:stop] = fit(delta if base_rows is None else base_rows.add_(delta, alpha=lam), out.dtype,
                                   clamp, tensor_name)
     return out, kept, len(present) * out.numel()

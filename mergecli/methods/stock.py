@@ -44,8 +44,9 @@ def stock_ratio(taus: Sequence[torch.Tensor], filter_wise: bool = False) -> torc
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(cos), denominator))
     worst = int(t.abs().argmax())
     if float(t[worst].abs()) > MAX_AMPLIFICATION:
-        raise Unbounded(f"model stock's ratio N cos / (1 + (N - 1) cos) is {float(t[worst]):.4g} (cos {float(cos[worst]):.4g}, "
-                        f"N {n}): the merged change would be {abs(float(t[worst])):.4g} times the models' mean task vector")
+        ratio = float(t[worst])
+        raise Unbounded(f"model stock's ratio N cos / (1 + (N - 1) cos) is {ratio:.4g} (cos {float(cos[worst]):.4g}, "
+                        f"N {n}): the merged change would be {abs(ratio):.4g} times the models' mean task vector")
     if filter_wise and len(shape) >= 2:
         return t.reshape(rows, *([1] * (len(shape) - 1)))
     return t.reshape(())

@@ -75,8 +75,41 @@ def _rank(s: torch.Tensor, tol: float) -> int:
 
 
 def svd(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD in `dtype`: x = U diag(S) Vh, S descending."""
-    return torch.linalg.svd(x.to(dtype), full_matrices=False)
+    """Thin SVD in `dtype`: x = U diag(S) Vh, S descending.
+
+    LAPACK's divide-and-conquer SVD (gesdd, torch's only CPU driver) can fail to converge on
+    matrices with many clustered singular values, and whether it does depends on the thread count
+    and the BLAS build: a stack of near-orthonormal bases (Iso-CTS's, TSV-M's) is exactly such a
+    matrix, and it failed once in 272 layers of a 135M model. The same matrix is then decomposed in
+    fp64, and if that fails too, through the eigendecomposition of its fp64 Gram (`_svd_by_eigh`)."""
+    try:
+        return torch.linalg.svd(x.to(dtype), full_matrices=False)
+    except torch.linalg.LinAlgError:
+        wide = x.to(torch.float64)
+    try:
+        u, s, vh = torch.linalg.svd(wide, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = _svd_by_eigh(wide)
+    return u.to(dtype), s.to(dtype), vh.to(dtype)
+
+
+def _svd_by_eigh(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD from eigh(x^T x) (x has at least as many rows as columns, else its transpose is
+    decomposed): V and S^2 from the Gram, U = x V / S on the numerical rank, completed to
+    orthonormal columns by a QR with the identity. Singular values below sqrt(eps) * S_max lose
+    relative precision here (they are squared), which the rank tolerance and the methods tolerate
+    (they use the leading directions); it is the last resort after gesdd failed in fp32 and fp64."""
+    if x.shape[0] < x.shape[1]:
+        u, s, vh = _svd_by_eigh(x.T)
+        return vh.T, s, u.T
+    values, v = torch.linalg.eigh(x.T @ x)
+    s, v = values.flip(0).clamp_min(0).sqrt(), v.flip(1)
+    p = _rank(s, _tolerance(x.shape, float(s[0]) if s.numel() else 0.0))
+    u = x @ v[:, :p] / s[:p]
+    if p < s.numel():  # the null directions: any orthonormal completion is a valid SVD
+        q, _ = torch.linalg.qr(torch.cat([u, torch.eye(x.shape[0], dtype=x.dtype, device=x.device)], dim=1))
+        u = torch.cat([u, q[:, p:s.numel()]], dim=1)
+    return u, s, v.T
 
 
 def polar(x: torch.Tensor) -> torch.Tensor:

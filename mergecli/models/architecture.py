@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import MergeCliError
+from ..fsutil import cache_root
 
 if TYPE_CHECKING:
     from torch import nn
@@ -28,7 +29,7 @@ CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "seq_length", "max_s
 # buffers older transformers versions saved in checkpoints: causal masks of GPT-2/GPT-J/GPT-NeoX
 # attention, rotary frequency tables
 LEGACY_BUFFER = re.compile(r"(^|\.)(attn|attention|self_attn)\.(bias|masked_bias)$|(^|\.)(inv_freq|original_inv_freq)$")
-FORMAT = "3"  # of the cached descriptions: a new field makes every older entry stale
+FORMAT = "4"  # of the cached descriptions: a new field makes every older entry stale
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class Architecture:
     sliced: frozenset[str] = frozenset()  # checkpoint names that are one expert's slice of a fused parameter
     buffers: frozenset[str] = frozenset()  # the model's buffers (rotary tables, masks): no weights
     embeddings: frozenset[str] = frozenset()  # the input and output embeddings' weights (an output layer is one)
+    # parameters outside the decoder stack that the model registers before it (the input embedding,
+    # position embeddings): a layer-stacking merge takes them from its first block, the others
+    # (final norm, output layer) from its last
+    before_stack: frozenset[str] = frozenset()
 
     def _known(self, name: str) -> bool:
         return name in self.params or name in self.saved or name in self.buffers
@@ -90,7 +95,8 @@ class Architecture:
         an embedding, not one of these, even where it is an nn.Linear."""
         name = self._prefixed(name)
         module = self.saved.get(name, name)
-        return module not in self.embeddings and (module in self.linear or (name in self.sliced and name.endswith(".weight")))
+        expert = name in self.sliced and name.endswith(".weight")
+        return module not in self.embeddings and (module in self.linear or expert)
 
     def is_transposed(self, name: str) -> bool:
         """Stored in x out (GPT-2's Conv1D): row-wise math must transpose it first."""
@@ -107,6 +113,16 @@ class Architecture:
         """The decoder block a tensor belongs to (its first `.N.` index), None outside the stack."""
         match = _LAYER.search(name)
         return int(match.group(1)) if match and self.num_layers else None
+
+    def renumbered(self, name: str, layer: int) -> str:
+        """`name` (a tensor of the decoder stack) moved to block `layer`: its first `.N.` index
+        replaced, the same index `layer_of` reads."""
+        return _LAYER.sub(f".{layer}.", name, count=1)
+
+    def is_before_stack(self, name: str) -> bool:
+        """A tensor outside the decoder stack that the model registers before it (the input
+        embedding); False for those after it (final norm, output layer)."""
+        return self.module_of(name) in self.before_stack
 
 
 def describe(config_folder: Path) -> Architecture:
@@ -131,7 +147,6 @@ def describe(config_folder: Path) -> Architecture:
 
 @lru_cache(maxsize=16)
 def _described(key: str, config_folder: Path) -> Architecture:
-    from ..fsutil import cache_root
 
     cached = cache_root() / "arch" / f"{key}.json"
     try:
@@ -191,11 +206,17 @@ def describe_model(model: "nn.Module") -> Architecture:
                     if isinstance(getattr(model.config, f, None), int)), None)
     params = dict(model.named_parameters(remove_duplicate=False))
     saved, sliced = saved_names(model, params)
+    before: set[str] = set()
+    for name in params:  # registration order: the stack's first parameter ends the part before it
+        if _LAYER.search(name):
+            break
+        before.add(name)
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
     embeddings = {name for name, p in params.items() if any(m is not None and p is m.weight for m in layers)}
     return Architecture(model.config.model_type, tied, frozenset(linear), frozenset(transposed), depth, context,
                         frozenset(params), getattr(model, "base_model_prefix", "") or "", saved, frozenset(sliced),
-                        frozenset(name for name, _ in model.named_buffers()), frozenset(embeddings))
+                        frozenset(name for name, _ in model.named_buffers()), frozenset(embeddings),
+                        frozenset(before) if depth else frozenset())
 
 
 def saved_names(model: "nn.Module", params: dict[str, "nn.Parameter"]) -> tuple[dict[str, str], set[str]]:

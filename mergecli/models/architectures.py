@@ -1,8 +1,9 @@
 """The architectures mergecli is tested on end to end, as data (`mergecli archs` prints this table).
 
 Everything the merge needs of an architecture (linear layers, Conv1D orientation, tied parameters,
-input groups, the decoder stack, the names its checkpoints store) is read off the model class itself (see `architecture.py` and
-`collect.py`), so a model_type outside this table still works, with a warning that it is untested.
+input groups, the decoder stack, the names its checkpoints store) is read off the model class itself
+(see `architecture.py` and `collect.py`), so a model_type outside this table still works, with a
+warning that it is untested.
 Each row is what those readers find on a tiny instance; `tests/test_architectures.py` rebuilds
 every row that way and fails if the table and the classes disagree.
 """

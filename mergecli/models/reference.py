@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from ..errors import MergeCliError
 from ..fsutil import head_digest, real
+from .gguf import gguf_folder
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja"]
@@ -97,7 +98,6 @@ def resolve_model(ref: str, root: Path) -> ModelSource:
     location = resolve_reference(ref, root)
     if isinstance(location, Path):
         if location.is_file() and location.suffix == ".gguf":
-            from .gguf import gguf_folder
 
             fingerprint = "gguf:" + _file_fingerprint(location)
             return ModelSource(ref, gguf_folder(location, fingerprint), "full", fingerprint, origin=location)

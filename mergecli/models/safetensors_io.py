@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import MergeCliError
+from .reference import read_json_object
 
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -191,7 +192,6 @@ def _unreadable(path: Path) -> str:
 
 def _index_shards(index: Path) -> list[Path]:
     """The shard files a `*.safetensors.index.json` names, each a plain file name in its folder."""
-    from .reference import read_json_object
 
     weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):

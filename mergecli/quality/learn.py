@@ -63,6 +63,8 @@ from .gain import mean_nll
 from .scales import Choice, Chooser, Setting, group_order
 from .scoring import plus, scoring_sets, shared_nlls
 from .search import SAMPLES
+from ..models.loading import load_causal_lm
+from .basetext import sample_windows
 
 if TYPE_CHECKING:
     import torch
@@ -152,15 +154,14 @@ def forgetting_text(setting: Setting, counts: Sequence[int]) -> tuple[str, list[
     samples itself (with the base loaded whole; under torchrun by rank 0, for every process)."""
     import torch
 
-    from ..models.loading import load_causal_lm
-    from .basetext import sample_windows
 
     cal = setting.calibration
     if setting.general is not None:
         texts, source = setting.general
         return f"calibration.general ({source})", [
             draw_windows(texts, setting.tokenizer, count, cal, cal.seed + 1 + k,
-                         f"calibration part of calibration.general (dataset {source})") for k, count in enumerate(counts)]
+                         f"calibration part of calibration.general (dataset {source})")
+            for k, count in enumerate(counts)]
 
     def sampled() -> list["Windows"]:
         model = load_causal_lm(setting.base_source, setting.base_source.path).to(setting.device)

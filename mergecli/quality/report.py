@@ -30,6 +30,7 @@ class Evaluated:
     merge: dict | None = None
     scores: dict[str, float] = field(default_factory=dict)  # lm-evaluation-harness "task:metric"
     windows: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # per dataset: (NLL, tokens)
+    documents: dict[str, list[int]] = field(default_factory=dict)  # per dataset: the document of each window
 
     @property
     def mean(self) -> float:
@@ -45,7 +46,8 @@ def comparison(results: Sequence[Evaluated]) -> list[dict[str, Any]]:
     domains d of (log PPL_base,d - log PPL_model,d) / (log PPL_base,d - log PPL_specialist,d):
     1.0 = as good as every specialist on its own domain at once (domains where the specialist
     did not beat the base are left out), with `gain_retained_se`, its jackknife standard error over
-    the evaluation windows (`gain`), and for merges `gain_vs_best` +- `gain_vs_best_se`, the paired
+    the evaluation windows, those of one document left out together (`gain`), and for merges
+    `gain_vs_best` +- `gain_vs_best_se`, the paired
     difference to the best merge (same windows: the noise they share cancels). Datasets no
     fine-tune owns (general text) get a perplexity column and count in the mean, never in the gain.
     """
@@ -89,8 +91,9 @@ def _gain_with_se(base: Evaluated, specialists: dict[str, Evaluated], model: Eva
         return list(e.windows[d]) if per_window else [(math.log(e.perplexity[d]), 1)]
     sets = [{d: windows(e, d) for d in specialists} for e in (base, model, *([reference] if reference else []))]
     own = {d: windows(s, d) for d, s in specialists.items()}
-    value, se = (difference_with_se(sets[0], own, sets[1], sets[2]) if reference
-                 else gain_with_se(sets[0], own, sets[1]))
+    clusters = {d: model.documents[d] for d in specialists if per_window and model.documents.get(d)}
+    value, se = (difference_with_se(sets[0], own, sets[1], sets[2], clusters) if reference
+                 else gain_with_se(sets[0], own, sets[1], clusters))
     return value, se if per_window and math.isfinite(se) else None
 
 

@@ -15,6 +15,8 @@ from ..errors import RecipeError
 from ..methods.table import catalog
 from ..models.reference import resolve_reference
 from .mergekit import import_config, is_mergekit_config
+from .multi import read_stages
+from .moe import is_moe_config
 from .schema import NAME_RULE, MergeSpec, Recipe, absolute, did_you_mean, default_model_name
 from .yaml_io import parse_yaml, read_yaml_file
 
@@ -32,7 +34,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_path
     A mergekit config (`merge_method:`) is translated first (`mergekit_config`); `log` gets the
     translation's notes (what was dropped or defaulted, and why)."""
     path = Path(path)
-    data = read_yaml_file(path)
+    documents = read_yaml_file(path, documents=True)
+    if len(documents) > 1:
+        return _load_stages(path, documents, list(overrides or []), check_paths, log or (lambda _: None))
+    data = documents[0]
+    if is_moe_config(data):
+        raise RecipeError(f"{path}: a mergekit-moe config (experts:), not a merge recipe",
+                          f"build it with `mergecli moe {path.name}`")
     if is_mergekit_config(data):
         translation = import_config(path, data=data)
         for note in translation.notes:
@@ -44,6 +52,28 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_path
         apply_override(data, override)
     return validate_recipe(data, absolute(path).parent, check_paths=check_paths, source=str(path),
                            path=absolute(path))
+
+
+def _load_stages(path: Path, documents: list[Any], overrides: list[str], check_paths: bool,
+                 log: Callable[[str], None]) -> Recipe:
+    """A multi-stage file (`multi.py`): the final stage's recipe, the others in `stages`, in the
+    order they run."""
+    stages = read_stages(path, documents, log)
+    for override in overrides:
+        for index in stages.route(override, _takes):
+            apply_override(stages.datas[index], override)
+    root = absolute(path).parent
+    stages.link(root)
+    recipes = []
+    for index in stages.order:
+        recipe = validate_recipe(stages.datas[index], root, check_paths=False, source=f"{path}: document {index + 1}",
+                                 path=absolute(path))
+        recipe.produced = stages.produced[index]
+        if check_paths:
+            _check_paths(recipe)
+        recipes.append(recipe)
+    recipes[-1].stages = recipes[:-1]
+    return recipes[-1]
 
 
 def validate_recipe(data: dict[str, Any], root: Path, check_paths: bool = True, source: str = "recipe",
@@ -99,6 +129,8 @@ def _schema_at(loc: list[str]) -> type[BaseModel]:
 def _check_paths(recipe: Recipe) -> None:
     refs = [("base", recipe.base)] + [(f"models.{i}.model", m.model) for i, m in enumerate(recipe.models)]
     for field, ref in refs:
+        if ref in recipe.produced:  # an earlier stage's merge: made before this stage runs
+            continue
         try:
             resolved = resolve_reference(ref, recipe.root)
         except ValueError as exc:

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError,
+                      field_validator, model_validator)
 
 from ..errors import RecipeError
 from ..methods.settings import settings_of
 from ..methods.table import AUTO, LEARNED, WEIGHT, Method, catalog
 from ..models.reference import resolve_reference
+from .chat_templates import BUILT_IN
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -110,6 +111,87 @@ class CalibrationSpec(_Strict):
                                         "must not forget (its calibration part); default: text the base samples")
 
 
+ZERO = "zero"
+"""A token's row of zeros (`tokenizer.tokens.<token>.source: zero`)."""
+
+
+class TokenRow(_Strict):
+    """Another token's row in one model: `{model: code, token: "</s>"}` or `{model: code, token_id: 2}`."""
+
+    model: str = Field(min_length=1, description="base or one of the recipe's models")
+    token: str | None = None
+    token_id: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> "TokenRow":
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("token: give token or token_id, one of them")
+        return self
+
+
+class TokenSpec(_Strict):
+    """Where one token's row comes from (mergekit's `tokenizer.tokens`)."""
+
+    source: str | TokenRow = Field(description="zero, base, a model's name (its row for this token), or "
+                                               "{model, token | token_id} (its row for another token)")
+    force: bool = Field(False, description="every model gets this row, even one that has the token")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, value: Any) -> Any:
+        if isinstance(value, (str, TokenRow)):
+            return value
+        if isinstance(value, dict):
+            try:
+                return TokenRow.model_validate(value)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(str(p) for p in error["loc"])
+                msg = ("unknown field (a row of another token: model, token or token_id)"
+                       if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, "))
+                raise ValueError(f"{where + ': ' if where else ''}{msg}") from None
+        raise ValueError("expected zero, base, a model's name, or {model, token | token_id}")
+
+
+class TokenizerSpec(_Strict):
+    """The merged model's tokenizer: its vocabulary, rows for chosen tokens, a chat template."""
+
+    source: str | None = Field(None, description="base | union | a model's name: the merged vocabulary, every "
+                                                 "model's rows re-mapped to it by token (default: the base's files "
+                                                 "and rows as they are)")
+    tokens: dict[str, TokenSpec] = Field(default_factory=dict, description="rows for chosen tokens (added to the "
+                                                                           "vocabulary where it lacks them)")
+    pad_to_multiple_of: int | None = Field(None, ge=1, le=1_000_000, description="pad the rows to a multiple (the "
+                                                                                "padding rows: each model's mean row)")
+    chat_template: str | None = Field(None, description="a built-in name (alpaca, chatml, exaone, llama3, mistral), "
+                                                        "auto (the most common among the models) or a Jinja template")
+
+    @model_validator(mode="after")
+    def _rules(self) -> "TokenizerSpec":
+        if self.source is None and (self.tokens or self.pad_to_multiple_of):
+            field = "tokens" if self.tokens else "pad_to_multiple_of"
+            raise ValueError(f"{field}: needs a source (base, union or a model's name): rows are re-mapped by token "
+                             "only then")
+        if self.chat_template is not None:
+            chat_template_text(self.chat_template)  # a name it knows, auto, or a template
+        return self
+
+
+def chat_template_text(value: str) -> str | None:
+    """A `chat_template` setting as mergekit 0.1.5 reads it: a built-in template's text by name,
+    None for `auto` (chosen among the models), else the Jinja template itself; ValueError for a
+    string that is neither (mergekit: shorter than 20 characters or without `{`)."""
+
+    if value == "auto":
+        return None
+    if value in BUILT_IN:
+        return BUILT_IN[value]
+    if len(value) < 20 or "{" not in value:
+        raise ValueError(f"chat_template: {value!r} is neither a built-in template ({', '.join(BUILT_IN)}), auto, "
+                         f"nor a Jinja template{did_you_mean(value, BUILT_IN)}")
+    return value
+
+
 class ModelSpec(_Strict):
     """A fine-tuned model: full checkpoint or LoRA adapter, local folder or hub id[@revision]."""
 
@@ -137,6 +219,43 @@ class VariantModel(BaseModel):
     name: str
 
 
+class BlockModel(VariantModel):
+    """A model of a merge block (`layers:`): its own layer range and parameters in that block."""
+
+    range: tuple[int, int] | None = Field(None, description="its layers [first, end) (default: the block's range)")
+
+
+BASE = "base"
+"""What a copy block names to copy the base's own layers (`layers: [{from: base, ...}]`)."""
+
+
+class LayerBlock(BaseModel):
+    """A run of output layers of a layer-stacking variant (`layers:`): copied from one model
+    (`from`: mergekit's passthrough), or merged, layer by layer, by a method over the base's
+    layers `range` and the models' layers (each its own range, of the same length)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    range: tuple[int, int] | None = Field(None, description="layers [first, end) of the base (a merge) or of the "
+                                                            "copied model (default: all)")
+    source: str | None = Field(None, alias="from", description="copy this model's layers as stored: 'base' or the "
+                                                               "name of one of the recipe's models")
+    method: str | None = Field(None, description="a merge block's method (default: the variant's)")
+    models: list[str | BlockModel] | None = Field(None, min_length=1,
+                                                  description="a merge block's models (default: the variant's)")
+
+    @field_validator("range")
+    @classmethod
+    def _range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 0 <= value[0] < value[1]:
+            raise ValueError(f"layers [first, end) with 0 <= first < end, got {list(value)}")
+        return value
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """What the block sets itself: method parameters (a merge) or `scale` (a copy)."""
+        return dict(self.__pydantic_extra__ or {})
+
+
 class MergeSpec(BaseModel):
     """One merge variant: the method, its parameters (declared by the method), and its inputs."""
 
@@ -151,6 +270,10 @@ class MergeSpec(BaseModel):
     output: Literal["model", "lora"] = Field("model", description="a full model folder, or a peft LoRA adapter "
                                                                   "of the base (the merged change, SVD-truncated)")
     rank: int | None = Field(None, ge=1, le=65536, description="output: lora only: the adapter's rank")
+    layers: list[LayerBlock] | None = Field(None, min_length=1, description="layer stacking: the output's decoder "
+                                                                           "layers, block by block (default: the "
+                                                                           "base's, each merged)")
+    _given: frozenset[str] = PrivateAttr(frozenset())  # the method parameters the recipe sets (not defaulted)
 
     @model_validator(mode="after")
     def _lora_rank(self) -> "MergeSpec":
@@ -174,6 +297,7 @@ class MergeSpec(BaseModel):
     def _method_params(self) -> "MergeSpec":
         method = catalog()[self.method]
         given = dict(self.__pydantic_extra__ or {})
+        self._given = frozenset(given)
         self.__pydantic_extra__ = {p.name: p.check(given.pop(p.name, p.default)) for p in method.params}
         if given:
             field = next(iter(given))
@@ -191,6 +315,63 @@ class MergeSpec(BaseModel):
                                          f"{_former_meaning(self.method, {key: value})}")
                     entry.__pydantic_extra__[key] = (method.param(key) or WEIGHT).check(value, f"models.{i}.{key}")
         return self
+
+    @model_validator(mode="after")
+    def _layer_blocks(self) -> "MergeSpec":
+        if self.layers is None:
+            return self
+        if self.output == "lora":
+            raise ValueError("layers: a LoRA adapter of the base keeps the base's layers; write output: model")
+        searched = [name for name in self.searched]
+        if searched:
+            raise ValueError(f"{searched[0]}: {self.params[searched[0]]} scores merges of the base's shape; a layer-"
+                             "stacking variant takes fixed values")
+        for i, block in enumerate(self.layers):
+            if block.source is not None:
+                if block.method is not None or block.models is not None:
+                    raise ValueError(f"layers.{i}.from: a copied block takes no method or models (it is mergekit's "
+                                     "passthrough of one model)")
+                for key, value in block.params.items():
+                    if key != "scale":
+                        raise ValueError(f"layers.{i}.{key}: unknown field{did_you_mean(key, ['scale'])} (a copied "
+                                         "block takes: range, scale)")
+                    block.__pydantic_extra__[key] = _scale().check(value, f"layers.{i}.scale")
+                continue
+            try:
+                spec = self.block_spec(i)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(str(p) for p in error["loc"] if str(p) not in ("str", "BlockModel", "VariantModel"))
+                raise ValueError(f"layers.{i}.{where + ': ' if where else ''}"
+                                 f"{error['msg'].removeprefix('Value error, ')}") from None
+            if spec.searched:
+                raise ValueError(f"layers.{i}.{spec.searched[0]}: a layer-stacking variant takes fixed values")
+            for j, entry in enumerate(block.models or []):
+                if isinstance(entry, BlockModel) and entry.range is not None and block.range is not None \
+                        and entry.range[1] - entry.range[0] != block.range[1] - block.range[0]:
+                    raise ValueError(f"layers.{i}.models.{j}.range: {list(entry.range)} has "
+                                     f"{entry.range[1] - entry.range[0]} layers, the block's range "
+                                     f"{list(block.range)} {block.range[1] - block.range[0]}")
+        return self
+
+    def block_spec(self, index: int) -> "MergeSpec":
+        """Merge block `index` of `layers` as a variant of its own: its method (default: the
+        variant's), the variant's parameters that method takes, overridden by the block's, and its
+        models (default: the variant's, with their own parameters)."""
+        block = self.layers[index]
+        method = block.method or self.method
+        spec = catalog().get(method)
+        inherited = {k: v for k, v in self.params.items() if k in self._given and spec and spec.param(k)}
+        models = block.models if block.models is not None else self.models
+        entries = None if models is None else [
+            m if isinstance(m, str) else {"name": m.name, **(m.__pydantic_extra__ or {})} for m in models]
+        return MergeSpec.model_validate({"name": self.name, "method": method, "models": entries, "dtype": self.dtype,
+                                         "overflow": self.overflow, **inherited, **block.params})
+
+    def block_ranges(self, index: int) -> dict[str, tuple[int, int]]:
+        """The models of merge block `index` that give their own layer range, by name."""
+        return {m.name: m.range for m in self.layers[index].models or []
+                if isinstance(m, BlockModel) and m.range is not None}
 
     @property
     def method_spec(self) -> Method:
@@ -226,10 +407,24 @@ class MergeSpec(BaseModel):
 
     @property
     def needs_stats(self) -> bool:
-        from ..methods.scores import SCORES
+        from ..methods.scores import SCORES  # start-up time (torch)
 
+        if self.layers is not None:
+            return any(self.block_spec(i).needs_stats for i, b in enumerate(self.layers) if b.source is None)
         score = self.params.get("score")
         return self.method_spec.needs_stats or (score is not None and SCORES[score].needs_stats)
+
+    @property
+    def merge_blocks(self) -> list["MergeSpec"]:
+        """The variant as it merges: itself, or each merge block of `layers` as a variant."""
+        if self.layers is None:
+            return [self]
+        return [self.block_spec(i) for i, block in enumerate(self.layers) if block.source is None]
+
+
+def _scale() -> Any:
+    """passthrough's `scale`, which a copied block takes (methods/passthrough.py imports torch)."""
+    return catalog()["passthrough"].param("scale")
 
 
 class Recipe(_Strict):
@@ -237,17 +432,24 @@ class Recipe(_Strict):
 
     name: str = Field("merge", max_length=200)
     base: str = Field(min_length=1, description="base model: local folder or hub id[@revision]")
-    models: list[ModelSpec] = Field(min_length=1)
+    models: list[ModelSpec] = Field(default_factory=list, description="the fine-tunes (none only when every merge "
+                                                                        "copies the base's layers)")
     merges: list[MergeSpec] = Field(default_factory=list)
     workspace: str = runtime("workspace", "cache folder", min_length=1)
     output_dir: str = runtime("merged", "merged models go to output_dir/<merge name>", min_length=1)
     shard_size: str = "2GB"
     extra_tokens: Literal["error", "base", "union"] = Field(
         "error", description="fine-tunes with added tokens: error, keep the base vocabulary, or add their rows")
+    tokenizer: TokenizerSpec | None = Field(None, description="the merged vocabulary and chat template (default: "
+                                                              "the base's tokenizer files as they are)")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     root: Path = Field(default=Path("."), exclude=True)
     path: Path | None = Field(default=None, exclude=True, description="the recipe file (an input: never written)")
+    # a multi-stage file (`multi.py`): the stages run before this one, in order, and which of this
+    # recipe's model references are an earlier stage's merge (reference -> that merge's name)
+    stages: list["Recipe"] = Field(default_factory=list, exclude=True)
+    produced: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @field_validator("shard_size")
     @classmethod
@@ -258,6 +460,9 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
+        if not self.models and not (self.merges and all(m.layers and not m.merge_blocks for m in self.merges)):
+            raise ValueError("models: List should have at least 1 item (only a recipe whose every merge copies the "
+                             "base's layers needs no fine-tune)")
         _unique([m.name for m in self.models], "models", "model name")
         _unique([m.name for m in self.merges], "merges", "merge name")
         known = {m.name for m in self.models}
@@ -268,12 +473,25 @@ class Recipe(_Strict):
                 if ref not in known:
                     raise ValueError(f"merges.{i}.models.{j}: {ref!r} is not a model of this recipe "
                                      f"({', '.join(sorted(known))})")
-            settings = settings_of(merge, self.models_of(merge))
-            if settings.constant():  # else the merge checks each tensor's values
-                try:
-                    settings.check(settings.at("", None, 0))
-                except ValueError as exc:
-                    raise ValueError(f"merges.{i}.{exc}") from None
+            for j, block in enumerate(merge.layers or []):
+                if block.source is not None and block.source != BASE and block.source not in known:
+                    raise ValueError(f"merges.{i}.layers.{j}.from: {block.source!r} is neither base nor a model of "
+                                     f"this recipe ({', '.join(sorted(known))})")
+                block_names = [m if isinstance(m, str) else m.name for m in block.models or []]
+                _unique(block_names, f"merges.{i}.layers.{j}.models", "model", key="")
+                for k, ref in enumerate(block_names):
+                    if ref not in known:
+                        raise ValueError(f"merges.{i}.layers.{j}.models.{k}: {ref!r} is not a model of this recipe "
+                                         f"({', '.join(sorted(known))})")
+            blocks = [j for j, block in enumerate(merge.layers or [None]) if block is None or block.source is None]
+            for j, spec in zip(blocks, merge.merge_blocks):
+                where = f"merges.{i}." + (f"layers.{j}." if merge.layers else "")
+                settings = settings_of(spec, self.models_of(spec))
+                if settings.constant():  # else the merge checks each tensor's values
+                    try:
+                        settings.check(settings.at("", None, 0))
+                    except ValueError as exc:
+                        raise ValueError(f"{where}{exc}") from None
             if merge.params.get("lambda") == LEARNED and not merge.method_spec.additive:
                 additive = ", ".join(sorted(n for n, m in catalog().items() if m.additive))
                 raise ValueError(f"merges.{i}.lambda: learned scales each fine-tune's part of the merge, and "
@@ -287,9 +505,45 @@ class Recipe(_Strict):
         for i, model in enumerate(self.models):
             if model.model.rstrip("/") == self.base.rstrip("/"):
                 raise ValueError(f"models.{i}.model: is the base model itself; list only fine-tunes")
+        if self.tokenizer is not None:
+            self._check_tokenizer(self.tokenizer, known)
+        if BASE in known and (self.tokenizer is not None or any(m.layers for m in self.merges)):
+            index = [m.name for m in self.models].index(BASE)
+            raise ValueError(f"models.{index}.name: {BASE!r} names the base model in layers and tokenizer settings; "
+                             "give this fine-tune another name")
         return self
 
+    def _check_tokenizer(self, spec: TokenizerSpec, known: set[str]) -> None:
+        """Names a tokenizer setting gives are the base or the recipe's models; re-mapping rows by
+        token replaces `extra_tokens`."""
+        if spec.source is not None and self.extra_tokens != "error":
+            raise ValueError("extra_tokens: give tokenizer.source or extra_tokens, not both (tokenizer.source "
+                             "re-maps every model's rows by token, added ones included)")
+        for i, merge in enumerate(self.merges):
+            if merge.output == "lora":
+                raise ValueError(f"merges.{i}.output: a LoRA adapter keeps the base's tokenizer; the recipe's "
+                                 "tokenizer setting needs output: model")
+            if spec.source is not None and merge.searched:
+                raise ValueError(f"merges.{i}.{merge.searched[0]}: {merge.params[merge.searched[0]]} scores merges "
+                                 "with the base's vocabulary; with tokenizer.source give a fixed value")
+        if spec.source not in (None, "base", "union") and spec.source not in known:
+            raise ValueError(f"tokenizer.source: {spec.source!r} is neither base, union nor a model of this recipe "
+                             f"({', '.join(sorted(known))})")
+        for token, rule in spec.tokens.items():
+            model = rule.source.model if isinstance(rule.source, TokenRow) else rule.source
+            if model not in (ZERO, BASE) and model not in known:
+                raise ValueError(f"tokenizer.tokens.{token}.source: {model!r} is neither zero, base nor a model of "
+                                 f"this recipe ({', '.join(sorted(known))})")
+            if isinstance(rule.source, TokenRow) and rule.source.model == ZERO:
+                raise ValueError(f"tokenizer.tokens.{token}.source.model: zero has no rows; write source: zero")
+
     # -- resolved views ---------------------------------------------------------------------
+    @property
+    def rows_rule(self) -> str:
+        """What a fine-tune's vocabulary rows may be (`taskvectors._check_match`): `extra_tokens`, or
+        `vocabulary` when `tokenizer.source` re-maps every model's rows by token (any number)."""
+        return "vocabulary" if self.tokenizer is not None and self.tokenizer.source is not None else self.extra_tokens
+
     def resolve(self, ref: str) -> str:
         """A model/data reference as an absolute path if local, else unchanged (hub id)."""
         return str(resolve_reference(ref, self.root))
@@ -325,6 +579,12 @@ class Recipe(_Strict):
         return {**self.eval_datasets(), **({"calibration.general": general} if general is not None else {})}
 
     def models_of(self, merge: MergeSpec) -> list[ModelSpec]:
+        """The fine-tunes a variant reads, in the recipe's order (a layer-stacking variant: those of
+        its blocks, merged or copied)."""
+        if merge.layers is not None:
+            used = {m.name for spec in merge.merge_blocks for m in self.models_of(spec)}
+            used |= {b.source for b in merge.layers if b.source is not None}
+            return [m for m in self.models if m.name in used]
         names = merge.model_names
         return [m for m in self.models if names is None or m.name in names]
 
@@ -385,3 +645,6 @@ def _former_meaning(method: str, given: dict[str, Any]) -> str:
 def did_you_mean(value: str, choices: Any) -> str:
     close = difflib.get_close_matches(value, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+Recipe.model_rebuild()

@@ -32,9 +32,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML text -> data, every problem one RecipeError naming the source (and line)."""
+def parse_yaml(text: str, source: str, documents: bool = False) -> Any:
+    """YAML text -> data, every problem one RecipeError naming the source (and line); with
+    `documents`, the list of its documents (`---`-separated; empty ones left out, at least one)."""
     try:
+        if documents:
+            found = [d for d in yaml.load_all(text, Loader=_UniqueKeyLoader) if d is not None]  # noqa: S506
+            return found or [None]
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -44,8 +48,9 @@ def parse_yaml(text: str, source: str) -> Any:
         raise RecipeError(f"{source}: nested too deeply to be a recipe") from None
 
 
-def read_yaml_file(path: Path, what: str = "recipe") -> Any:
-    """A small YAML file's data: missing, oversized, unreadable or malformed files are RecipeErrors."""
+def read_yaml_file(path: Path, what: str = "recipe", documents: bool = False) -> Any:
+    """A small YAML file's data (`documents`: the list of its documents): missing, oversized,
+    unreadable or malformed files are RecipeErrors."""
     try:
         if path.is_dir():
             raise RecipeError(f"{path} is a folder, not a {what} file")
@@ -58,4 +63,4 @@ def read_yaml_file(path: Path, what: str = "recipe") -> Any:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read {what} {path}: {exc}") from None
-    return parse_yaml(text, str(path))
+    return parse_yaml(text, str(path), documents)

@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..distributed import SINGLE, Group, SharedProgress
-from ..errors import MergeCliError, ModelMismatchError
+from ..errors import MergeCliError, ModelMismatchError, UsageError
 from ..fsutil import overlaps, real
 from ..progress import SILENT, Reporter
 from ..store.coordinate import get_or_build
 from ..store.workspace import Artifact, Workspace
+from ..models.reference import resolve_model, resolve_reference
+from ..models.architecture import describe
+from ..models.architectures import TESTED_TYPES
 
 if TYPE_CHECKING:
     import torch
@@ -45,10 +48,17 @@ class Option:
     flags: tuple[str, ...] = ()
     override: str | None = None
     minimum: int | None = None
+    metavar: str | None = None  # what --help shows after the flag (default: by type; nothing for a switch)
 
     @property
     def cli_flags(self) -> tuple[str, ...]:
         return self.flags or (f"--{self.name.replace('_', '-')}",)
+
+    @property
+    def cli_metavar(self) -> str:
+        if self.metavar is not None:
+            return self.metavar
+        return {bool: "", int: "N", Path: "FILE"}.get(self.type, "NAME" if self.type == list[str] else "TEXT")
 
 
 @dataclass(frozen=True)
@@ -94,11 +104,15 @@ class Context:
     # -- models -------------------------------------------------------------------------------
     def source(self, ref: str) -> "ModelSource":
         """A model reference resolved once per run (a hub id costs a request)."""
-        from ..models.reference import resolve_model
 
         if ref not in self._sources:
             self._sources[ref] = resolve_model(ref, self.recipe.root)
         return self._sources[ref]
+
+    def provide(self, ref: str, source: "ModelSource") -> None:
+        """Resolve `ref` to `source` from now on: an earlier stage's merged folder of a multi-stage
+        recipe, fingerprinted by that merge's key (its folder need not exist yet)."""
+        self._sources[ref] = source
 
     @cached_property
     def base(self) -> "ModelSource":
@@ -109,8 +123,6 @@ class Context:
 
     @cached_property
     def arch(self) -> "Architecture":
-        from ..models.architecture import describe
-        from ..models.architectures import TESTED_TYPES
 
         arch = describe(self.base.path)
         if arch.model_type not in TESTED_TYPES:
@@ -128,7 +140,6 @@ class Context:
     @cached_property
     def inputs(self) -> list[tuple[str, Path]]:
         """(what, real path) of every input: models, adapters, every dataset file read, lm-eval's tasks."""
-        from ..models.reference import resolve_reference
 
         recipe = self.recipe
         found = []
@@ -149,19 +160,7 @@ class Context:
         """Refuse to write `target` if it is, contains or is inside an input (real paths compared,
         symlinks included), or is the recipe file, or lies under a file; a `folder` target must not
         be a file."""
-        location = real(target)
-        recipe = [("the recipe", real(self.recipe.path))] if self.recipe.path else []
-        for name, path in self.inputs + recipe:
-            if overlaps(location, path) and (name != "the recipe" or location == path):
-                raise MergeCliError(f"{what} {target} {_relation(location, path)} {name} ({path}); "
-                                    "mergecli never writes into its inputs", f"choose another {what}")
-        if folder and target.exists() and not target.is_dir():
-            raise MergeCliError(f"{what} {target} is a file, not a folder")
-        ancestor = location if folder else location.parent
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise MergeCliError(f"{what} {target} lies under {ancestor}, which is a file")
+        guard_target(target, what, self.inputs, self.recipe.path, folder)
 
     @cached_property
     def workspace(self) -> Workspace:
@@ -181,6 +180,26 @@ class Context:
         return self._results[stage.name]
 
 
+def guard_target(target: Path, what: str, inputs: list[tuple[str, Path]], document: Path | None = None,
+                 folder: bool = True) -> None:
+    """`Context.guard` for any command: refuse `target` if it is, contains or is inside one of
+    `inputs` ((what, real path)), or is the `document` (the recipe or config file: a folder beside
+    it is fine), or lies under a file; a `folder` target must not be a file."""
+    location = real(target)
+    named = [("the recipe", real(document))] if document else []
+    for name, path in inputs + named:
+        if overlaps(location, path) and (name != "the recipe" or location == path):
+            raise MergeCliError(f"{what} {target} {_relation(location, path)} {name} ({path}); "
+                                "mergecli never writes into its inputs", f"choose another {what}")
+    if folder and target.exists() and not target.is_dir():
+        raise MergeCliError(f"{what} {target} is a file, not a folder")
+    ancestor = location if folder else location.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MergeCliError(f"{what} {target} lies under {ancestor}, which is a file")
+
+
 def _relation(a: Path, b: Path) -> str:
     return "is" if a == b else "is inside" if a.is_relative_to(b) else "contains"
 
@@ -192,9 +211,9 @@ def check_device(device: str) -> "torch.device":
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise MergeCliError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or mps") from None
+        raise UsageError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or mps") from None
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise MergeCliError(f"device {device!r} cannot run a merge", "use cpu, cuda, cuda:N or mps")
+        raise UsageError(f"device {device!r} cannot run a merge", "use cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         raise MergeCliError(f"device {device!r} requested but no such CUDA device is available", "use --device cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():

@@ -11,9 +11,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import MergeCliError
+from ..errors import MergeCliError, UsageError
 from . import evaluate
 from .base import Context, Option, Stage, View
+from ..fsutil import temp_sibling
+from ..quality.report import comparison, comparison_table, comparison_text, plot
 
 FORMATS = ("table", "json", "csv", "markdown")
 
@@ -34,7 +36,6 @@ def check_output_file(ctx: Context, path: Path, what: str) -> None:
 def write_report(ctx: Context, path: Path, write: Callable[[Path], Any]) -> None:
     """Write a report file whole (a temporary sibling renamed over the name) and record it as
     this workspace's."""
-    from ..fsutil import temp_sibling
 
     tmp = temp_sibling(path).with_suffix(path.suffix)
     try:
@@ -48,10 +49,9 @@ def write_report(ctx: Context, path: Path, write: Callable[[Path], Any]) -> None
 def run(ctx: Context, fmt: str = "table", output: Path | None = None, plot_path: Path | None = None
         ) -> tuple[str, list[dict[str, Any]]]:
     """Run what is missing, write the requested files; returns (format, comparison rows)."""
-    from ..quality.report import comparison, comparison_text, plot
 
     if fmt not in FORMATS:
-        raise MergeCliError(f"unknown --format {fmt!r}", f"use {', '.join(FORMATS)}")
+        raise UsageError(f"unknown --format {fmt!r}", f"use {', '.join(FORMATS)}")
     for path, what in ((output, "--output"), (plot_path, "--plot")):
         if path is not None:
             check_output_file(ctx, path, what)
@@ -68,14 +68,12 @@ def run(ctx: Context, fmt: str = "table", output: Path | None = None, plot_path:
 
 
 def show(result: tuple[str, list[dict[str, Any]]]) -> View | str:
-    from ..quality.report import comparison_text
 
     fmt, rows = result
     return comparison_view(rows) if fmt == "table" else comparison_text(rows, fmt)
 
 
 def comparison_view(rows: list[dict[str, Any]]) -> View:
-    from ..quality.report import comparison_table
 
     columns, cells = comparison_table(rows)
     return View("perplexity on held-out text (lower is better; ★ best merge by mean)", columns, cells, rows)

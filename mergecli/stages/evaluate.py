@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
@@ -25,6 +26,9 @@ from ..store.coordinate import claim
 from . import merge
 from .base import Context, Stage, View
 from .hessian import check_context
+from ..recipe.datasets import describe_spec, fingerprint
+from ..models.reference import resolve_model, tokenizer_folder
+from ..quality.lmeval import run_tasks
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +39,7 @@ if TYPE_CHECKING:
 
 class EvalSpec(ArtifactSpec):
     kind = "eval"
-    format = 3
+    format = 4  # 4: each window's document
     model: str
     tokenizer: str
     dataset: DataFingerprint
@@ -63,7 +67,6 @@ class Candidate:
 
 
 def eval_spec(ctx: Context, identity: str, dataset: DatasetSpec) -> EvalSpec:
-    from ..recipe.datasets import fingerprint
 
     return EvalSpec(model=identity, tokenizer=ctx.base.fingerprint, dataset=fingerprint(dataset, ctx.recipe.root),
                     evaluation=key_view(ctx.recipe.evaluation, exclude={"datasets", "lm_eval"}))
@@ -94,7 +97,6 @@ def plan(ctx: Context) -> list[ArtifactSpec]:
 
 
 def candidates(ctx: Context) -> list[Candidate]:
-    from ..models.reference import resolve_model
 
     merges = ctx.need(merge.STAGE) if ctx.recipe.merges else []
     found = [Candidate("base", "base", ctx.base, ctx.base.fingerprint)]
@@ -114,17 +116,19 @@ def run(ctx: Context) -> list[Evaluated]:
     ctx.torch_device  # fail on a bad --device before any work
     check_context(ctx, ctx.recipe.evaluation.seq_len, "evaluation.seq_len")
     found = candidates(ctx)
-    scores, per_window = _evaluate(ctx, found, _windows(ctx, datasets))
+    scores, per_window, documents = _evaluate(ctx, found, _windows(ctx, datasets))
     return [Evaluated(c.name, c.role, {d: math.exp(mean_nll(w))
                                        for d, w in per_window[c.name].items()},
-                      c.merge, scores.get(c.name, {}), per_window[c.name]) for c in found]
+                      c.merge, scores.get(c.name, {}), per_window[c.name], documents) for c in found]
 
 
 def _evaluate(ctx: Context, found: list[Candidate], windows: dict[str, tuple[DatasetSpec, Callable[[], "Windows"]]]
-              ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[tuple[float, int]]]]]:
+              ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[tuple[float, int]]]],
+                         dict[str, list[int]]]:
     """Every (model, dataset) perplexity and lm-eval score, cached ones reused. The missing ones
     are jobs, in model order; under torchrun each process takes a contiguous run of them (so it
-    loads few models), and rank 0 records every result. Returns (scores, per-window NLLs)."""
+    loads few models), and rank 0 records every result. Returns (scores, per-window NLLs, the
+    document each dataset's windows start in)."""
     harness = ctx.recipe.evaluation.lm_eval is not None
     jobs = [(c, d) for c in found for d in ([None] if harness else []) + list(windows)]  # d None: lm-eval
     specs = [harness_spec(ctx, c.identity) if d is None else eval_spec(ctx, c.identity, windows[d][0])
@@ -133,7 +137,7 @@ def _evaluate(ctx: Context, found: list[Candidate], windows: dict[str, tuple[Dat
     loaded: dict[str, torch.nn.Module] = {}  # the model of the current job only
 
     def produce(candidate: Candidate, dataset: str | None, folder: Path) -> None:
-        from ..models.loading import load_causal_lm
+        from ..models.loading import load_causal_lm  # start-up time (torch)
         from ..engine.perplexity import window_nlls
 
         if candidate.name not in loaded:
@@ -142,12 +146,15 @@ def _evaluate(ctx: Context, found: list[Candidate], windows: dict[str, tuple[Dat
             return _harness(ctx, candidate, folder)
         if candidate.name not in loaded:
             loaded[candidate.name] = load_causal_lm(candidate.source, ctx.base.path).to(ctx.torch_device)
-        per_window = window_nlls(loaded[candidate.name], windows[dataset][1](), ctx.recipe.evaluation.batch_size,
-                                 ctx.torch_device)
+        start = time.perf_counter()
+        drawn = windows[dataset][1]()
+        per_window = window_nlls(loaded[candidate.name], drawn, ctx.recipe.evaluation.batch_size, ctx.torch_device)
         if not all(math.isfinite(s) for s, _ in per_window):
             raise MergeCliError(f"{candidate.name} gives a non-finite loss on {dataset}; its weights are "
                                 "broken (NaN/Inf activations)", "check the model, or the merge's parameters")
-        (folder / "eval.json").write_text(json.dumps({"windows": per_window}))
+        (folder / "eval.json").write_text(json.dumps({"windows": per_window, "documents": drawn.documents}))
+        ctx.reporter.log(f"eval [bold]{candidate.name}[/] on {dataset}: perplexity "
+                         f"{math.exp(mean_nll(per_window)):.4g} ({time.perf_counter() - start:.0f} s)")
 
     with claim(ctx.workspace, ctx.dist, specs, labels) as step:
         missing = step.missing
@@ -159,19 +166,19 @@ def _evaluate(ctx: Context, found: list[Candidate], windows: dict[str, tuple[Dat
         built = step.settle()
     scores: dict[str, dict[str, float]] = {}
     per_window: dict[str, dict[str, list[tuple[float, int]]]] = {c.name: {} for c in found}
+    documents: dict[str, list[int]] = {}
     for (candidate, dataset), (artifact, _) in zip(jobs, built):
         if dataset is None:
             scores[candidate.name] = json.loads((artifact.path / "scores.json").read_text())
         else:
-            stored = json.loads((artifact.path / "eval.json").read_text())["windows"]
-            per_window[candidate.name][dataset] = [tuple(w) for w in stored]
-    return scores, per_window
+            stored = json.loads((artifact.path / "eval.json").read_text())
+            per_window[candidate.name][dataset] = [tuple(w) for w in stored["windows"]]
+            documents[dataset] = stored["documents"]  # the same windows for every model
+    return scores, per_window, documents
 
 
 def _harness(ctx: Context, candidate: Candidate, folder: Path) -> None:
     """lm-evaluation-harness scores of one model."""
-    from ..quality.lmeval import run_tasks
-    from ..models.reference import tokenizer_folder
 
     source = candidate.source
     scores = run_tasks(source.path, ctx.recipe.evaluation.lm_eval, ctx.recipe.root, ctx.device,
@@ -187,15 +194,14 @@ def _windows(ctx: Context, datasets: dict[str, DatasetSpec]) -> dict[str, tuple[
 
     @cache
     def tokenizer():
-        from ..models.loading import load_tokenizer
+        from ..models.loading import load_tokenizer  # start-up time (torch)
 
         return load_tokenizer(ctx.base.path)
 
     def loader(name: str, spec: DatasetSpec) -> Callable[[], "Windows"]:
         @cache
         def load() -> "Windows":
-            from ..engine.calibration import load_texts, make_windows
-            from ..recipe.datasets import describe_spec
+            from ..engine.calibration import load_texts, make_windows  # start-up time (torch)
 
             texts = load_texts(spec, ctx.recipe.root, tokenizer(), part="eval")
             return make_windows(texts, tokenizer(), ev.samples, ev.seq_len, ev.seed, pack=True,
@@ -208,8 +214,8 @@ def _windows(ctx: Context, datasets: dict[str, DatasetSpec]) -> dict[str, tuple[
 def show(results: list[Evaluated]) -> View:
     datasets = list(results[0].perplexity)
     rows = [[r.model, r.role, *(f"{r.perplexity[d]:.3f}" for d in datasets), f"{r.mean:.3f}"] for r in results]
-    data = [{"model": r.model, "role": r.role, "perplexity": r.perplexity, "mean": r.mean, "windows": r.windows}
-            for r in results]
+    data = [{"model": r.model, "role": r.role, "perplexity": r.perplexity, "mean": r.mean, "windows": r.windows,
+             "documents": r.documents} for r in results]
     return View("perplexity (lower is better)", ["model", "role", *datasets, "mean"], rows, data)
 
 

@@ -31,7 +31,7 @@ class HessianSpec(ArtifactSpec):
 
 
 def spec_of(ctx: Context, model: ModelSpec) -> HessianSpec:
-    from ..engine.calibration import DRAW
+    from ..engine.calibration import DRAW  # start-up time (torch)
     from ..recipe.datasets import fingerprint
 
     cal = ctx.recipe.calibration

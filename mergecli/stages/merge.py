@@ -24,13 +24,15 @@ from typing import TYPE_CHECKING, Any
 from rich.markup import escape
 
 from ..engine.card import account_lines, model_card, setting_text
-from ..errors import MergeCliError, RecipeError, WorkspaceBusyError
+from ..errors import MergeCliError, RecipeError, UsageError, WorkspaceBusyError
 from ..fsutil import OWNER_MARKER, building, file_record, leftovers, locked, publish
 from ..methods.settings import settings_of
+from ..models.reference import ModelSource
 from ..quality.choosers import chooser_for
-from ..quality.scales import Choice, Chooser, group_of, part_scales
-from ..recipe.datasets import fingerprint
-from ..recipe.schema import MergeSpec, Recipe, key_view
+from ..quality.scales import Choice, Chooser, Setting, group_of, part_scales
+from ..recipe.datasets import describe_spec, fingerprint
+from ..engine.layout import BASE as COPY_BASE, Block, stacked
+from ..recipe.schema import BASE, MergeSpec, Recipe, key_view
 from ..store.artifacts import ArtifactSpec
 from ..store.outputs import ROLE, STAMP, check_replaceable, clear_for, ours, read_stamp, stamp_problem
 from ..version import __version__
@@ -40,6 +42,7 @@ from .base import Context, Option, Stage, View
 if TYPE_CHECKING:
     from ..engine.hessian_set import HessianSet
     from ..engine.taskvectors import TaskVector
+    from ..engine.vocabulary import MergedTokenizer
     from ..engine.writer import VariantPlan, Written
     from ..quality.scales import Setting
 
@@ -89,9 +92,30 @@ class MergeResult:
 
 def spec_of(ctx: Context, merge: MergeSpec) -> MergedModelSpec:
     search = chooser_for(merge.params.get("lambda")).key(*choice_inputs(ctx, merge))
+    vocabulary = _vocabulary_source(ctx, merge)
     return MergedModelSpec(base=ctx.base.fingerprint, inputs=_inputs(ctx, merge),
-                           variant={**key_view(merge), **({"search": search} if search else {})},
-                           recipe=key_view(ctx.recipe, exclude={"models", "merges", "calibration", "evaluation"}))
+                           variant={**_keyed(key_view(merge)), **({"search": search} if search else {}),
+                                    **({"tokenizer_source": vocabulary} if vocabulary else {})},
+                           recipe=_keyed(key_view(ctx.recipe, exclude={"models", "merges", "calibration",
+                                                                      "evaluation"})))
+
+
+def _vocabulary_source(ctx: Context, merge: MergeSpec) -> str | None:
+    """The fingerprint of a model whose tokenizer is the merged vocabulary (`tokenizer.source`) but
+    which the variant does not merge (the others' are among its inputs already)."""
+    spec = ctx.recipe.tokenizer
+    if spec is None or spec.source in (None, "base", "union"):
+        return None
+    if spec.source in {m.name for m in ctx.recipe.models_of(merge)}:
+        return None
+    model = next(m for m in ctx.recipe.models if m.name == spec.source)
+    return ctx.source(model.model).fingerprint
+
+
+def _keyed(view: dict[str, Any]) -> dict[str, Any]:
+    """A key view, less the fields left unset that came after its key's form (the keys of variants
+    that stack no layers, of recipes that set no tokenizer, stay what they were)."""
+    return {k: v for k, v in view.items() if not (k in ("layers", "tokenizer") and v is None)}
 
 
 def _inputs(ctx: Context, merge: MergeSpec) -> tuple[dict[str, Any], ...]:
@@ -127,7 +151,7 @@ def parts_spec(ctx: Context, merge: MergeSpec, chooser: Chooser) -> PartsSpec | 
     if not scales:
         return None
     return PartsSpec(base=ctx.base.fingerprint, inputs=_inputs(ctx, merge),
-                     variant=key_view(merge.with_param("lambda", 1.0)),
+                     variant=_keyed(key_view(merge.with_param("lambda", 1.0))),
                      parts=tuple(None if s is None else tuple(s) for s in scales))
 
 
@@ -135,10 +159,63 @@ def run(ctx: Context, only: list[str] | None = None, overwrite: bool = False, wo
     """Build every merge variant of the recipe (or those named in `only`); cached ones are reused.
 
     `workers` tensors are computed at once (threads, each with its share of torch's threads); the
-    result does not depend on it. `overwrite` rebuilds a variant even when its folder is current."""
+    result does not depend on it. `overwrite` rebuilds a variant even when its folder is current.
+    A multi-stage recipe runs its stages in order (`only`: the merges named and those they merge)."""
+    if ctx.recipe.stages:
+        return _run_stages(ctx, only, overwrite, workers)
+    return _run_recipe(ctx, only, overwrite, workers)
+
+
+def _run_stages(ctx: Context, only: list[str] | None, overwrite: bool, workers: int) -> list[MergeResult]:
+    """Each stage of a multi-stage recipe in turn, in a context of its own (the final stage in
+    `ctx`), an earlier merge it reads known by its key (`_provide`)."""
+    recipes = [*ctx.recipe.stages, ctx.recipe]
+    wanted = _wanted(recipes, only)
+    made: dict[str, tuple[Path, str, str]] = {}
+    results: list[MergeResult] = []
+    for recipe in recipes:
+        names = [m.name for m in recipe.merges if m.name in wanted]
+        if not names:
+            continue
+        stage = ctx if recipe is ctx.recipe else Context(recipe, ctx.reporter, ctx.device, ctx.wait, ctx.dist)
+        _provide(stage, made)
+        ctx.reporter.log(f"stage [bold]{', '.join(names)}[/]")
+        built = _run_recipe(stage, names, overwrite, workers)
+        made.update((r.name, (r.path, r.key, r.output)) for r in built)
+        results += built
+    return results
+
+
+def _wanted(recipes: list[Recipe], only: list[str] | None) -> set[str]:
+    """The merges a multi-stage run builds: those named (all without `only`) and, stage by stage,
+    every merge a stage it builds reads."""
+    owner = {m.name: recipe for recipe in recipes for m in recipe.merges}
+    if not only:
+        return set(owner)
+    for name in only:
+        if name not in owner:
+            raise RecipeError(f"no merge named {name!r} in the stages", f"choose one of: {', '.join(owner)}")
+    wanted, todo = set(), list(only)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo += owner[name].produced.values()
+    return wanted
+
+
+def _provide(ctx: Context, made: dict[str, tuple[Path, str, str]]) -> None:
+    """A stage's references to earlier merges as their folders, fingerprinted by those merges' keys:
+    its own key changes exactly when one of theirs does (and a plan needs no folder built)."""
+    for ref, name in ctx.recipe.produced.items():
+        path, key, output = made[name]
+        ctx.provide(ref, ModelSource(ref, path, "lora" if output == "lora" else "full", f"merged:{key}"))
+
+
+def _run_recipe(ctx: Context, only: list[str] | None, overwrite: bool, workers: int) -> list[MergeResult]:
     recipe = ctx.recipe
     if workers < 1:
-        raise MergeCliError(f"workers must be at least 1, got {workers}")
+        raise UsageError(f"workers must be at least 1, got {workers}")
     if not recipe.merges:
         raise MergeCliError("the recipe has no merges", "add a 'merges:' list (see `mergecli recipes ls`)")
     variants = [recipe.merge(name) for name in dict.fromkeys(only)] if only else recipe.merges
@@ -166,6 +243,9 @@ def check_settings(ctx: Context, variants: list[MergeSpec]) -> None:
     from ..models.safetensors_io import Checkpoint  # start-up time (torch)
 
     for merge in variants:
+        if merge.layers is not None:
+            _check_blocks(ctx, merge)
+            continue
         settings = settings_of(merge, ctx.recipe.models_of(merge))
         if settings.constant():
             continue
@@ -176,6 +256,52 @@ def check_settings(ctx: Context, variants: list[MergeSpec]) -> None:
         except ValueError as exc:
             index = ctx.recipe.merges.index(merge)
             raise RecipeError(f"merges.{index}.{exc}") from None
+
+
+def _check_blocks(ctx: Context, merge: MergeSpec) -> None:
+    """A layer-stacking variant before any work: its ranges within the base's layers, and each
+    block whose settings vary per tensor checked on every tensor it merges."""
+    from ..models.safetensors_io import Checkpoint  # start-up time (torch)
+
+    index = ctx.recipe.merges.index(merge)
+    with Checkpoint.open(ctx.base.path) as ckpt:
+        names = ckpt.names()
+    try:
+        layout = stacked(ctx.arch, names, blocks_of(ctx, merge, ctx.recipe.models_of(merge)))
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    for block, output in layout.merged():
+        if block.settings.constant():
+            continue
+        try:
+            block.settings.check(layout.resolve(output))
+        except ValueError as exc:
+            raise RecipeError(f"{block.label}.{exc} (for tensor {output.name})") from None
+
+
+def blocks_of(ctx: Context, merge: MergeSpec, models: list[Any]) -> list[Block] | None:
+    """A layer-stacking variant's blocks as the writer takes them (`engine.layout.Block`); None for
+    a variant that merges the base's tensors. `models`: the variant's fine-tunes, in the order of
+    its task vectors."""
+    if merge.layers is None:
+        return None
+    position = {m.name: i for i, m in enumerate(models)}
+    where = f"merges.{ctx.recipe.merges.index(merge)}.layers"
+    specs = iter(merge.merge_blocks)
+    blocks = []
+    for i, layer in enumerate(merge.layers):
+        start, end = layer.range or (None, None)
+        if layer.source is not None:
+            source = COPY_BASE if layer.source == BASE else position[layer.source]
+            blocks.append(Block(start, end, source=source, scale=layer.params.get("scale"), label=f"{where}.{i}"))
+            continue
+        spec = next(specs)
+        merged = ctx.recipe.models_of(spec)
+        ranges = merge.block_ranges(i)
+        blocks.append(Block(start, end, settings_of(spec, merged), tuple(position[m.name] for m in merged),
+                            tuple(ranges[m.name][0] if m.name in ranges else None for m in merged),
+                            label=f"{where}.{i}"))
+    return blocks
 
 
 def merge_variant(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["HessianSet"] | None,
@@ -233,7 +359,7 @@ def _plan(ctx: Context, merge: MergeSpec, vectors: list["TaskVector"], hessians:
     """Everything the variant's tensors are computed from, at the chosen scale."""
     import torch  # start-up time: the CLI builds --help from the stages without torch
 
-    from ..engine.hessians import HessianReader
+    from ..engine.hessians import HessianReader  # start-up time (torch)
     from ..engine.writer import VariantPlan
 
     built = merge if choice.lam is None else merge.with_param("lambda", choice.lam)
@@ -249,7 +375,43 @@ def _plan(ctx: Context, merge: MergeSpec, vectors: list["TaskVector"], hessians:
         readers=[HessianReader(h.artifact.path, merge.params.get("damp", 0.01), ctx.torch_device) for h in hessians]
         if hessians else None,
         dtype=torch.float32 if merge.output == "lora" else dtype, clamp=merge.overflow == "clamp",
-        extra_tokens=ctx.recipe.extra_tokens, shard_bytes=ctx.recipe.shard_bytes, scales=scales)
+        extra_tokens=ctx.recipe.extra_tokens, shard_bytes=ctx.recipe.shard_bytes, scales=scales,
+        blocks=blocks_of(ctx, merge, ctx.recipe.models_of(merge)),
+        names=[m.name for m in ctx.recipe.models_of(merge)], tokenizer=_tokenizer(ctx, merge))
+
+
+def _tokenizer(ctx: Context, merge: MergeSpec) -> "MergedTokenizer | None":
+    """The tokenizer the variant writes when the recipe sets one (`engine.vocabulary`): read from
+    the base and the variant's models (a LoRA's, and a model's without tokenizer files, is the
+    base's), or, where the vocabulary is one model's, from it."""
+    spec = ctx.recipe.tokenizer
+    if spec is None:
+        return None
+    from ..engine.vocabulary import Input, merged_tokenizer  # start-up time (torch, transformers)
+
+    base = Input(BASE, ctx.base.path, _config_rows(ctx.base.path))
+    models = list(ctx.recipe.models_of(merge))
+    if spec.source not in (None, "base", "union") and spec.source not in {m.name for m in models}:
+        models += [m for m in ctx.recipe.models if m.name == spec.source]  # its tokenizer only
+    inputs = []
+    for model in models:
+        source = ctx.source(model.model)
+        if source.kind == "lora":
+            inputs.append(Input(model.name, ctx.base.path, base.rows))
+        else:
+            has = any((source.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+            inputs.append(Input(model.name, source.path if has else None, _config_rows(source.path)))
+    return merged_tokenizer(spec, base, inputs)
+
+
+def _config_rows(folder: Path) -> int | None:
+    """A model's embedding rows as its config.json says (`vocab_size`, in `text_config` if nested)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    return config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
 
 
 def _choose(ctx: Context, merge: MergeSpec, chooser: Chooser, vectors: list["TaskVector"],
@@ -268,9 +430,10 @@ def _choose(ctx: Context, merge: MergeSpec, chooser: Chooser, vectors: list["Tas
         folder, plan, ctx.base.path, ctx.arch, [None if s is None else list(s) for s in spec.parts], ctx.torch_device,
         workers, ctx.reporter, label))
     setting = _setting(ctx, merge)
-    parts = [setting.runner.checkpoint_weights(Checkpoint.open(artifact.path / f"part-{i}"), partial=True,
-                                               only=json.loads((artifact.path / f"part-{i}" / "changed.json").read_text()))
-             for i in range(len(spec.parts))]
+    folders = [artifact.path / f"part-{i}" for i in range(len(spec.parts))]
+    parts = [setting.runner.checkpoint_weights(Checkpoint.open(folder), partial=True,
+                                               only=json.loads((folder / "changed.json").read_text()))
+             for folder in folders]
     choice = chooser.choose(setting, parts)
     ctx.reporter.log(f"merge [bold]{merge.name}[/]: {escape(chooser.log_line(choice.record or {}))}")
     return choice
@@ -284,9 +447,7 @@ def _setting(ctx: Context, merge: MergeSpec) -> "Setting":
     from ..engine.streamed import StreamedModel, source_weights
     from ..models.loading import load_tokenizer
     from ..models.safetensors_io import Checkpoint
-    from ..quality.scales import Setting
     from ..quality.scoring import Domain
-    from ..recipe.datasets import describe_spec
 
     recipe, cal = ctx.recipe, ctx.recipe.calibration
     runner = StreamedModel.from_folder(ctx.base.path, device=ctx.torch_device)
@@ -384,11 +545,22 @@ def show(results: list[MergeResult]) -> View:
 
 
 def plan(ctx: Context) -> list[ArtifactSpec]:
-    """Every merged folder's spec, and the parts its scale is chosen over."""
+    """Every merged folder's spec, and the parts its scale is chosen over. A multi-stage recipe's
+    stages too, an earlier merge known by its key, built or not; and their task vectors and
+    Hessians, which the other stages' plans see of the final stage only, with an earlier merge's
+    folder as a file, not as that merge."""
     specs: list[ArtifactSpec] = []
-    for merge in ctx.recipe.merges:
-        parts = parts_spec(ctx, merge, chooser_for(merge.params.get("lambda")))
-        specs += [spec_of(ctx, merge), *([parts] if parts else [])]
+    made: dict[str, tuple[Path, str, str]] = {}
+    for recipe in [*ctx.recipe.stages, ctx.recipe]:
+        stage = ctx if recipe is ctx.recipe else Context(recipe, ctx.reporter, ctx.device, ctx.wait, ctx.dist)
+        _provide(stage, made)
+        if ctx.recipe.stages:
+            specs += [*taskvec.STAGE.plan(stage), *hessian.STAGE.plan(stage)]
+        for merge in recipe.merges:
+            parts = parts_spec(stage, merge, chooser_for(merge.params.get("lambda")))
+            spec = spec_of(stage, merge)
+            made[merge.name] = (recipe.output_path / merge.name, spec.key(), merge.output)
+            specs += [spec, *([parts] if parts else [])]
     return specs
 
 

@@ -41,16 +41,16 @@ class Computed:
 def spec_of(ctx: Context, model: ModelSpec) -> TaskVectorSpec:
     return TaskVectorSpec(base=ctx.base.fingerprint, model=ctx.source(model.model).fingerprint,
                           entry=key_view(model, exclude={"name", "weight", "dataset"}),
-                          extra_tokens=ctx.recipe.extra_tokens)
+                          extra_tokens=ctx.recipe.rows_rule)
 
 
 def task_vector(ctx: Context, model: ModelSpec) -> Computed:
-    from ..engine.taskvectors import TaskVector, build_task_vector
+    from ..engine.taskvectors import TaskVector, build_task_vector  # start-up time (torch)
 
     source = ctx.source(model.model)
 
     def produce(folder) -> None:
-        build_task_vector(folder, model.name, source, ctx.base, ctx.arch, ctx.recipe.extra_tokens,
+        build_task_vector(folder, model.name, source, ctx.base, ctx.arch, ctx.recipe.rows_rule,
                           model.check_base, ctx.recipe.base, ctx.reporter)
 
     artifact, reused = ctx.get_or_build(spec_of(ctx, model), f"taskvec {model.name}", produce)
