@@ -263,7 +263,6 @@ def _check_blocks(ctx: Context, merge: MergeSpec) -> None:
     block whose settings vary per tensor checked on every tensor it merges."""
     from ..models.safetensors_io import Checkpoint  # start-up time (torch)
 
-    index = ctx.recipe.merges.index(merge)
     with Checkpoint.open(ctx.base.path) as ckpt:
         names = ckpt.names()
     try:
