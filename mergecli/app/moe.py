@@ -14,19 +14,18 @@ torchrun the command is refused, like every command but the stages).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import MergeCliError, ModelMismatchError, RecipeError, WorkspaceBusyError
-from ..fsutil import OWNER_MARKER, building, file_record, leftovers, locked, publish
+from ..fsutil import OWNER_MARKER, building, file_record, locked, publish
 from ..progress import SILENT, Reporter
 from ..recipe.moe import RANDOM_MODES, MoEConfig, read_moe_config
 from ..stages.base import View, check_device, guard_target
 from ..store.artifacts import ArtifactSpec
-from ..store.outputs import ROLE, STAMP, check_replaceable, clear_for, ours, read_stamp, stamp_problem
+from ..store.outputs import ROLE, STAMP, check_replaceable, current, ours, read_stamp
 from ..version import __version__
 from ..models.reference import resolve_model, resolve_reference
 
@@ -102,16 +101,12 @@ def run_moe(config_path: Path | str, output: Path | str | None = None, *, report
 
 
 def _reusable(out: Path, key: str, overwrite: bool, reporter: Reporter) -> MoEResult | None:
-    for stale in leftovers(out.parent, ROLE, out.name):
-        shutil.rmtree(stale, ignore_errors=True)
-    stamp = read_stamp(out)
-    if stamp and stamp.get("key") == key and not overwrite:
-        problem = stamp_problem(out, stamp)
-        if problem is None:
-            reporter.log(f"moe: reused {out}")
-            return MoEResult(**{**stamp["result"], "path": out, "reused": True})
+    found, problem = current(out, key, overwrite)
+    if found is not None:
+        reporter.log(f"moe: reused {out}")
+        return MoEResult(**{**found, "path": out, "reused": True})
+    if problem:
         reporter.log(f"[yellow]moe: {out} is damaged ({problem}); rebuilding[/]")
-    clear_for(out, stamp)
     return None
 
 

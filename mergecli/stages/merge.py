@@ -16,7 +16,6 @@ a time writes a given folder (the lock lives beside the folder, whatever the wor
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from rich.markup import escape
 
 from ..engine.card import account_lines, model_card, setting_text
 from ..errors import MergeCliError, RecipeError, UsageError, WorkspaceBusyError
-from ..fsutil import OWNER_MARKER, building, file_record, leftovers, locked, publish
+from ..fsutil import OWNER_MARKER, building, file_record, locked, publish
 from ..methods.settings import settings_of
 from ..models.reference import ModelSource
 from ..quality.choosers import chooser_for
@@ -34,7 +33,7 @@ from ..recipe.datasets import describe_spec, fingerprint
 from ..engine.layout import BASE as COPY_BASE, Block, stacked
 from ..recipe.schema import BASE, MergeSpec, Recipe, key_view
 from ..store.artifacts import ArtifactSpec
-from ..store.outputs import ROLE, STAMP, check_replaceable, clear_for, ours, read_stamp, stamp_problem
+from ..store.outputs import ROLE, STAMP, check_replaceable, current, ours, read_stamp
 from ..version import __version__
 from . import hessian, taskvec
 from .base import Context, Option, Stage, View
@@ -323,18 +322,14 @@ def merge_variant(ctx: Context, merge: MergeSpec, vectors: list, hessians: list[
 
 
 def _reusable(ctx: Context, merge: MergeSpec, out: Path, key: str, overwrite: bool) -> MergeResult | None:
-    """The folder's result if it is current and intact; else None, the way cleared (temp folders
-    of killed runs removed, a folder of ours checked replaceable). Call under the folder's lock."""
-    for stale in leftovers(out.parent, ROLE, merge.name):
-        shutil.rmtree(stale, ignore_errors=True)
-    stamp = read_stamp(out)
-    if stamp and stamp.get("key") == key and not overwrite:
-        problem = stamp_problem(out, stamp)
-        if problem is None:
-            ctx.reporter.log(f"merge [bold]{merge.name}[/]: reused {out}")
-            return MergeResult(**{**stamp["result"], "path": out, "reused": True})
+    """The folder's result if it is current and intact; else None, the way cleared
+    (`store.outputs.current`). Call under the folder's lock."""
+    found, problem = current(out, key, overwrite)
+    if found is not None:
+        ctx.reporter.log(f"merge [bold]{merge.name}[/]: reused {out}")
+        return MergeResult(**{**found, "path": out, "reused": True})
+    if problem:
         ctx.reporter.log(f"[yellow]merge {merge.name}: {out} is damaged ({problem}); rebuilding[/]")
-    clear_for(out, stamp)
     return None
 
 

@@ -9,10 +9,11 @@ head digest, and a rerun reuses the folder only if every file still matches.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from ..errors import MergeCliError
-from ..fsutil import OWNER_MARKER, is_owned, record_problem
+from ..fsutil import OWNER_MARKER, is_owned, leftovers, record_problem
 
 STAMP = "mergecli.json"
 ROLE = "merged model"  # the marker inside every output folder
@@ -37,6 +38,22 @@ def stamp_problem(folder: Path, stamp: dict) -> str | None:
 
 def ours(folder: Path) -> bool:
     return not folder.is_symlink() and folder.is_dir() and (is_owned(folder, ROLE) or read_stamp(folder) is not None)
+
+
+def current(out: Path, key: str, overwrite: bool) -> tuple[dict | None, str | None]:
+    """Call under the folder's lock. (its stamped result, None) if `out` was built for `key` and
+    every file is intact; else (None, the damage found, if any) with the way cleared: temporary
+    folders of killed runs next to it removed, a folder of ours checked replaceable."""
+    for stale in leftovers(out.parent, ROLE, out.name):
+        shutil.rmtree(stale, ignore_errors=True)
+    stamp = read_stamp(out)
+    problem = None
+    if stamp and stamp.get("key") == key and not overwrite:
+        problem = stamp_problem(out, stamp)
+        if problem is None:
+            return stamp["result"], None
+    clear_for(out, stamp)
+    return None, problem
 
 
 def clear_for(out: Path, stamp: dict | None) -> None:
