@@ -9,7 +9,8 @@ from matplotlib.colors import to_rgb
 from rich.console import Console
 
 from mergecli.app.display import table
-from mergecli.quality.report import comparison, comparison_table, comparison_text, log_ticks, perplexity_text, plot
+from mergecli.quality.report import (comparison, comparison_table, comparison_text, log_ticks, method_label,
+                                     perplexity_text, plot)
 from mergecli.stages.compare import comparison_view
 from mergecli.quality.report import Evaluated
 
@@ -167,3 +168,10 @@ def test_gain_cell_carries_the_jackknife_se_when_windows_are_kept():
     cells = dict(zip(*[comparison_table(rows)[0], comparison_table(rows)[1][3]]))
     assert cells["gain kept"] == f"{100 * value:.1f}% ± {100 * se:.1f}"
     assert comparison_text(rows, "markdown").splitlines()[1].split("|")[6] == "---:"  # still a number column
+
+
+@pytest.mark.parametrize("method,alpha,shown", [("regmean", 0.9, "regmean (α 0.9)"), ("svc", 0.0, "svc (α 1/K)"),
+                                                 ("svc", 0.5, "svc (α 0.5)")])
+def test_method_label_says_what_alpha_means(method, alpha, shown):
+    """svc's alpha 0 stands for its default 1/K; the label says so rather than "α 0"."""
+    assert method_label({"method": method, "params": {"alpha": alpha}}) == shown

@@ -115,8 +115,9 @@ def method_label(merge: dict) -> str:
         extras.append(f"λ auto: {merge['search']['chosen']:.3g}")
     elif params.get("lambda", 1.0) != 1.0:  # a number, or a schedule shown inline
         extras.append(f"λ {setting_text(params['lambda'])}")
-    if "alpha" in params:
-        extras.append(f"α {setting_text(params['alpha'])}")
+    if "alpha" in params:  # svc's alpha 0 is its default, 1/K (K = the number of models)
+        svc_default = merge["method"] == "svc" and params["alpha"] == 0
+        extras.append(f"α {'1/K' if svc_default else setting_text(params['alpha'])}")
     if params.get("embedding", "count") != "count":
         extras.append(f"embedding {params['embedding']}")
     label = method_name(merge) + (" + OBS" if params.get("compensate") else "")
