@@ -317,10 +317,22 @@ def merged_tensors(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo],
             theta = torch.cat([theta.to(info.dtype), vectors[index].extra(out.key).to(info.dtype)])
         return theta.to(info.dtype), k, n, missing, what
 
+    def working_set(info: TensorInfo) -> int:
+        """fp32 entries a tensor's merge holds: the tensor and, where statistics are read, about
+        three fp64 fan-in x fan-in matrices (RegMean's Gram sum, one G~ and the solve's factor; OBS's
+        damped H, factor and inverse). At 7B widths a down projection's are 2.9 GB: two of them
+        at once would be most of a 16 GB machine, so they run one at a time."""
+        entries = math.prod(info.shape)
+        canonical = layout.by_name[info.name].reference
+        if plan.readers and len(info.shape) == 2 and arch.is_linear(canonical):
+            fan_in = info.shape[0] if arch.is_transposed(canonical) else info.shape[1]
+            entries += 6 * fan_in * fan_in
+        return entries
+
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // workers))
     try:
-        yield from in_order(infos, lambda name: layout.by_name[name].key, merged, workers)
+        yield from in_order(infos, lambda name: layout.by_name[name].key, merged, workers, working_set)
     finally:
         torch.set_num_threads(threads)
 
@@ -396,14 +408,15 @@ def _fitted(theta: torch.Tensor, dtype: torch.dtype, clamp: bool, name: str, lab
 
 
 def in_order(items: list[TensorInfo], key: Callable[[str], str], compute: Callable[[TensorInfo], T],
-             workers: int) -> Iterator[tuple[TensorInfo, T, bool]]:
+             workers: int, cost: Callable[[TensorInfo], int] = lambda i: math.prod(i.shape)
+             ) -> Iterator[tuple[TensorInfo, T, bool]]:
     """Yield (item, its result, first time for its key) in order, computing up to `workers` items
     ahead in threads: one tensor's single-threaded steps (reading, Python, kthvalue, random draws)
     overlap another's. Items sharing a key (a tied pair) are computed once. An item is started
-    ahead only while the entries being computed stay within the largest tensor's, so peak memory
-    is one largest-tensor working set whatever the order of the tensors (the embedding and the
-    output layer are often neighbours)."""
-    size = {key(i.name): math.prod(i.shape) for i in items}
+    ahead only while the `cost` (memory, in fp32 entries) of the items being computed stays within
+    the costliest item's, so peak memory is one largest working set whatever the order of the
+    tensors (the embedding and the output layer are often neighbours)."""
+    size = {key(i.name): cost(i) for i in items}
     budget = max(size.values(), default=0)
     left = Counter(key(i.name) for i in items)
     futures: dict[str, Future] = {}
