@@ -10,7 +10,9 @@ tensor: no model is ever held); a small calibration (--windows x --seq-len token
 memory is what this measures). For each depth, each stage runs in its own process
 (`python -m mergecli`, so its peak RSS is its own): `taskvec`, `hessian` (layer by layer),
 `merge` of `ties` with SparseGPT scores, `regmean`, and `regmean` with `lambda: learned` (held to
-`calibration.general`, a fourth small text); wall time, peak RSS and the workspace's disk use.
+`calibration.general`, a fourth small text); wall time, peak RSS (VmHWM: it counts the pages of the
+memory-mapped checkpoints the stage read, which the kernel may drop and which grow with the files),
+peak anonymous memory (sampled every 50 ms: what the stage allocated) and the workspace's disk use.
 
 Reported: per stage and depth the numbers, the slope per layer (least squares over the depths
 measured) and the extrapolation to 32 layers (a real 7B) -- an extrapolation, said as such: the
@@ -166,12 +168,23 @@ def recipe(folder: Path, windows: int, seq_len: int) -> Path:
 
 
 def run(path: Path, *args: str) -> dict:
-    """One mergecli command in a process of its own: wall time and that process's peak RSS."""
-    # VmHWM: the peak of this program's own memory (ru_maxrss would count the parent's pages at fork)
-    probe = ("import re, runpy, sys; sys.argv = ['mergecli', *sys.argv[1:]]\n"
+    """One mergecli command in a process of its own: wall time, that process's peak RSS, and the
+    peak of its anonymous memory (what it allocated, without the checkpoint pages it mapped)."""
+    # VmHWM: the peak of this program's own memory (ru_maxrss would count the parent's pages at fork).
+    # It includes file pages of the memory-mapped checkpoints, which the kernel can drop at will and
+    # which grow with the files read; RssAnon, sampled every 50 ms, is what the process needs.
+    probe = ("import re, runpy, sys, threading, time\n"
+             "anon = [0]\n"
+             "def watch():\n"
+             "    while True:\n"
+             "        found = re.search(r'RssAnon:\\s+(\\d+)', open('/proc/self/status').read())\n"
+             "        anon[0] = max(anon[0], int(found.group(1)))\n"
+             "        time.sleep(0.05)\n"
+             "threading.Thread(target=watch, daemon=True).start()\n"
+             "sys.argv = ['mergecli', *sys.argv[1:]]\n"
              "try:\n    runpy.run_module('mergecli', run_name='__main__')\n"
              "finally:\n    print('PEAK', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1),"
-             " file=sys.stderr)")
+             " anon[0], file=sys.stderr)")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", probe, "-q", *args, str(path)], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
@@ -179,7 +192,8 @@ def run(path: Path, *args: str) -> dict:
     peak = [line for line in done.stderr.splitlines() if line.startswith("PEAK")]
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return {"seconds": round(seconds, 1), "peak_rss_gib": round(int(peak[-1].split()[1]) / 2**20, 3)}
+    rss, anon = (int(v) / 2**20 for v in peak[-1].split()[1:3])
+    return {"seconds": round(seconds, 1), "peak_rss_gib": round(rss, 3), "peak_anon_gib": round(anon, 3)}
 
 
 def folder_gib(path: Path) -> float:
@@ -233,7 +247,7 @@ def main() -> None:
     if len(depths) > 1:
         results["per_layer"] = {}
         for name, _ in stages:
-            for what in ("peak_rss_gib", "seconds"):
+            for what in ("peak_rss_gib", "peak_anon_gib", "seconds"):
                 intercept, slope = fit(depths, [results["depths"][d][name][what] for d in depths])
                 results["per_layer"].setdefault(name, {})[what] = {
                     "slope": round(slope, 4), "at_32_layers_extrapolated": round(intercept + 32 * slope, 2),
