@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import tokenizers
 import torch
 
 from ..errors import MergeCliError
@@ -233,8 +234,6 @@ def _build(spec: TokenizerSpec, base: Input, models: Sequence[Input]) -> tuple[A
 def _stripped(base: Input) -> Any:
     """mergekit's `get_stripped_tokenizer`: the base's tokenizer less the tokens whose ids lie at or
     beyond its embedding rows (a BPE tokenizer's; others must have none)."""
-    import tokenizers
-
     tokenizer = _load(base.tokenizer, use_fast=True)
     size = base.rows or len(tokenizer.get_vocab())
     unused = [t for t, i in tokenizer.get_vocab().items() if i >= size]
