@@ -4,9 +4,12 @@ import pytest
 import torch
 
 from mergecli.methods import catalog
-from mergecli.methods.pipeline import TensorPlan, merge_tensor
+from dataclasses import replace
+
+from mergecli.methods.pipeline import TensorPlan, merge_parts, merge_tensor
 from mergecli.methods.hessian_math import (DegenerateStatistics, count_weighted_delta, damped_cholesky,
-                                           inverse_diagonal, obs_saliency, obs_trim, regmean_delta, wanda_score)
+                                           inverse_diagonal, obs_saliency, obs_trim, regmean_delta,
+                                           regmean_deltas, wanda_score)
 from mergecli.methods.sparsify import rank_probabilities, topk_mask
 from mergecli.methods.stats import LayerStats, TokenCounts
 
@@ -119,6 +122,35 @@ def test_scaled_parts_of_regmean_are_its_per_model_terms():
         parts = [merge_tensor(TensorPlan(METHODS[name], [1.0] * 3, {}, "w", scales=[float(i == j) for j in range(3)]),
                               taus, stats=stats)[0] for i in range(3)]
         assert torch.allclose(sum(parts), whole, atol=1e-5), name
+
+
+def test_every_part_in_one_pass_is_each_part_merged_alone():
+    """`write_parts` makes every fine-tune's part at once (`merge_parts`): each tensor read and
+    trimmed once, RegMean's Gram sum factored once. Each part is what merging with that one scaling
+    gives alone (`merge_tensor`) -- bit for bit where the method combines per scaling, and for
+    RegMean's one-factorization shortcut within fp64 rounding of the explicit formula
+    s_i tau_i G~_i (sum_j G~_j)^-1."""
+    g = torch.Generator().manual_seed(12)
+    taus = [torch.randn(5, 8, generator=g) for _ in range(3)]
+    grams = [(lambda x: x.T @ x / 40)(correlated_inputs(40, 8, 30 + i)) for i in range(3)]
+    stats = [LayerStats(gm) for gm in grams]
+    scalings = [None, *([float(i == j) for j in range(3)] for i in range(3)), [0.5, 0.0, 2.0]]
+    for name in ("regmean", "task_arithmetic", "dare_linear", "ties", "breadcrumbs"):
+        plan = TensorPlan(METHODS[name], [1.0, 0.8, 1.2], {"density": 0.6}, "w", linear=True)
+        together, kept, offered = merge_parts(plan, scalings, taus, stats=stats, base=torch.ones(5, 8))
+        assert together.shape == (len(scalings), 5, 8)
+        for merged, scales in zip(together, scalings):
+            alone, k, n = merge_tensor(replace(plan, scales=scales), taus, stats=stats, base=torch.ones(5, 8))
+            assert (k, n) == (kept, offered)
+            if name == "regmean":
+                assert torch.allclose(merged, alone, rtol=0, atol=1e-6), name
+            else:
+                assert torch.equal(merged, alone), name
+    tilde = [0.9 * gm + 0.1 * torch.diag(torch.diagonal(gm)) for gm in grams]
+    inverse = torch.linalg.inv(sum(w * t for w, t in zip([1.0, 0.8, 1.2], tilde)))
+    parts = regmean_deltas([t.double() for t in taus], scalings[1:4], grams, torch.tensor([1.0, 0.8, 1.2]))
+    for i, part in enumerate(parts):
+        assert torch.allclose(part, [1.0, 0.8, 1.2][i] * taus[i].double() @ tilde[i] @ inverse, atol=1e-10)
 
 
 def test_regmean_alpha_shrinks_off_diagonals():

@@ -63,6 +63,7 @@ def test_two_loras_merged_back_exactly_at_full_rank(two_loras, tmp_path):
                            base=lambda n: base[n])
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 8 and len(config["target_modules"]) == 4
+    assert config["target_modules"] == sorted(config["target_modules"])  # peft's set, written the same every run
     assert json.loads((tmp_path / "out" / "mergecli_lora.json").read_text())["rank"] == 8
     assert all(r.kind == "lora" and r.energy_kept == pytest.approx(1.0, abs=1e-6) for r in report.values())
     out = _merged_state(root / "base", tmp_path / "out")

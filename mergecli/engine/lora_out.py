@@ -168,6 +168,9 @@ def write_adapter(folder: Path, deltas: Mapping[str, torch.Tensor] | Iterable[tu
     state, report, config = plan_adapter(deltas, kinds, rank, base)
     folder.mkdir(parents=True, exist_ok=True)
     LoraConfig(base_model_name_or_path=base_model, **config).save_pretrained(str(folder))
+    saved = json.loads((folder / "adapter_config.json").read_text())  # peft keeps target_modules as a set:
+    saved["target_modules"] = sorted(saved["target_modules"])  # sorted, the file is the same on every run
+    (folder / "adapter_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
     save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
               metadata={"format": "pt"})
     (folder / "mergecli_lora.json").write_text(json.dumps(

@@ -20,6 +20,7 @@ import shutil
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -30,7 +31,7 @@ from ..distributed import SINGLE, Group
 from ..errors import MergeCliError, RecipeError
 from .hessians import HessianReader
 from ..methods import schedule
-from ..methods.pipeline import NonFiniteTaskVector, OutOfRange, TaskTensor, TensorPlan, fit, merge_tensor
+from ..methods.pipeline import NonFiniteTaskVector, OutOfRange, TaskTensor, TensorPlan, fit, merge_parts
 from ..methods.settings import VariantSettings
 from ..methods.table import Unbounded
 from ..models.architecture import Architecture
@@ -68,6 +69,9 @@ class VariantPlan:
     # to (`vocabulary.py`); None: the base's files and rows as they are
     tokenizer: MergedTokenizer | None = None
     names: Sequence[str] = ()  # per task vector, the model's name (a copied block's account names it)
+    # several merges at once, one per entry (the `scales` of every tensor; None: the variant's own):
+    # each output tensor is then a stack of them (`write_parts`)
+    parts: Sequence[Sequence[float] | None] | None = None
 
 
 @dataclass
@@ -191,30 +195,37 @@ def write_parts(folder: Path, plan: VariantPlan, base: Path, arch: Architecture,
                 label: str) -> None:
     """The merges a scale is chosen over, as their change from the base, into `folder/part-<i>/`:
     the merge with `plan.scales` = `parts[i]` for every tensor (None: the variant's own), in fp32,
-    under the base's stored names, every tensor some task vector has, each written as it is merged
-    (one tensor in memory at a time); `changed.json` lists those the part does change. Read back
-    block by block (`engine.streamed`), they are what `lambda: auto` and `lambda: learned` scale."""
+    under the base's stored names, every tensor some task vector has, each written as it is merged;
+    `changed.json` lists those the part does change. Read back block by block (`engine.streamed`),
+    they are what `lambda: auto` and `lambda: learned` scale. All parts are made in one pass over
+    the tensors (`VariantPlan.parts`): each tensor is read and trimmed once, and RegMean's Gram sum
+    factored once, for every part; one tensor's parts are in memory at a time."""
     with Checkpoint.open(base) as ckpt:
         merged = {n for v in plan.vectors for n in v.names()}
         infos: dict[str, TensorInfo] = {}  # canonical name -> the first stored tensor of it (a tied pair once)
         for info in output_infos(plan, ckpt, arch, {}):
             if info.dtype.is_floating_point and arch.canonical(info.name) in merged:
                 infos.setdefault(arch.canonical(info.name), TensorInfo(info.name, info.shape, torch.float32))
-        for index, scales in enumerate(parts):
-            one = replace(plan, dtype=torch.float32, extra_tokens="base",
-                          scales=None if scales is None else (lambda _, s=scales: s))
-            out = folder / f"part-{index}"
-            out.mkdir()
-            changed = []
-            with StreamingWriter(out / "model.safetensors", list(infos.values()), {"part": str(index)}) as writer, \
-                    reporter.track(f"{label}: part {index + 1} of {len(parts)}", len(infos)) as advance:
-                for info, tensor, _ in stream(one, ckpt, list(infos.values()), arch, device, workers, label, Tally()):
-                    delta = tensor.sub_(ckpt.get(info.name).to(torch.float32))
+        every = replace(plan, dtype=torch.float32, extra_tokens="base", scales=None, parts=parts)
+        changed: list[list[str]] = [[] for _ in parts]
+        with ExitStack() as stack:
+            writers = []
+            for index in range(len(parts)):
+                (folder / f"part-{index}").mkdir()
+                writers.append(stack.enter_context(StreamingWriter(
+                    folder / f"part-{index}" / "model.safetensors", list(infos.values()), {"part": str(index)})))
+            advance = stack.enter_context(reporter.track(f"{label}: {len(parts)} parts", len(infos)))
+            for info, tensor, _ in stream(every, ckpt, list(infos.values()), arch, device, workers, label, Tally()):
+                base_tensor = ckpt.get(info.name).to(torch.float32)
+                for index, writer in enumerate(writers):
+                    delta = tensor[index] - base_tensor
                     if bool(delta.any()):
-                        changed.append(info.name)
+                        changed[index].append(info.name)
                     writer.write(info.name, delta)
-                    advance(1)
-            (out / "changed.json").write_text(json.dumps(changed))
+                del tensor
+                advance(1)
+        for index, names in enumerate(changed):
+            (folder / f"part-{index}" / "changed.json").write_text(json.dumps(names))
 
 
 def account_of(how: dict[str, str], vectors: Sequence[TaskVector]) -> dict:
@@ -294,10 +305,12 @@ def merged_tensors(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo],
             sources_ = [None if t is None else t.to(device) for t in sources_]
             values = layout.resolve(out)
             try:
+                scales = plan.scales(canonical) if plan.scales else None
                 tensor = TensorPlan(block.settings.method, values.weights, values.params, out.key,
                                     arch.is_transposed(canonical), arch.is_linear(canonical), values.model_params,
-                                    plan.scales(canonical) if plan.scales else None, info.dtype, plan.clamp)
-                theta, k, n = merge_tensor(tensor, sources_, stats, base=theta)
+                                    scales, info.dtype, plan.clamp)
+                theta, k, n = merge_parts(tensor, plan.parts or [scales], sources_, stats, base=theta)
+                theta = theta if plan.parts else theta[0]
             except NonFiniteTaskVector as exc:
                 raise MergeCliError(f"{models[exc.index].model}: tensor {canonical} has NaN/Inf entries in its "
                                     "task vector", "the checkpoint (or the base) is corrupt") from None
@@ -315,6 +328,8 @@ def merged_tensors(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo],
         if out.key in extra:
             index, _ = extra[out.key]
             theta = torch.cat([theta.to(info.dtype), vectors[index].extra(out.key).to(info.dtype)])
+        if plan.parts and what != MERGED:  # the same in every merge
+            theta = theta.expand(len(plan.parts), *theta.shape)
         return theta.to(info.dtype), k, n, missing, what
 
     def working_set(info: TensorInfo) -> int:
@@ -322,7 +337,7 @@ def merged_tensors(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo],
         three fp64 fan-in x fan-in matrices (RegMean's Gram sum, one G~ and the solve's factor; OBS's
         damped H, factor and inverse). At 7B widths a down projection's are 2.9 GB: two of them
         at once would be most of a 16 GB machine, so they run one at a time."""
-        entries = math.prod(info.shape)
+        entries = math.prod(info.shape) * len(plan.parts or [None])
         canonical = layout.by_name[info.name].reference
         if plan.readers and len(info.shape) == 2 and arch.is_linear(canonical):
             fan_in = info.shape[0] if arch.is_transposed(canonical) else info.shape[1]

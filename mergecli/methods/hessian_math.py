@@ -101,24 +101,44 @@ def regmean_delta(taus: Sequence[torch.Tensor], grams: Iterable[torch.Tensor], w
     is alive at a time, and G~ and the sum are built in place, so the peak is about three in x in
     matrices rather than six (the difference is gigabytes at 7B widths).
     """
+    return regmean_deltas(taus, [None], grams, weights, alpha)[0]
+
+
+def regmean_deltas(taus: Sequence[torch.Tensor], scalings: Sequence[Sequence[float] | None],
+                   grams: Iterable[torch.Tensor], weights: torch.Tensor, alpha: float = 0.9) -> list[torch.Tensor]:
+    """`regmean_delta` with tau_i times `scalings[p][i]` (None: 1), for every p at once: the Gram
+    sum does not depend on the scales, so it is built and factored once and each merge is one more
+    right-hand side (`lambda: learned` scores each fine-tune's part alone: at 7B widths one
+    factorization of an 11,008-wide down projection instead of one per fine-tune). A scale of 0
+    adds nothing and is skipped."""
     total = None
-    rhs = None
-    for tau, gram, w in zip(taus, grams, weights.tolist()):
+    rhs: list[torch.Tensor | None] = [None] * len(scalings)
+    for i, (tau, gram, w) in enumerate(zip(taus, grams, weights.tolist())):
         g = gram.to(torch.float64)
         g_tilde = g.mul(alpha)
         g_tilde.diagonal().add_(torch.diagonal(g).mul(1 - alpha))
         del g, gram
-        term = w * tau.to(torch.float64) @ g_tilde
-        rhs = term if rhs is None else rhs.add_(term)
+        for p, scales in enumerate(scalings):
+            s = 1.0 if scales is None else scales[i]
+            if s == 0.0:
+                continue
+            term = w * (tau if s == 1.0 else tau * s).to(torch.float64) @ g_tilde
+            rhs[p] = term if rhs[p] is None else rhs[p].add_(term)
         total = g_tilde.mul_(w) if total is None else total.add_(g_tilde.mul_(w))
         del g_tilde
     # delta @ total = rhs  <=>  total delta^T = rhs^T (total is symmetric); dead inputs make total
-    # singular, so a failed solve is retried with the same damping rule as the scores.
-    solution, info = torch.linalg.solve_ex(total, rhs.T)
-    if int(info) != 0:
-        factor, _ = damped_cholesky(total)
-        solution = torch.cholesky_solve(rhs.T, factor)
-    return solution.T.to(taus[0].dtype)
+    # singular, so a failed factorization is replaced by the same damping rule as the scores'.
+    lu, pivots, info = torch.linalg.lu_factor_ex(total)
+    factor = damped_cholesky(total)[0] if int(info) != 0 else None
+    del total
+    out = []
+    for r in rhs:
+        if r is None:
+            out.append(torch.zeros_like(taus[0]))
+            continue
+        solution = torch.linalg.lu_solve(lu, pivots, r.T) if factor is None else torch.cholesky_solve(r.T, factor)
+        out.append(solution.T.to(taus[0].dtype))
+    return out
 
 
 def count_weighted_delta(taus: Sequence[torch.Tensor], freqs: Sequence[torch.Tensor],

@@ -27,7 +27,7 @@ from .scores import SCORES
 from .masks import Band, breadcrumbs_band, della_probabilities, l1_factor, sample_mask
 from .sparsify import TopK, bernoulli_mask, keep_count, random_stream, rank_probabilities, topk_mask, topk_threshold
 from .stats import LayerStats, TokenCounts
-from .table import Method, Trim
+from .table import Method, Trim, scaled
 
 CHUNK_ELEMENTS = 1 << 18
 
@@ -262,8 +262,19 @@ class TensorPlan:
 def merge_tensor(plan: TensorPlan, taus: Iterable[TaskTensor | torch.Tensor | None],
                  stats: Sequence[LayerStats | TokenCounts | None] | None = None,
                  base: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
+    merged, kept, offered = merge_parts(plan, [plan.scales], taus, stats, base)
+    return merged[0], kept, offered
+
+
+def merge_parts(plan: TensorPlan, scalings: Sequence[Sequence[float] | None],
+                taus: Iterable[TaskTensor | torch.Tensor | None],
+                stats: Sequence[LayerStats | TokenCounts | None] | None = None,
+                base: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
     """Merged delta for one tensor (or, given `base`, the merged weight `base + lambda * delta` in
-    `plan.dtype`), plus (entries kept, entries offered) for the density report.
+    `plan.dtype`), plus (entries kept, entries offered) for the density report; `merge_parts`
+    stacks one such merge per entry of `scalings` (each `plan.scales` in turn), reading and trimming
+    the task vectors once (`lambda: auto` and `learned` score a fine-tune's part at a time; a
+    method's `parts` computes them together where it can).
 
     `scales[i]` multiplies model i's trimmed task vector before the method combines them (its
     weight, which also weighs its statistics, is untouched): for an additive method the merge is
@@ -276,7 +287,7 @@ def merge_tensor(plan: TensorPlan, taus: Iterable[TaskTensor | torch.Tensor | No
     divisor near zero raises `table.Unbounded`.
     """
     method, weights, tensor_name, transposed = plan.method, plan.weights, plan.name, plan.transposed
-    model_params, scales, dtype, clamp = plan.model_params, plan.scales, plan.dtype, plan.clamp
+    model_params, dtype, clamp = plan.model_params, plan.dtype, plan.clamp
     params = plan.params
     values = {**method.defaults(), **(params or {})}
     given = [t if t is None or isinstance(t, TaskTensor) else TaskTensor(t) for t in taus]
@@ -302,8 +313,9 @@ def merge_tensor(plan: TensorPlan, taus: Iterable[TaskTensor | torch.Tensor | No
     trims = [p.start(chunks, buffers) for p in plans]
     del buffers  # thresholds are found; the score buffer is not needed while merging
     w = torch.tensor([weights[i] for i, _ in present], dtype=torch.float32)
-    out = torch.empty(shape, dtype=dtype or torch.float32, device=sources[0].weights.device)
-    target = orient(out, transposed)
+    local = [None if s is None else [s[i] for i, _ in present] for s in scalings]  # in the order of `present`
+    out = torch.empty((len(scalings), *shape), dtype=dtype or torch.float32, device=sources[0].weights.device)
+    targets = [orient(o, transposed) for o in out]
     reference = None if base is None else orient(base, transposed)
     lam = float(values.get("lambda", 1.0))
     kept = 0
@@ -315,15 +327,16 @@ def merge_tensor(plan: TensorPlan, taus: Iterable[TaskTensor | torch.Tensor | No
                 raise NonFiniteTaskVector(tensor_name, i)
             t, k = trim_chunk(t, start * cols)
             kept += k
-            if scales is not None and scales[i] != 1.0:
-                t = t * scales[i]
             trimmed.append(t)
-        base_rows = None if reference is None else reference[start:stop].to(torch.float32, copy=True)
-        delta = method.combine(trimmed, w, params=values, stats=used_stats,
-                               base=base_rows if method.needs_base else None, linear=plan.linear)
-        target[start:stop] = fit(delta if base_rows is None else base_rows.add_(delta, alpha=lam), out.dtype,
-                                  clamp, tensor_name)
-    return out, kept, len(present) * out.numel()
+        rows = None if reference is None else reference[start:stop].to(torch.float32, copy=True)
+        common = dict(params=values, stats=used_stats, base=rows if method.needs_base else None, linear=plan.linear)
+        deltas = method.parts(trimmed, local, w, **common) if method.parts and len(local) > 1 else None
+        if deltas is None:
+            deltas = [method.combine(scaled(trimmed, s), w, **common) for s in local]
+        add = rows.add_ if rows is not None and len(targets) == 1 else rows.add if rows is not None else None
+        for target, delta in zip(targets, deltas):  # one merge adds into the base's rows in place
+            target[start:stop] = fit(delta if add is None else add(delta, alpha=lam), out.dtype, clamp, tensor_name)
+    return out, kept, len(present) * out[0].numel()
 
 
 def fit(values: torch.Tensor, dtype: torch.dtype, clamp: bool, tensor_name: str) -> torch.Tensor:

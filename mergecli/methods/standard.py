@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .combine import weighted_sum
 from .consensus import added, elected
-from .hessian_math import count_weighted_delta, regmean_delta
+from .hessian_math import count_weighted_delta, regmean_delta, regmean_deltas
 from .stats import LayerStats, TokenCounts
 from .table import (ALPHA, DAMP, DENSITY, LAMBDA, NORMALIZE, SCORE, TOPK, TRIM_DARE, TRIM_TOPK, Param,
                     compensate_needs_sparsegpt, normalized_mean_bounded, register_method,
@@ -67,8 +67,16 @@ def positive_weights(params, weights) -> None:
     compensate_needs_sparsegpt(params, weights)
 
 
+def regmean_parts(trimmed, scalings, weights, *, params, stats, **_):
+    """A linear layer's parts against one factorization (`hessian_math.regmean_deltas`)."""
+    if all(isinstance(s, LayerStats) for s in stats):
+        return regmean_deltas(trimmed, scalings, (s.gram for s in stats), weights, params["alpha"])
+    return None
+
+
 @register_method("regmean", params=(ALPHA, EMBEDDING, DENSITY.with_default(1.0), SCORE, TOPK, DAMP, LAMBDA),
-                 trim="topk", needs_stats=True, elementwise=False, additive=True, check=positive_weights)
+                 trim="topk", needs_stats=True, elementwise=False, additive=True, check=positive_weights,
+                 parts=regmean_parts)
 def regmean(trimmed, weights, *, params, stats, **_):
     """Linear layers: (sum w_i W_i G~_i)(sum w_i G~_i)^-1 (Jin et al. 2023); the input embedding:
     each row's count-weighted mean (`embedding: count`); other tensors: weighted mean."""

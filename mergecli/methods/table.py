@@ -39,6 +39,25 @@ class CombineFn(Protocol):
                  linear: bool) -> "torch.Tensor": ...
 
 
+class PartsFn(Protocol):
+    """Several merges of the same trimmed task vectors at once, model i's times `scalings[p][i]` in
+    merge p (None: 1 for every model), as `CombineFn` gives each; None where the method has no
+    shortcut for these inputs (then it is combined once per scaling)."""
+
+    def __call__(self, trimmed: Sequence["torch.Tensor"], scalings: Sequence[Sequence[float] | None],
+                 weights: "torch.Tensor", *, params: Mapping[str, Any],
+                 stats: Sequence["LayerStats | TokenCounts | None"], base: "torch.Tensor | None",
+                 linear: bool) -> "list[torch.Tensor] | None": ...
+
+
+def scaled(trimmed: Sequence["torch.Tensor"], scales: Sequence[float] | None) -> list["torch.Tensor"]:
+    """The trimmed task vectors, each times its model's scale (`TensorPlan.scales`; a factor of 1
+    leaves the tensor as it is)."""
+    if scales is None:
+        return list(trimmed)
+    return [t if s == 1.0 else t * s for t, s in zip(trimmed, scales)]
+
+
 @dataclass(frozen=True)
 class Param:
     """One hyperparameter: its type, default and allowed range, checked when a recipe is read."""
@@ -138,6 +157,9 @@ class Method:
     # (a consensus over the models that changed it); zero: its task vector is 0 with its weight (an
     # average of the models' weights, which equal the base's there)
     absent: Absent = "skip"
+    # the merge at several scalings of the models' parts at once, sharing what they share (RegMean:
+    # one factorization of the Gram sum for every part): `lambda: auto` / `learned` score the parts
+    parts: PartsFn | None = field(default=None, repr=False)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -152,7 +174,7 @@ METHODS: dict[str, Method] = {}
 def register_method(name: str, *, params: Sequence[Param], trim: Trim = "none", needs_stats: bool = False,
                     needs_base: bool = False, elementwise: bool = True, additive: bool = False,
                     check: Callable[[Mapping[str, Any], Sequence[float]], None] | None = None,
-                    absent: Absent = "skip") -> Callable[[CombineFn], CombineFn]:
+                    absent: Absent = "skip", parts: PartsFn | None = None) -> Callable[[CombineFn], CombineFn]:
     """Register `fn` as the combine step of method `name`; its docstring is the method's help.
 
     `check(params, weights)` is a rule across parameters (or over the models' weights), raising
@@ -162,7 +184,7 @@ def register_method(name: str, *, params: Sequence[Param], trim: Trim = "none", 
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         METHODS[name] = Method(name, fn, tuple(params), trim, needs_stats, needs_base, elementwise, additive,
-                               (fn.__doc__ or "").strip(), check, absent)
+                               (fn.__doc__ or "").strip(), check, absent, parts)
         return fn
     return decorate
 

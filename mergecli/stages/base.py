@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from ..models.architecture import Architecture
     from ..models.reference import ModelSource
+    from ..recipe.datasets import DatasetSpec
     from ..recipe.schema import Recipe
     from ..store.artifacts import ArtifactSpec
 
@@ -95,6 +96,7 @@ class Context:
     dist: Group = SINGLE
     _sources: dict[str, "ModelSource"] = field(default_factory=dict)
     _results: dict[str, Any] = field(default_factory=dict)
+    _texts: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dist.launched:
@@ -120,6 +122,23 @@ class Context:
         if base.kind != "full":
             raise ModelMismatchError(f"base: {base.path} is a LoRA adapter; the base must be a full model")
         return base
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        """The base's tokenizer, read once per run: calibration and evaluation text is cut with it."""
+        from ..models.loading import load_tokenizer  # start-up time (torch, transformers)
+
+        return load_tokenizer(self.base.path)
+
+    def texts(self, spec: "DatasetSpec", part: str = "calibration") -> list[str]:
+        """A dataset's calibration or held-out documents (`engine.calibration.load_texts`), read
+        once per run however many variants choose a scale on them or models are evaluated on them."""
+        key = (spec.model_dump_json(), part)
+        if key not in self._texts:
+            from ..engine.calibration import load_texts  # start-up time (torch)
+
+            self._texts[key] = load_texts(spec, self.recipe.root, self.tokenizer, part)
+        return self._texts[key]
 
     @cached_property
     def arch(self) -> "Architecture":

@@ -84,7 +84,7 @@ def harness_spec(ctx: Context, identity: str) -> HarnessSpec:
 def identities(ctx: Context) -> list[str]:
     """Cache identities of every model this recipe evaluates (merges by their key)."""
     return [ctx.base.fingerprint, *(ctx.source(m.model).fingerprint for m in ctx.recipe.models),
-            *(f"merge:{merge.spec_of(ctx, m).key()}" for m in ctx.recipe.merges)]
+            *(f"merge:{merge.spec_of(ctx, merge.variant_of(ctx, m)).key()}" for m in ctx.recipe.merges)]
 
 
 def plan(ctx: Context) -> list[ArtifactSpec]:
@@ -192,19 +192,12 @@ def _windows(ctx: Context, datasets: dict[str, DatasetSpec]) -> dict[str, tuple[
     missing (a fully cached eval reads no text)."""
     ev = ctx.recipe.evaluation
 
-    @cache
-    def tokenizer():
-        from ..models.loading import load_tokenizer  # start-up time (torch)
-
-        return load_tokenizer(ctx.base.path)
-
     def loader(name: str, spec: DatasetSpec) -> Callable[[], "Windows"]:
         @cache
         def load() -> "Windows":
-            from ..engine.calibration import load_texts, make_windows  # start-up time (torch)
+            from ..engine.calibration import make_windows  # start-up time (torch)
 
-            texts = load_texts(spec, ctx.recipe.root, tokenizer(), part="eval")
-            return make_windows(texts, tokenizer(), ev.samples, ev.seq_len, ev.seed, pack=True,
+            return make_windows(ctx.texts(spec, "eval"), ctx.tokenizer, ev.samples, ev.seq_len, ev.seed, pack=True,
                                 what=f"held-out part of dataset {describe_spec(spec)} ({name})")
         return load
 

@@ -31,7 +31,7 @@ from ..quality.choosers import chooser_for
 from ..quality.scales import Choice, Chooser, Setting, group_of, part_scales
 from ..recipe.datasets import describe_spec, fingerprint
 from ..engine.layout import BASE as COPY_BASE, Block, stacked
-from ..recipe.schema import BASE, MergeSpec, Recipe, key_view
+from ..recipe.schema import BASE, MergeSpec, ModelSpec, Recipe, key_view
 from ..store.artifacts import ArtifactSpec
 from ..store.outputs import ROLE, STAMP, check_replaceable, current, ours, read_stamp
 from ..version import __version__
@@ -89,26 +89,43 @@ class MergeResult:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
-def spec_of(ctx: Context, merge: MergeSpec) -> MergedModelSpec:
-    search = chooser_for(merge.params.get("lambda")).key(*choice_inputs(ctx, merge))
-    vocabulary = _vocabulary_source(ctx, merge)
-    return MergedModelSpec(base=ctx.base.fingerprint, inputs=_inputs(ctx, merge),
-                           variant={**_keyed(key_view(merge)), **({"search": search} if search else {}),
+@dataclass(frozen=True)
+class Variant:
+    """One merge of the recipe with what it reads resolved once (`variant_of`), so that the steps
+    below take plain values instead of asking the recipe the same questions again."""
+
+    spec: MergeSpec
+    models: tuple[ModelSpec, ...]  # the fine-tunes it reads, in the order of its task vectors
+    out: Path
+    where: str  # "merges.<i>", the field an error names
+    chooser: Chooser
+    blocks: list[Block] | None  # a layer-stacking variant's blocks (`engine.layout`)
+    tokenizer_model: ModelSpec | None  # `tokenizer.source`, a model the variant does not merge
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def variant_of(ctx: Context, merge: MergeSpec) -> Variant:
+    recipe = ctx.recipe
+    models = tuple(recipe.models_of(merge))
+    where = f"merges.{recipe.merges.index(merge)}"
+    source = recipe.tokenizer.source if recipe.tokenizer is not None else None
+    outside = source not in (None, "base", "union") and source not in {m.name for m in models}
+    return Variant(merge, models, recipe.output_path / merge.name, where, chooser_for(merge.params.get("lambda")),
+                   blocks_of(recipe, merge, models, where),
+                   next(m for m in recipe.models if m.name == source) if outside else None)
+
+
+def spec_of(ctx: Context, variant: Variant) -> MergedModelSpec:
+    search = variant.chooser.key(*choice_inputs(ctx, variant))
+    vocabulary = ctx.source(variant.tokenizer_model.model).fingerprint if variant.tokenizer_model else None
+    return MergedModelSpec(base=ctx.base.fingerprint, inputs=_inputs(ctx, variant),
+                           variant={**_keyed(key_view(variant.spec)), **({"search": search} if search else {}),
                                     **({"tokenizer_source": vocabulary} if vocabulary else {})},
                            recipe=_keyed(key_view(ctx.recipe, exclude={"models", "merges", "calibration",
                                                                       "evaluation"})))
-
-
-def _vocabulary_source(ctx: Context, merge: MergeSpec) -> str | None:
-    """The fingerprint of a model whose tokenizer is the merged vocabulary (`tokenizer.source`) but
-    which the variant does not merge (the others' are among its inputs already)."""
-    spec = ctx.recipe.tokenizer
-    if spec is None or spec.source in (None, "base", "union"):
-        return None
-    if spec.source in {m.name for m in ctx.recipe.models_of(merge)}:
-        return None
-    model = next(m for m in ctx.recipe.models if m.name == spec.source)
-    return ctx.source(model.model).fingerprint
 
 
 def _keyed(view: dict[str, Any]) -> dict[str, Any]:
@@ -117,21 +134,21 @@ def _keyed(view: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in view.items() if not (k in ("layers", "tokenizer") and v is None)}
 
 
-def _inputs(ctx: Context, merge: MergeSpec) -> tuple[dict[str, Any], ...]:
+def _inputs(ctx: Context, variant: Variant) -> tuple[dict[str, Any], ...]:
     """Each merged model's recipe entry with the keys of its task vector and, when the method or
     score uses them, its Hessians."""
     return tuple({"entry": key_view(m, exclude={"dataset"}), "taskvec": taskvec.spec_of(ctx, m).key(),
-                  "hessian": hessian.spec_of(ctx, m).key() if merge.needs_stats else None}
-                 for m in ctx.recipe.models_of(merge))
+                  "hessian": hessian.spec_of(ctx, m).key() if variant.spec.needs_stats else None}
+                 for m in variant.models)
 
 
-def choice_inputs(ctx: Context, merge: MergeSpec) -> tuple[Any, dict[str, Any], Any]:
+def choice_inputs(ctx: Context, variant: Variant) -> tuple[Any, dict[str, Any], Any]:
     """What a scale choice may depend on beyond the variant (`Chooser.key`): the merged fine-tunes'
     calibration text, the calibration settings and calibration.general, each fingerprinted only
     when the chooser asks (hashing text files costs time; a fixed lambda reads none)."""
     def datasets() -> list[dict[str, Any]]:
         return [fingerprint(m.dataset, ctx.recipe.root).model_dump(mode="json")
-                for m in ctx.recipe.models_of(merge) if m.dataset is not None]
+                for m in variant.models if m.dataset is not None]
 
     def general() -> dict[str, Any] | None:
         spec = ctx.recipe.calibration.general
@@ -145,12 +162,12 @@ def choice_inputs(ctx: Context, merge: MergeSpec) -> tuple[Any, dict[str, Any], 
     return datasets, key_view(ctx.recipe.calibration, exclude={"general"}), general
 
 
-def parts_spec(ctx: Context, merge: MergeSpec, chooser: Chooser) -> PartsSpec | None:
-    scales = part_scales(chooser, len(ctx.recipe.models_of(merge)))
+def parts_spec(ctx: Context, variant: Variant) -> PartsSpec | None:
+    scales = part_scales(variant.chooser, len(variant.models))
     if not scales:
         return None
-    return PartsSpec(base=ctx.base.fingerprint, inputs=_inputs(ctx, merge),
-                     variant=_keyed(key_view(merge.with_param("lambda", 1.0))),
+    return PartsSpec(base=ctx.base.fingerprint, inputs=_inputs(ctx, variant),
+                     variant=_keyed(key_view(variant.spec.with_param("lambda", 1.0))),
                      parts=tuple(None if s is None else tuple(s) for s in scales))
 
 
@@ -217,35 +234,31 @@ def _run_recipe(ctx: Context, only: list[str] | None, overwrite: bool, workers: 
         raise UsageError(f"workers must be at least 1, got {workers}")
     if not recipe.merges:
         raise MergeCliError("the recipe has no merges", "add a 'merges:' list (see `mergecli recipes ls`)")
-    variants = [recipe.merge(name) for name in dict.fromkeys(only)] if only else recipe.merges
+    merges = [recipe.merge(name) for name in dict.fromkeys(only)] if only else recipe.merges
+    variants = [variant_of(ctx, merge) for merge in merges]
     ctx.torch_device  # fail on a bad --device before any work
-    for merge in variants:
-        out = recipe.output_path / merge.name
-        ctx.guard(out, "output folder")
-        check_replaceable(out, read_stamp(out))
+    for variant in variants:
+        ctx.guard(variant.out, "output folder")
+        check_replaceable(variant.out, read_stamp(variant.out))
     check_settings(ctx, variants)
     vectors = {c.vector.model: c.vector for c in ctx.need(taskvec.STAGE)}
-    needed = {m.name: m for merge in variants if merge.needs_stats for m in recipe.models_of(merge)}
+    needed = {m.name: m for v in variants if v.spec.needs_stats for m in v.models}
     hessians = {h.model: h for h in hessian.hessian_sets(ctx, list(needed.values()))}
-    results = []
-    for merge in variants:
-        models = recipe.models_of(merge)
-        results.append(merge_variant(ctx, merge, [vectors[m.name] for m in models],
-                                     [hessians[m.name] for m in models] if merge.needs_stats else None,
-                                     overwrite, workers))
-    return results
+    return [merge_variant(ctx, v, [vectors[m.name] for m in v.models],
+                          [hessians[m.name] for m in v.models] if v.spec.needs_stats else None, overwrite, workers)
+            for v in variants]
 
 
-def check_settings(ctx: Context, variants: list[MergeSpec]) -> None:
+def check_settings(ctx: Context, variants: list[Variant]) -> None:
     """A variant whose parameters or weights vary per tensor is checked on every tensor of the base
     before any work (the recipe could only check one-value settings)."""
     from ..models.safetensors_io import Checkpoint  # start-up time (torch)
 
-    for merge in variants:
-        if merge.layers is not None:
-            _check_blocks(ctx, merge)
+    for variant in variants:
+        if variant.blocks is not None:
+            _check_blocks(ctx, variant.blocks)
             continue
-        settings = settings_of(merge, ctx.recipe.models_of(merge))
+        settings = settings_of(variant.spec, variant.models)
         if settings.constant():
             continue
         with Checkpoint.open(ctx.base.path) as ckpt:
@@ -253,11 +266,10 @@ def check_settings(ctx: Context, variants: list[MergeSpec]) -> None:
         try:
             settings.check_tensors(names, ctx.arch.layer_of, ctx.arch.num_layers)
         except ValueError as exc:
-            index = ctx.recipe.merges.index(merge)
-            raise RecipeError(f"merges.{index}.{exc}") from None
+            raise RecipeError(f"{variant.where}.{exc}") from None
 
 
-def _check_blocks(ctx: Context, merge: MergeSpec) -> None:
+def _check_blocks(ctx: Context, blocks: list[Block]) -> None:
     """A layer-stacking variant before any work: its ranges within the base's layers, and each
     block whose settings vary per tensor checked on every tensor it merges."""
     from ..models.safetensors_io import Checkpoint  # start-up time (torch)
@@ -265,7 +277,7 @@ def _check_blocks(ctx: Context, merge: MergeSpec) -> None:
     with Checkpoint.open(ctx.base.path) as ckpt:
         names = ckpt.names()
     try:
-        layout = stacked(ctx.arch, names, blocks_of(ctx, merge, ctx.recipe.models_of(merge)))
+        layout = stacked(ctx.arch, names, blocks)
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
     for block, output in layout.merged():
@@ -277,14 +289,14 @@ def _check_blocks(ctx: Context, merge: MergeSpec) -> None:
             raise RecipeError(f"{block.label}.{exc} (for tensor {output.name})") from None
 
 
-def blocks_of(ctx: Context, merge: MergeSpec, models: list[Any]) -> list[Block] | None:
+def blocks_of(recipe: Recipe, merge: MergeSpec, models: tuple[ModelSpec, ...], where: str) -> list[Block] | None:
     """A layer-stacking variant's blocks as the writer takes them (`engine.layout.Block`); None for
     a variant that merges the base's tensors. `models`: the variant's fine-tunes, in the order of
     its task vectors."""
     if merge.layers is None:
         return None
     position = {m.name: i for i, m in enumerate(models)}
-    where = f"merges.{ctx.recipe.merges.index(merge)}.layers"
+    where = f"{where}.layers"
     specs = iter(merge.merge_blocks)
     blocks = []
     for i, layer in enumerate(merge.layers):
@@ -294,7 +306,7 @@ def blocks_of(ctx: Context, merge: MergeSpec, models: list[Any]) -> list[Block] 
             blocks.append(Block(start, end, source=source, scale=layer.params.get("scale"), label=f"{where}.{i}"))
             continue
         spec = next(specs)
-        merged = ctx.recipe.models_of(spec)
+        merged = recipe.models_of(spec)
         ranges = merge.block_ranges(i)
         blocks.append(Block(start, end, settings_of(spec, merged), tuple(position[m.name] for m in merged),
                             tuple(ranges[m.name][0] if m.name in ranges else None for m in merged),
@@ -302,53 +314,50 @@ def blocks_of(ctx: Context, merge: MergeSpec, models: list[Any]) -> list[Block] 
     return blocks
 
 
-def merge_variant(ctx: Context, merge: MergeSpec, vectors: list, hessians: list["HessianSet"] | None,
+def merge_variant(ctx: Context, variant: Variant, vectors: list, hessians: list["HessianSet"] | None,
                   overwrite: bool, workers: int) -> MergeResult:
-    recipe = ctx.recipe
-    spec = spec_of(ctx, merge)
-    key = spec.key()
-    out = recipe.output_path / merge.name
+    spec = spec_of(ctx, variant)
+    key, out = spec.key(), variant.out
     try:  # under torchrun rank 0 holds the lock and decides; every rank writes its part
-        with ctx.dist.lead(lambda: locked(out.parent / f".{merge.name}.lock", ctx.wait,
+        with ctx.dist.lead(lambda: locked(out.parent / f".{variant.name}.lock", ctx.wait,
                            lambda: ctx.reporter.log(f"another run is writing {out}; waiting for it to finish"))):
-            reused = ctx.dist.decide(lambda: _reusable(ctx, merge, out, key, overwrite))
+            reused = ctx.dist.decide(lambda: _reusable(ctx, variant.name, out, key, overwrite))
             if reused:
                 return reused
-            result = _build(ctx, merge, vectors, hessians, workers, spec, out)
+            result = _build(ctx, variant, vectors, hessians, workers, key)
     except BlockingIOError:
         raise WorkspaceBusyError(f"another run is writing {out}", "wait for it, or rerun with --wait") from None
-    ctx.reporter.log(f"merge [bold]{merge.name}[/]: wrote {out} in {result.seconds:.1f} s")
+    ctx.reporter.log(f"merge [bold]{variant.name}[/]: wrote {out} in {result.seconds:.1f} s")
     return result
 
 
-def _reusable(ctx: Context, merge: MergeSpec, out: Path, key: str, overwrite: bool) -> MergeResult | None:
+def _reusable(ctx: Context, name: str, out: Path, key: str, overwrite: bool) -> MergeResult | None:
     """The folder's result if it is current and intact; else None, the way cleared
     (`store.outputs.current`). Call under the folder's lock."""
     found, problem = current(out, key, overwrite)
     if found is not None:
-        ctx.reporter.log(f"merge [bold]{merge.name}[/]: reused {out}")
+        ctx.reporter.log(f"merge [bold]{name}[/]: reused {out}")
         return MergeResult(**{**found, "path": out, "reused": True})
     if problem:
-        ctx.reporter.log(f"[yellow]merge {merge.name}: {out} is damaged ({problem}); rebuilding[/]")
+        ctx.reporter.log(f"[yellow]merge {name}: {out} is damaged ({problem}); rebuilding[/]")
     return None
 
 
-def _build(ctx: Context, merge: MergeSpec, vectors: list["TaskVector"], hessians: list["HessianSet"] | None,
-           workers: int, spec: MergedModelSpec, out: Path) -> MergeResult:
+def _build(ctx: Context, variant: Variant, vectors: list["TaskVector"], hessians: list["HessianSet"] | None,
+           workers: int, key: str) -> MergeResult:
     """Choose the scale (if the recipe asks), write the variant into a temporary folder, stamp it
     and rename it into place (rank 0; under torchrun every rank writes its share of the tensors)."""
-    chooser = chooser_for(merge.params.get("lambda"))
-    choice = _choose(ctx, merge, chooser, vectors, hessians, workers)
-    plan = _plan(ctx, merge, vectors, hessians, choice)
+    choice = _choose(ctx, variant, vectors, hessians, workers)
+    plan = _plan(ctx, variant, vectors, hessians, choice)
     result = None
-    with ctx.dist.lead(lambda: building(out, ROLE)) as tmp:  # made by rank 0
-        written, adapter = _write(ctx, merge, plan, tmp, workers)
+    with ctx.dist.lead(lambda: building(variant.out, ROLE)) as tmp:  # made by rank 0
+        written, adapter = _write(ctx, variant, plan, tmp, workers)
         if ctx.dist.main:  # every rank's shards are complete: the writer gathered from them
-            result = _finish(ctx, merge, chooser, choice, written, adapter, spec, tmp, out)
+            result = _finish(ctx, variant, choice, written, adapter, key, tmp)
     return ctx.dist.decide(lambda: result)  # rank 0's (its wall time) on every rank
 
 
-def _plan(ctx: Context, merge: MergeSpec, vectors: list["TaskVector"], hessians: list["HessianSet"] | None,
+def _plan(ctx: Context, variant: Variant, vectors: list["TaskVector"], hessians: list["HessianSet"] | None,
           choice: Choice = Choice()) -> "VariantPlan":
     """Everything the variant's tensors are computed from, at the chosen scale."""
     import torch  # start-up time: the CLI builds --help from the stages without torch
@@ -356,6 +365,7 @@ def _plan(ctx: Context, merge: MergeSpec, vectors: list["TaskVector"], hessians:
     from ..engine.hessians import HessianReader  # start-up time (torch)
     from ..engine.writer import VariantPlan
 
+    merge = variant.spec
     built = merge if choice.lam is None else merge.with_param("lambda", choice.lam)
     scales = None
     if choice.scales is not None:
@@ -365,16 +375,15 @@ def _plan(ctx: Context, merge: MergeSpec, vectors: list["TaskVector"], hessians:
             return found.get(group_of(arch, arch.module_of(canonical)))
     dtype = getattr(torch, merge.dtype) if merge.dtype else None
     return VariantPlan(
-        settings=settings_of(built, ctx.recipe.models_of(merge)), vectors=vectors,
+        settings=settings_of(built, variant.models), vectors=vectors,
         readers=[HessianReader(h.artifact.path, merge.params.get("damp", 0.01), ctx.torch_device) for h in hessians]
         if hessians else None,
         dtype=torch.float32 if merge.output == "lora" else dtype, clamp=merge.overflow == "clamp",
         extra_tokens=ctx.recipe.extra_tokens, shard_bytes=ctx.recipe.shard_bytes, scales=scales,
-        blocks=blocks_of(ctx, merge, ctx.recipe.models_of(merge)),
-        names=[m.name for m in ctx.recipe.models_of(merge)], tokenizer=_tokenizer(ctx, merge))
+        blocks=variant.blocks, names=[m.name for m in variant.models], tokenizer=_tokenizer(ctx, variant))
 
 
-def _tokenizer(ctx: Context, merge: MergeSpec) -> "MergedTokenizer | None":
+def _tokenizer(ctx: Context, variant: Variant) -> "MergedTokenizer | None":
     """The tokenizer the variant writes when the recipe sets one (`engine.vocabulary`): read from
     the base and the variant's models (a LoRA's, and a model's without tokenizer files, is the
     base's), or, where the vocabulary is one model's, from it."""
@@ -384,11 +393,8 @@ def _tokenizer(ctx: Context, merge: MergeSpec) -> "MergedTokenizer | None":
     from ..engine.vocabulary import Input, merged_tokenizer  # start-up time (torch, transformers)
 
     base = Input(BASE, ctx.base.path, _config_rows(ctx.base.path))
-    models = list(ctx.recipe.models_of(merge))
-    if spec.source not in (None, "base", "union") and spec.source not in {m.name for m in models}:
-        models += [m for m in ctx.recipe.models if m.name == spec.source]  # its tokenizer only
     inputs = []
-    for model in models:
+    for model in [*variant.models, *([variant.tokenizer_model] if variant.tokenizer_model else [])]:
         source = ctx.source(model.model)
         if source.kind == "lora":
             inputs.append(Input(model.name, ctx.base.path, base.rows))
@@ -408,69 +414,64 @@ def _config_rows(folder: Path) -> int | None:
     return config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
 
 
-def _choose(ctx: Context, merge: MergeSpec, chooser: Chooser, vectors: list["TaskVector"],
-            hessians: list["HessianSet"] | None, workers: int) -> Choice:
+def _choose(ctx: Context, variant: Variant, vectors: list["TaskVector"], hessians: list["HessianSet"] | None,
+            workers: int) -> Choice:
     """The chooser's choice, scored on the merges it asks for (stored once in the workspace as
     parts: every process of a torchrun job scores its share of the windows)."""
-    spec = parts_spec(ctx, merge, chooser)
+    spec = parts_spec(ctx, variant)
     if spec is None:
         return Choice()
     from ..engine.writer import write_parts  # start-up time (torch)
     from ..models.safetensors_io import Checkpoint
 
-    plan = _plan(ctx, merge, vectors, hessians, Choice(lam=1.0))
-    label = f"parts {merge.name}"
+    plan = _plan(ctx, variant, vectors, hessians, Choice(lam=1.0))
+    label = f"parts {variant.name}"
     artifact, _ = ctx.get_or_build(spec, label, lambda folder: write_parts(
         folder, plan, ctx.base.path, ctx.arch, [None if s is None else list(s) for s in spec.parts], ctx.torch_device,
         workers, ctx.reporter, label))
-    setting = _setting(ctx, merge)
+    setting = _setting(ctx, variant)
     folders = [artifact.path / f"part-{i}" for i in range(len(spec.parts))]
     parts = [setting.runner.checkpoint_weights(Checkpoint.open(folder), partial=True,
                                                only=json.loads((folder / "changed.json").read_text()))
              for folder in folders]
-    choice = chooser.choose(setting, parts)
-    ctx.reporter.log(f"merge [bold]{merge.name}[/]: {escape(chooser.log_line(choice.record or {}))}")
+    choice = variant.chooser.choose(setting, parts)
+    ctx.reporter.log(f"merge [bold]{variant.name}[/]: {escape(variant.chooser.log_line(choice.record or {}))}")
     return choice
 
 
-def _setting(ctx: Context, merge: MergeSpec) -> "Setting":
+def _setting(ctx: Context, variant: Variant) -> "Setting":
     """What a chooser reads, resolved once: the base's architecture run block by block, the base's
     weights, each merged fine-tune with its calibration text (a LoRA: the base plus its adapter's
     change), calibration.general's text."""
-    from ..engine.calibration import load_texts  # start-up time (torch)
-    from ..engine.streamed import StreamedModel, source_weights
-    from ..models.loading import load_tokenizer
+    from ..engine.streamed import StreamedModel, source_weights  # start-up time (torch)
     from ..models.safetensors_io import Checkpoint
     from ..quality.scoring import Domain
 
-    recipe, cal = ctx.recipe, ctx.recipe.calibration
+    cal = ctx.recipe.calibration
     runner = StreamedModel.from_folder(ctx.base.path, device=ctx.torch_device)
     base = runner.checkpoint_weights(Checkpoint.open(ctx.base.path))
-    tokenizer = load_tokenizer(ctx.base.path)
     domains = []
-    for model in recipe.models_of(merge):
+    for model in variant.models:
         if model.dataset is not None:
             domains.append(Domain(model.name, source_weights(runner, ctx.source(model.model), ctx.base.path, ctx.arch),
-                                  load_texts(model.dataset, recipe.root, tokenizer),
+                                  ctx.texts(model.dataset),
                                   f"calibration part of dataset {describe_spec(model.dataset)} ({model.name})"))
-    general = None if cal.general is None else (load_texts(cal.general, recipe.root, tokenizer),
-                                                describe_spec(cal.general))
+    general = None if cal.general is None else (ctx.texts(cal.general), describe_spec(cal.general))
     arch = ctx.arch
-    return Setting(merge.name, [m.name for m in recipe.models_of(merge)], runner, base, domains, general, ctx.base,
-                   tokenizer, cal, ctx.torch_device, lambda name: group_of(arch, name), ctx.reporter, ctx.dist)
+    return Setting(variant.name, [m.name for m in variant.models], runner, base, domains, general, ctx.base,
+                   ctx.tokenizer, cal, ctx.torch_device, lambda name: group_of(arch, name), ctx.reporter, ctx.dist)
 
 
-def _write(ctx: Context, merge: MergeSpec, plan: "VariantPlan", tmp: Path, workers: int
+def _write(ctx: Context, variant: Variant, plan: "VariantPlan", tmp: Path, workers: int
            ) -> tuple["Written | None", dict[str, Any] | None]:
     """The variant's files: a model (every rank writes the shards of its share of the tensors) or
     an adapter (factored by rank 0 alone; the others wait for it)."""
     from ..engine.lora_out import write_merged_adapter  # start-up time (torch)
     from ..engine.writer import write_variant
 
-    label = f"merge {merge.name}"
-    models = ctx.recipe.models_of(merge)
+    label, merge = f"merge {variant.name}", variant.spec
     if merge.output != "lora":
-        return write_variant(tmp, plan, ctx.base.path, ctx.arch, [ctx.source(m.model).path for m in models],
+        return write_variant(tmp, plan, ctx.base.path, ctx.arch, [ctx.source(m.model).path for m in variant.models],
                              ctx.torch_device, workers, ctx.reporter, label, ctx.dist), None
     if not ctx.dist.main:
         return None, None
@@ -480,15 +481,16 @@ def _write(ctx: Context, merge: MergeSpec, plan: "VariantPlan", tmp: Path, worke
                                             ctx.torch_device, workers, ctx.reporter, label, merge.rank,
                                             getattr(torch, merge.dtype) if merge.dtype else torch.float32)
     for module, r in modules.items():
-        ctx.reporter.log(f"merge [bold]{merge.name}[/]: {module}: {r.kind}" + (
+        ctx.reporter.log(f"merge [bold]{variant.name}[/]: {module}: {r.kind}" + (
             f" rank {r.rank}, energy kept {r.energy_kept:.4f}" if r.kind != "full" else " (saved whole)"))
     return written, {"rank": merge.rank, "modules": {m: asdict(r) for m, r in modules.items()}}
 
 
-def _finish(ctx: Context, merge: MergeSpec, chooser: Chooser, choice: Choice, written: "Written",
-            adapter: dict[str, Any] | None, spec: MergedModelSpec, tmp: Path, out: Path) -> MergeResult:
+def _finish(ctx: Context, variant: Variant, choice: Choice, written: "Written", adapter: dict[str, Any] | None,
+            key: str, tmp: Path) -> MergeResult:
     """The result, said in the log; the recipe, the card and the stamp written beside the weights;
     the folder renamed into place."""
+    merge = variant.spec
     for line in account_lines(written.account):
         ctx.reporter.log(f"merge [bold]{merge.name}[/]: {escape(line)}")
     if written.without_stats:
@@ -497,22 +499,22 @@ def _finish(ctx: Context, merge: MergeSpec, chooser: Chooser, choice: Choice, wr
                          "fused MoE experts) and used "
                          + ("a weighted mean" if merge.method_spec.needs_stats else "magnitude scores"))
     seconds = written.seconds + (choice.record["seconds"] if choice.record else 0.0)
-    result = MergeResult(merge.name, merge.method, merge.params, out, False, seconds, written.kept_density,
-                         written.tensors, spec.key(), [m.name for m in ctx.recipe.models_of(merge)], merge.output,
+    result = MergeResult(merge.name, merge.method, merge.params, variant.out, False, seconds, written.kept_density,
+                         written.tensors, key, [m.name for m in variant.models], merge.output,
                          adapter, choice.record, written.account)
     (tmp / "mergecli_recipe.yaml").write_text(ctx.recipe.to_yaml())
-    (tmp / "README.md").write_text(card_of(ctx.recipe, merge, result, chooser))
+    (tmp / "README.md").write_text(card_of(ctx.recipe, variant, result))
     files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != OWNER_MARKER}
-    (tmp / STAMP).write_text(json.dumps({"mergecli": __version__, "kind": f"merged-{merge.output}", "key": spec.key(),
+    (tmp / STAMP).write_text(json.dumps({"mergecli": __version__, "kind": f"merged-{merge.output}", "key": key,
                                          "files": files, "result": result.as_dict()}, indent=1))
-    publish(tmp, out, owned=ours)
+    publish(tmp, variant.out, owned=ours)
     return result
 
 
-def card_of(recipe: Recipe, merge: MergeSpec, result: MergeResult, chooser: Chooser) -> str:
+def card_of(recipe: Recipe, variant: Variant, result: MergeResult) -> str:
     """The README of a merged folder (`card.model_card`): what was merged with which weights, the
     method and its parameters, what was kept, how the scale was chosen, and the recipe."""
-    models = recipe.models_of(merge)
+    merge, models = variant.spec, variant.models
     settings = settings_of(merge, models)
     rows = [(m.name, m.model, setting_text(next(w for w in levels if w is not None)))
             for m, levels in zip(models, settings.weights)]
@@ -521,7 +523,7 @@ def card_of(recipe: Recipe, merge: MergeSpec, result: MergeResult, chooser: Choo
                f"Fraction of task-vector entries kept: {result.kept_density:.4f}. Merge time: {result.seconds:.1f} s.",
                "", "Tensors: " + "; ".join(account_lines(result.account, names=False)) + " (names in `mergecli.json`)."]
     if result.search:
-        summary += ["", *chooser.card_lines(result.search)]
+        summary += ["", *variant.chooser.card_lines(result.search)]
     if result.adapter:
         energies = sorted(m["energy_kept"] for m in result.adapter["modules"].values() if m["kind"] != "full")
         if energies:
@@ -551,8 +553,9 @@ def plan(ctx: Context) -> list[ArtifactSpec]:
         if ctx.recipe.stages:
             specs += [*taskvec.STAGE.plan(stage), *hessian.STAGE.plan(stage)]
         for merge in recipe.merges:
-            parts = parts_spec(stage, merge, chooser_for(merge.params.get("lambda")))
-            spec = spec_of(stage, merge)
+            variant = variant_of(stage, merge)
+            parts = parts_spec(stage, variant)
+            spec = spec_of(stage, variant)
             made[merge.name] = (recipe.output_path / merge.name, spec.key(), merge.output)
             specs += [spec, *([parts] if parts else [])]
     return specs
