@@ -97,9 +97,9 @@ def regmean_delta(taus: Sequence[torch.Tensor], grams: Iterable[torch.Tensor], w
     """RegMean on task vectors: (sum_i w_i tau_i G~_i)(sum_i w_i G~_i)^-1, G~ = alpha G + (1-alpha) diag G.
 
     Equal to W* - W_base for W* = (sum w_i W_i G~_i)(sum w_i G~_i)^-1 with W_i = W_base + tau_i,
-    because W_base (sum G~)(sum G~)^-1 = W_base. `grams` may be a generator: one G (in x in, fp64)
-    is alive at a time, and G~ and the sum are built in place, so the peak is about three in x in
-    matrices rather than six (the difference is gigabytes at 7B widths).
+    because W_base (sum G~)(sum G~)^-1 = W_base. `grams` may be a generator: one G is alive at a
+    time, and G~ and the sum are built in place, so the peak is the sum, one G~ and the solve's
+    factor (three fp64 in x in matrices) rather than six: gigabytes at 7B widths.
     """
     return regmean_deltas(taus, [None], grams, weights, alpha)[0]
 
@@ -114,10 +114,11 @@ def regmean_deltas(taus: Sequence[torch.Tensor], scalings: Sequence[Sequence[flo
     total = None
     rhs: list[torch.Tensor | None] = [None] * len(scalings)
     for i, (tau, gram, w) in enumerate(zip(taus, grams, weights.tolist())):
-        g = gram.to(torch.float64)
-        g_tilde = g.mul(alpha)
-        g_tilde.diagonal().add_(torch.diagonal(g).mul(1 - alpha))
-        del g, gram
+        g_tilde = gram.to(torch.float64, copy=True)  # G~ built in place: one fp64 in x in, not two
+        del gram
+        diagonal = torch.diagonal(g_tilde).clone()
+        g_tilde.mul_(alpha).diagonal().add_(diagonal.mul_(1 - alpha))
+        del diagonal
         for p, scales in enumerate(scalings):
             s = 1.0 if scales is None else scales[i]
             if s == 0.0:

@@ -44,7 +44,8 @@ modules outside the stack and one block (weights and their gradients, a part's t
 plus the hidden states at block boundaries of a step's windows: independent of depth. Under
 torchrun every process takes its share of each step's windows and of every scoring pass; the
 gradients of the scales are added up over the processes.
-Cost: each fine-tune's part merged once; the base's text sampled (without general text, with the
+Cost: every fine-tune's part merged in one pass over the tensors (RegMean's Gram sums factored
+once for all of them: `engine.writer.write_parts`); the base's text sampled (without general text, with the
 base loaded whole: the one step that holds a model); then `EPOCHS` x (steps of a forward and a
 backward with one recomputed forward, through the blocks, over 2 x (domains + 1) windows) and a
 selection pass after each.
