@@ -70,7 +70,7 @@ def positive_weights(params, weights) -> None:
 def regmean_parts(trimmed, scalings, weights, *, params, stats, **_):
     """A linear layer's parts against one factorization (`hessian_math.regmean_deltas`)."""
     if all(isinstance(s, LayerStats) for s in stats):
-        return regmean_deltas(trimmed, scalings, (s.gram for s in stats), weights, params["alpha"])
+        return regmean_deltas(trimmed, scalings, (s.gram for s in stats), weights, params["alpha"], fresh=True)
     return None
 
 
@@ -81,7 +81,7 @@ def regmean(trimmed, weights, *, params, stats, **_):
     """Linear layers: (sum w_i W_i G~_i)(sum w_i G~_i)^-1 (Jin et al. 2023); the input embedding:
     each row's count-weighted mean (`embedding: count`); other tensors: weighted mean."""
     if all(isinstance(s, LayerStats) for s in stats):
-        return regmean_delta(trimmed, (s.gram for s in stats), weights, params["alpha"])
+        return regmean_delta(trimmed, (s.gram for s in stats), weights, params["alpha"], fresh=True)
     if params["embedding"] == "count" and all(isinstance(s, TokenCounts) for s in stats):
         return count_weighted_delta(trimmed, [s.freq[: t.shape[0]] for s, t in zip(stats, trimmed)], weights)
     return weighted_sum(trimmed, weights) / weights.sum()

@@ -27,7 +27,8 @@ class LayerStats:
 
     @property
     def gram(self) -> torch.Tensor:
-        return self.h.to(torch.float64) / self.tokens
+        """A new fp64 G on every call (its user may overwrite it), made with one allocation."""
+        return self.h.to(torch.float64, copy=True).div_(self.tokens)
 
     @property
     def hinv_diag(self) -> torch.Tensor:
