@@ -395,16 +395,21 @@ def results_table(rows: list[dict], evaluated: list[dict], domains: list[str]) -
                     for other in COMPARED if other in windows and other != name and row["role"] == "merge"}
         lines.append("| " + " | ".join([
             name, row["label"] or row["role"], *(_ppl(row[f"ppl_{d}"]) for d in domains), _ppl(row[f"ppl_{GENERAL}"]),
-            *(f"{100 * gains[d]:.1f}%" for d in domains), f"{100 * mean:.1f}% ± {100 * se:.1f}",
-            "" if delta is None else f"{100 * delta[0]:+.1f} ± {100 * delta[1]:.1f}",
-            "" if general is None else f"{general[0]:+.4f} ± {general[1]:.4f}",
-            "" if ta_delta is None else f"{100 * ta_delta[0]:+.1f} ± {100 * ta_delta[1]:.1f}",
-            "" if ta_general is None else f"{ta_general[0]:+.4f} ± {ta_general[1]:.4f}",
+            *(f"{100 * gains[d]:.1f}%" for d in domains), _pm((mean, se), 100, ".1f", "%"),
+            _pm(delta, 100, "+.1f"), _pm(general, 1, "+.4f"), _pm(ta_delta, 100, "+.1f"), _pm(ta_general, 1, "+.4f"),
             "" if row["merge_seconds"] is None else f"{row['merge_seconds']:.0f}"]) + " |")
         records.append({"model": name, "label": row["label"], "ppl": {d: row[f"ppl_{d}"] for d in [*domains, GENERAL]},
                         "gain": gains, "gain_mean": mean, "gain_se": se, "vs_reference": delta,
                         "general_log_ratio": general, "paired": compared, "merge_seconds": row["merge_seconds"]})
     return "\n".join(lines) + "\n", records
+
+
+def _pm(found: tuple[float, float] | None, scale: float, spec: str, unit: str = "") -> str:
+    """value ± SE; a dataset of one document gives no SE by document (`gain.jackknife`): said so."""
+    if found is None:
+        return ""
+    value, se = found
+    return f"{scale * value:{spec}}{unit} ± " + ("n/a (one document)" if math.isnan(se) else f"{scale * se:.{spec[-2]}f}")
 
 
 def main() -> None:
