@@ -84,7 +84,7 @@ def harness_spec(ctx: Context, identity: str) -> HarnessSpec:
 def identities(ctx: Context) -> list[str]:
     """Cache identities of every model this recipe evaluates (merges by their key)."""
     return [ctx.base.fingerprint, *(ctx.source(m.model).fingerprint for m in ctx.recipe.models),
-            *(f"merge:{merge.spec_of(ctx, merge.variant_of(ctx, m)).key()}" for m in ctx.recipe.merges)]
+            *(f"merge:{merge.spec_of(ctx, merge.variant_of(ctx.recipe, m)).key()}" for m in ctx.recipe.merges)]
 
 
 def plan(ctx: Context) -> list[ArtifactSpec]:

@@ -25,7 +25,7 @@ from rich.markup import escape
 from ..engine.card import account_lines, model_card, setting_text
 from ..errors import MergeCliError, RecipeError, UsageError, WorkspaceBusyError
 from ..fsutil import OWNER_MARKER, building, file_record, locked, publish
-from ..methods.settings import settings_of
+from ..methods.settings import VariantSettings, settings_of
 from ..models.reference import ModelSource
 from ..quality.choosers import chooser_for
 from ..quality.scales import Choice, Chooser, Setting, group_of, part_scales
@@ -107,8 +107,8 @@ class Variant:
         return self.spec.name
 
 
-def variant_of(ctx: Context, merge: MergeSpec) -> Variant:
-    recipe = ctx.recipe
+def variant_of(recipe: Recipe, merge: MergeSpec) -> Variant:
+    """Every answer about `merge` the stage needs more than once, asked of the recipe here only."""
     models = tuple(recipe.models_of(merge))
     where = f"merges.{recipe.merges.index(merge)}"
     source = recipe.tokenizer.source if recipe.tokenizer is not None else None
@@ -235,7 +235,7 @@ def _run_recipe(ctx: Context, only: list[str] | None, overwrite: bool, workers: 
     if not recipe.merges:
         raise MergeCliError("the recipe has no merges", "add a 'merges:' list (see `mergecli recipes ls`)")
     merges = [recipe.merge(name) for name in dict.fromkeys(only)] if only else recipe.merges
-    variants = [variant_of(ctx, merge) for merge in merges]
+    variants = [variant_of(recipe, merge) for merge in merges]
     ctx.torch_device  # fail on a bad --device before any work
     for variant in variants:
         ctx.guard(variant.out, "output folder")
@@ -353,7 +353,7 @@ def _build(ctx: Context, variant: Variant, vectors: list["TaskVector"], hessians
     with ctx.dist.lead(lambda: building(variant.out, ROLE)) as tmp:  # made by rank 0
         written, adapter = _write(ctx, variant, plan, tmp, workers)
         if ctx.dist.main:  # every rank's shards are complete: the writer gathered from them
-            result = _finish(ctx, variant, choice, written, adapter, key, tmp)
+            result = _finish(ctx, variant, plan.settings, choice, written, adapter, key, tmp)
     return ctx.dist.decide(lambda: result)  # rank 0's (its wall time) on every rank
 
 
@@ -486,8 +486,8 @@ def _write(ctx: Context, variant: Variant, plan: "VariantPlan", tmp: Path, worke
     return written, {"rank": merge.rank, "modules": {m: asdict(r) for m, r in modules.items()}}
 
 
-def _finish(ctx: Context, variant: Variant, choice: Choice, written: "Written", adapter: dict[str, Any] | None,
-            key: str, tmp: Path) -> MergeResult:
+def _finish(ctx: Context, variant: Variant, settings: VariantSettings, choice: Choice, written: "Written",
+            adapter: dict[str, Any] | None, key: str, tmp: Path) -> MergeResult:
     """The result, said in the log; the recipe, the card and the stamp written beside the weights;
     the folder renamed into place."""
     merge = variant.spec
@@ -503,7 +503,7 @@ def _finish(ctx: Context, variant: Variant, choice: Choice, written: "Written", 
                          written.tensors, key, [m.name for m in variant.models], merge.output,
                          adapter, choice.record, written.account)
     (tmp / "mergecli_recipe.yaml").write_text(ctx.recipe.to_yaml())
-    (tmp / "README.md").write_text(card_of(ctx.recipe, variant, result))
+    (tmp / "README.md").write_text(card_of(ctx.recipe, variant, settings, result))
     files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != OWNER_MARKER}
     (tmp / STAMP).write_text(json.dumps({"mergecli": __version__, "kind": f"merged-{merge.output}", "key": key,
                                          "files": files, "result": result.as_dict()}, indent=1))
@@ -511,11 +511,11 @@ def _finish(ctx: Context, variant: Variant, choice: Choice, written: "Written", 
     return result
 
 
-def card_of(recipe: Recipe, variant: Variant, result: MergeResult) -> str:
-    """The README of a merged folder (`card.model_card`): what was merged with which weights, the
-    method and its parameters, what was kept, how the scale was chosen, and the recipe."""
+def card_of(recipe: Recipe, variant: Variant, settings: VariantSettings, result: MergeResult) -> str:
+    """The README of a merged folder (`card.model_card`): what was merged with which weights (as
+    the merge resolved them: `settings`), the method and its parameters, what was kept, how the
+    scale was chosen, and the recipe."""
     merge, models = variant.spec, variant.models
-    settings = settings_of(merge, models)
     rows = [(m.name, m.model, setting_text(next(w for w in levels if w is not None)))
             for m, levels in zip(models, settings.weights)]
     params = ", ".join(f"{k} {setting_text(v)}" for k, v in merge.params.items())
@@ -553,7 +553,7 @@ def plan(ctx: Context) -> list[ArtifactSpec]:
         if ctx.recipe.stages:
             specs += [*taskvec.STAGE.plan(stage), *hessian.STAGE.plan(stage)]
         for merge in recipe.merges:
-            variant = variant_of(stage, merge)
+            variant = variant_of(recipe, merge)
             parts = parts_spec(stage, variant)
             spec = spec_of(stage, variant)
             made[merge.name] = (recipe.output_path / merge.name, spec.key(), merge.output)
