@@ -409,7 +409,8 @@ def _pm(found: tuple[float, float] | None, scale: float, spec: str, unit: str = 
     if found is None:
         return ""
     value, se = found
-    return f"{scale * value:{spec}}{unit} ± " + ("n/a (one document)" if math.isnan(se) else f"{scale * se:.{spec[-2]}f}")
+    return f"{scale * value:{spec}}{unit} ± " + ("n/a (one document)" if math.isnan(se)
+                                                 else f"{scale * se:{spec.lstrip('+')}}")
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from ..distributed import SINGLE, Group
 from ..errors import MergeCliError, RecipeError
 from .hessians import HessianReader
 from ..methods import schedule
-from ..methods.pipeline import NonFiniteTaskVector, OutOfRange, TaskTensor, TensorPlan, fit, merge_parts
+from ..methods.pipeline import NonFiniteTaskVector, OutOfRange, TaskTensor, TensorPlan, fit, merge_parts, merge_tensor
 from ..methods.settings import VariantSettings
 from ..methods.table import Unbounded
 from ..models.architecture import Architecture
@@ -222,7 +222,7 @@ def write_parts(folder: Path, plan: VariantPlan, base: Path, arch: Architecture,
                     if bool(delta.any()):
                         changed[index].append(info.name)
                     writer.write(info.name, delta)
-                del tensor
+                del tensor  # every part's copy of it, before the next tensor is merged
                 advance(1)
         for index, names in enumerate(changed):
             (folder / f"part-{index}" / "changed.json").write_text(json.dumps(names))
@@ -305,12 +305,11 @@ def merged_tensors(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo],
             sources_ = [None if t is None else t.to(device) for t in sources_]
             values = layout.resolve(out)
             try:
-                scales = plan.scales(canonical) if plan.scales else None
                 tensor = TensorPlan(block.settings.method, values.weights, values.params, out.key,
                                     arch.is_transposed(canonical), arch.is_linear(canonical), values.model_params,
-                                    scales, info.dtype, plan.clamp)
-                theta, k, n = merge_parts(tensor, plan.parts or [scales], sources_, stats, base=theta)
-                theta = theta if plan.parts else theta[0]
+                                    plan.scales(canonical) if plan.scales else None, info.dtype, plan.clamp)
+                theta, k, n = (merge_parts(tensor, plan.parts, sources_, stats, base=theta) if plan.parts
+                               else merge_tensor(tensor, sources_, stats, base=theta))
             except NonFiniteTaskVector as exc:
                 raise MergeCliError(f"{models[exc.index].model}: tensor {canonical} has NaN/Inf entries in its "
                                     "task vector", "the checkpoint (or the base) is corrupt") from None

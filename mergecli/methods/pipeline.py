@@ -27,7 +27,7 @@ from .scores import SCORES
 from .masks import Band, breadcrumbs_band, della_probabilities, l1_factor, sample_mask
 from .sparsify import TopK, bernoulli_mask, keep_count, random_stream, rank_probabilities, topk_mask, topk_threshold
 from .stats import LayerStats, TokenCounts
-from .table import Method, Trim, scaled
+from .table import Method, Trim
 
 CHUNK_ELEMENTS = 1 << 18
 
@@ -262,6 +262,7 @@ class TensorPlan:
 def merge_tensor(plan: TensorPlan, taus: Iterable[TaskTensor | torch.Tensor | None],
                  stats: Sequence[LayerStats | TokenCounts | None] | None = None,
                  base: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
+    """`merge_parts` at the one scaling `plan.scales`: the merged tensor, entries kept, offered."""
     merged, kept, offered = merge_parts(plan, [plan.scales], taus, stats, base)
     return merged[0], kept, offered
 
@@ -270,11 +271,11 @@ def merge_parts(plan: TensorPlan, scalings: Sequence[Sequence[float] | None],
                 taus: Iterable[TaskTensor | torch.Tensor | None],
                 stats: Sequence[LayerStats | TokenCounts | None] | None = None,
                 base: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
-    """Merged delta for one tensor (or, given `base`, the merged weight `base + lambda * delta` in
-    `plan.dtype`), plus (entries kept, entries offered) for the density report; `merge_parts`
-    stacks one such merge per entry of `scalings` (each `plan.scales` in turn), reading and trimming
-    the task vectors once (`lambda: auto` and `learned` score a fine-tune's part at a time; a
-    method's `parts` computes them together where it can).
+    """One tensor merged at each entry of `scalings` (as `plan.scales`, which is not read here),
+    stacked: each the merged delta (or, given `base`, the merged weight `base + lambda * delta`) in
+    `plan.dtype`; plus (entries kept, entries offered) for the density report. The task vectors are
+    read and trimmed once for every scaling (`lambda: auto` and `learned` score a fine-tune's part
+    at a time; a method's `parts` computes them together where it can).
 
     `scales[i]` multiplies model i's trimmed task vector before the method combines them (its
     weight, which also weighs its statistics, is untouched): for an additive method the merge is
@@ -332,11 +333,19 @@ def merge_parts(plan: TensorPlan, scalings: Sequence[Sequence[float] | None],
         common = dict(params=values, stats=used_stats, base=rows if method.needs_base else None, linear=plan.linear)
         deltas = method.parts(trimmed, local, w, **common) if method.parts and len(local) > 1 else None
         if deltas is None:
-            deltas = [method.combine(scaled(trimmed, s), w, **common) for s in local]
-        add = rows.add_ if rows is not None and len(targets) == 1 else rows.add if rows is not None else None
-        for target, delta in zip(targets, deltas):  # one merge adds into the base's rows in place
-            target[start:stop] = fit(delta if add is None else add(delta, alpha=lam), out.dtype, clamp, tensor_name)
+            deltas = [method.combine(_scaled(trimmed, s), w, **common) for s in local]
+        for target, delta in zip(targets, deltas):
+            if rows is not None:  # one merge adds into its copy of the base's rows, several into new ones
+                delta = rows.add_(delta, alpha=lam) if len(targets) == 1 else rows.add(delta, alpha=lam)
+            target[start:stop] = fit(delta, out.dtype, clamp, tensor_name)
     return out, kept, len(present) * out[0].numel()
+
+
+def _scaled(trimmed: Sequence[torch.Tensor], scales: Sequence[float] | None) -> list[torch.Tensor]:
+    """The trimmed task vectors, each times its model's scale (a factor of 1 leaves it as it is)."""
+    if scales is None:
+        return list(trimmed)
+    return [t if s == 1.0 else t * s for t, s in zip(trimmed, scales)]
 
 
 def fit(values: torch.Tensor, dtype: torch.dtype, clamp: bool, tensor_name: str) -> torch.Tensor:

@@ -50,14 +50,6 @@ class PartsFn(Protocol):
                  linear: bool) -> "list[torch.Tensor] | None": ...
 
 
-def scaled(trimmed: Sequence["torch.Tensor"], scales: Sequence[float] | None) -> list["torch.Tensor"]:
-    """The trimmed task vectors, each times its model's scale (`TensorPlan.scales`; a factor of 1
-    leaves the tensor as it is)."""
-    if scales is None:
-        return list(trimmed)
-    return [t if s == 1.0 else t * s for t, s in zip(trimmed, scales)]
-
-
 @dataclass(frozen=True)
 class Param:
     """One hyperparameter: its type, default and allowed range, checked when a recipe is read."""
