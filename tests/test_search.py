@@ -103,13 +103,15 @@ def test_lambda_auto_chooses_the_best_scale_on_calibration_windows(trained, mode
     # the score at the chosen scale, recomputed: windows drawn here (seed + 1 of the calibration
     # part), losses from transformers' own loss on the written model, the base and the fine-tunes
     assert search["score"] == pytest.approx(calibration_gain(trained, models, trained / "out" / "ta", 1), abs=1e-4)
-    # the written model is the merge at that scale
+    # the written model is the merge at that scale (written from the part it was scored on, the base
+    # plus lambda times the merge's change at lambda 1: equal to fp32 rounding)
     fixed = recipe_for(trained, models, [{"name": "ta-fixed", "method": "task_arithmetic",
                                          "lambda": search["chosen"]}])
     cli("merge", str(fixed))
     auto = AutoModelForCausalLM.from_pretrained(trained / "out" / "ta").state_dict()
     same = AutoModelForCausalLM.from_pretrained(trained / "out" / "ta-fixed").state_dict()
-    assert all(torch.equal(auto[k], same[k]) for k in auto)
+    for k in auto:
+        torch.testing.assert_close(auto[k], same[k], rtol=1e-6, atol=1e-7)
     card = (trained / "out" / "ta" / "README.md").read_text()
     assert f"lambda: auto chose {search['chosen']:.4g}" in card and "held-out calibration windows" in card
     # cached while nothing changes; other calibration windows are another choice
@@ -206,6 +208,31 @@ def test_lambda_learned_scales_each_fine_tunes_part_per_layer(trained, models, m
     monkeypatch.setattr(learn, "WINDOWS", 4)
     fewer = json.loads(cli("--json", "merge", str(recipe)).stdout)[0]
     assert not fewer["reused"] and fewer["search"]["windows"] == 4 and fewer["search"]["selected_on"] == 8
+
+
+def test_a_chosen_merge_is_written_from_the_parts_it_was_scored_on(trained, models):
+    """lambda: learned writes base + sum_i s_i * part_i from the parts in the workspace (the sum it
+    scored, to the bit: a second merge would differ in the last fp32 bits), and the density it reports
+    is the one the merge at fixed scales reports."""
+    from safetensors.torch import load_file
+
+    topk = {"method": "task_arithmetic_topk", "density": 0.5}
+    recipe = recipe_for(trained, models, [{"name": "topk", "lambda": "learned", **topk}, {"name": "fixed", **topk}])
+    learned, fixed = json.loads(cli("--json", "merge", str(recipe)).stdout)
+    assert learned["kept_density"] == fixed["kept_density"] and 0.45 < fixed["kept_density"] < 0.55
+    scales = learned["search"]["scales"]
+    folder = max((trained / "ws" / "parts").iterdir(), key=lambda f: f.stat().st_mtime)  # this merge's
+    parts = [load_file(folder / f"part-{i}" / "model.safetensors") for i in range(2)]
+    base = load_file(models / "base" / "model.safetensors")
+    written = load_file(trained / "out" / "topk" / "model.safetensors")
+    assert set(parts[0]) <= set(base) and set(written) == set(base)
+    for name, theta in base.items():
+        pieces = name.split(".")
+        group = f"layer {pieces[2]} {pieces[3]}" if pieces[1] == "layers" else name
+        expected = theta.float()
+        for s, part in zip(scales[group], parts):
+            expected = torch.add(expected, part[name], alpha=s)  # as scored: one rounding per term
+        assert torch.equal(written[name], expected), name
 
 
 def test_with_pack_false_the_scoring_windows_are_one_padded_window_per_document(trained, models, tmp_path):

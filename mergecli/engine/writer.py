@@ -38,6 +38,7 @@ from ..models.architecture import Architecture
 from ..models.safetensors_io import Checkpoint, ShardedWriter, StreamingWriter, TensorInfo
 from ..progress import Reporter
 from ..recipe.schema import BASE
+from .parts import StoredParts, part_folders, write_counts
 from .layout import BASE as BASE_MODEL, Block, Layout, Output, stacked, whole
 from .taskvectors import TaskVector, by_canonical
 from .vocabulary import MergedTokenizer, Vocabulary
@@ -72,6 +73,9 @@ class VariantPlan:
     # several merges at once, one per entry (the `scales` of every tensor; None: the variant's own):
     # each output tensor is then a stack of them (`write_parts`)
     parts: Sequence[Sequence[float] | None] | None = None
+    # the merge at a chosen scale, written from the parts it was scored on (`parts.py`): each tensor
+    # they hold is the base plus the parts times their factors, not merged again; None: merged here
+    from_parts: StoredParts | None = None
 
 
 @dataclass
@@ -196,7 +200,8 @@ def write_parts(folder: Path, plan: VariantPlan, base: Path, arch: Architecture,
     """The merges a scale is chosen over, as their change from the base, into `folder/part-<i>/`:
     the merge with `plan.scales` = `parts[i]` for every tensor (None: the variant's own), in fp32,
     under the base's stored names, every tensor some task vector has, each written as it is merged;
-    `changed.json` lists those the part does change. Read back block by block (`engine.streamed`),
+    `changed.json` lists those the part does change, and `counts.json` (`parts.py`) what the merge
+    kept of each tensor. Read back block by block (`engine.streamed`),
     they are what `lambda: auto` and `lambda: learned` scale. All parts are made in one pass over
     the tensors (`VariantPlan.parts`): each tensor is read and trimmed once, and RegMean's Gram sum
     factored once, for every part; one tensor's parts are in memory at a time."""
@@ -208,14 +213,18 @@ def write_parts(folder: Path, plan: VariantPlan, base: Path, arch: Architecture,
                 infos.setdefault(arch.canonical(info.name), TensorInfo(info.name, info.shape, torch.float32))
         every = replace(plan, dtype=torch.float32, extra_tokens="base", scales=None, parts=parts)
         changed: list[list[str]] = [[] for _ in parts]
+        counts: dict[str, tuple[int, int, bool]] = {}
+        folders = part_folders(folder, len(parts))
         with ExitStack() as stack:
             writers = []
-            for index in range(len(parts)):
-                (folder / f"part-{index}").mkdir()
+            for index, part in enumerate(folders):
+                part.mkdir()
                 writers.append(stack.enter_context(StreamingWriter(
-                    folder / f"part-{index}" / "model.safetensors", list(infos.values()), {"part": str(index)})))
+                    part / "model.safetensors", list(infos.values()), {"part": str(index)})))
             advance = stack.enter_context(reporter.track(f"{label}: {len(parts)} parts", len(infos)))
-            for info, tensor, _ in stream(every, ckpt, list(infos.values()), arch, device, workers, label, Tally()):
+            for info, (tensor, kept, offered, missing, _), _ in merged_tensors(every, ckpt, list(infos.values()), arch,
+                                                                               device, workers, label):
+                counts[info.name] = (kept, offered, missing)
                 base_tensor = ckpt.get(info.name).to(torch.float32)
                 for index, writer in enumerate(writers):
                     delta = tensor[index] - base_tensor
@@ -224,8 +233,9 @@ def write_parts(folder: Path, plan: VariantPlan, base: Path, arch: Architecture,
                     writer.write(info.name, delta)
                 del tensor  # every part's copy of it, before the next tensor is merged
                 advance(1)
-        for index, names in enumerate(changed):
-            (folder / f"part-{index}" / "changed.json").write_text(json.dumps(names))
+        for part, names in zip(folders, changed):
+            (part / "changed.json").write_text(json.dumps(names))
+        write_counts(folder, counts)
 
 
 def account_of(how: dict[str, str], vectors: Sequence[TaskVector]) -> dict:
@@ -291,6 +301,9 @@ def merged_tensors(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo],
         changed = rows is not None or any(name in v or name != canonical for v, name in zip(models, out.inputs))
         if block.copies:
             theta, what = _copied(plan, block, out, theta, info, arch.is_buffer(canonical), label, rows)
+        elif theta.dtype.is_floating_point and changed and plan.from_parts is not None:
+            k, n, missing = plan.from_parts.kept[canonical]
+            theta = _fitted(plan.from_parts.merged(canonical, theta), info.dtype, plan.clamp, canonical, label)
         elif theta.dtype.is_floating_point and changed:
             readers = [plan.readers[i] for i in block.models] if plan.readers else None
             stats = [r.stats(arch.module_of(name)) for r, name in zip(readers, out.inputs)] if readers else None

@@ -20,6 +20,17 @@ def weighted_sum(trimmed: Sequence[torch.Tensor], weights: torch.Tensor) -> torc
     return total
 
 
+def scaled_sum(base: torch.Tensor, parts: Sequence[tuple[torch.Tensor | None, float | None]]) -> torch.Tensor:
+    """base + sum_i f_i part_i in fp32, the parts added in order (a factor of None or 0 adds
+    nothing, and its part need not be read): a merge at chosen scales from the parts it was scored
+    on. Scoring and writing both call this: the weights written are the sum scored, term by term."""
+    total = base.to(torch.float32, copy=True)
+    for part, factor in parts:
+        if factor:
+            total.add_(part, alpha=factor)
+    return total
+
+
 def elect_sign(trimmed: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """TIES election: gamma = sign(sum_i w_i t_i), 0 where the sum is exactly 0."""
     return weighted_sum(trimmed, weights).sign_()

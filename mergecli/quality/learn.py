@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from ..engine.calibration import DRAW, draw_windows
 from ..engine.streamed import window_means
 from .gain import mean_nll
-from .scales import Choice, Chooser, Setting, group_order
+from .scales import WRITTEN, Choice, Chooser, Setting, group_order
 from .scoring import plus, scoring_sets, shared_nlls
 from .search import SAMPLES
 from ..models.loading import load_causal_lm
@@ -120,7 +120,7 @@ class LearnedScales(Chooser):
         return {"datasets": datasets(), "calibration": calibration, "samples": SAMPLES, "draw": DRAW,
                 "windows": WINDOWS, "epochs": EPOCHS, "batch": BATCH, "learning_rate": LEARNING_RATE,
                 "groups": "layer module", "forgetting": forgetting, "hinge tolerance": TOLERANCE,
-                "run": "block by block"}
+                "run": "block by block", "written": WRITTEN}
 
     def choose(self, setting: Setting, parts: Sequence["StoredWeights"]) -> Choice:
         learned = learn_scales(setting, parts)

@@ -49,6 +49,11 @@ class Setting:
     dist: "Group"
 
 
+# How a chosen merge is written (in every chooser's key): from the parts its scale was scored on,
+# base + the scaled parts (`engine.parts`), not merged again; a folder a re-merge wrote is not reused.
+WRITTEN = "base + scaled parts"
+
+
 @dataclass(frozen=True)
 class Choice:
     """What the merge is built with: a lambda (None: the recipe's), a scale per group and fine-tune

@@ -23,6 +23,7 @@ from ..distributed import SINGLE, Group
 from ..engine.calibration import Windows, draw_windows
 from ..engine.streamed import StreamedModel, Weights
 from ..errors import MergeCliError
+from ..methods.combine import scaled_sum
 from ..recipe.schema import CalibrationSpec
 from .gain import mean_gain, mean_nll
 
@@ -34,13 +35,10 @@ def plus(base: Weights, parts: Sequence[Weights], factor: Callable[[str, int], f
     asks for them: a merge at other scales, assembled one block at a time (a part that lacks a
     tensor, or a factor of None or 0, adds nothing to it)."""
     def weights(names: list[str]) -> dict[str, torch.Tensor]:
-        found = {n: t.to(torch.float32) for n, t in base(names).items()}
-        for i, part in enumerate(parts):
-            for name, tensor in part(names).items():
-                f = factor(name, i)
-                if f:
-                    found[name] = torch.add(found[name], tensor, alpha=f)
-        return found
+        read = [part(names) for part in parts]
+        return {name: scaled_sum(tensor, [(r.get(name), factor(name, i) if name in r else None)
+                                          for i, r in enumerate(read)])
+                for name, tensor in base(names).items()}
     return weights
 
 

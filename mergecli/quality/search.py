@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..engine.calibration import DRAW
 from ..methods.coefficients import golden_max
-from .scales import Choice, Chooser, Setting
+from .scales import WRITTEN, Choice, Chooser, Setting
 from .scoring import plus, scoring_sets
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class AutoLambda(Chooser):
     def key(self, datasets: Callable[[], list[dict[str, Any]]], calibration: dict[str, Any],
             general: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
         return {"datasets": datasets(), "calibration": calibration, "samples": SAMPLES, "draw": DRAW,
-                "bracket": list(BRACKET), "tolerance": TOLERANCE, "evaluations": EVALUATIONS}
+                "bracket": list(BRACKET), "tolerance": TOLERANCE, "evaluations": EVALUATIONS, "written": WRITTEN}
 
     def choose(self, setting: Setting, parts: Sequence["Weights"]) -> Choice:
         start = time.perf_counter()

@@ -60,6 +60,7 @@ class PartsSpec(ArtifactSpec):
     or one fine-tune's part at a time (`parts`), as changes from the base (`writer.write_parts`)."""
 
     kind = "parts"
+    format = 2  # 2: what the merge kept of each tensor (`engine.parts.COUNTS`), to write the chosen merge from
     base: str
     inputs: tuple[dict[str, Any], ...]
     variant: dict[str, Any]
@@ -347,8 +348,8 @@ def _build(ctx: Context, variant: Variant, vectors: list["TaskVector"], hessians
            workers: int, key: str) -> MergeResult:
     """Choose the scale (if the recipe asks), write the variant into a temporary folder, stamp it
     and rename it into place (rank 0; under torchrun every rank writes its share of the tensors)."""
-    choice = _choose(ctx, variant, vectors, hessians, workers)
-    plan = _plan(ctx, variant, vectors, hessians, choice)
+    choice, parts = _choose(ctx, variant, vectors, hessians, workers)
+    plan = _plan(ctx, variant, vectors, hessians, choice, parts)
     result = None
     with ctx.dist.lead(lambda: building(variant.out, ROLE)) as tmp:  # made by rank 0
         written, adapter = _write(ctx, variant, plan, tmp, workers)
@@ -358,26 +359,37 @@ def _build(ctx: Context, variant: Variant, vectors: list["TaskVector"], hessians
 
 
 def _plan(ctx: Context, variant: Variant, vectors: list["TaskVector"], hessians: list["HessianSet"] | None,
-          choice: Choice = Choice()) -> "VariantPlan":
-    """Everything the variant's tensors are computed from, at the chosen scale."""
+          choice: Choice = Choice(), parts: Path | None = None) -> "VariantPlan":
+    """Everything the variant's tensors are computed from, at the chosen scale: merged from the
+    task vectors (and statistics), or, given the `parts` the choice was scored on, from those."""
     import torch  # start-up time: the CLI builds --help from the stages without torch
 
     from ..engine.hessians import HessianReader  # start-up time (torch)
+    from ..engine.parts import StoredParts
     from ..engine.writer import VariantPlan
 
-    merge = variant.spec
+    merge, arch = variant.spec, ctx.arch
     built = merge if choice.lam is None else merge.with_param("lambda", choice.lam)
     scales = None
     if choice.scales is not None:
-        found, arch = choice.scales, ctx.arch
+        found = choice.scales
 
         def scales(canonical: str):
             return found.get(group_of(arch, arch.module_of(canonical)))
+    from_parts = None
+    if parts is not None:
+        count = len(part_scales(variant.chooser, len(variant.models)))
+        lam = 1.0 if choice.lam is None else choice.lam
+
+        def factors(canonical: str) -> list[float]:
+            given = scales(canonical) if scales else None
+            return [lam] * count if given is None else [lam * s for s in given]
+        from_parts = StoredParts.read(parts, count, factors, arch.canonical)
     dtype = getattr(torch, merge.dtype) if merge.dtype else None
     return VariantPlan(
         settings=settings_of(built, variant.models), vectors=vectors,
         readers=[HessianReader(h.artifact.path, merge.params.get("damp", 0.01), ctx.torch_device) for h in hessians]
-        if hessians else None,
+        if hessians and from_parts is None else None, from_parts=from_parts,
         dtype=torch.float32 if merge.output == "lora" else dtype, clamp=merge.overflow == "clamp",
         extra_tokens=ctx.recipe.extra_tokens, shard_bytes=ctx.recipe.shard_bytes, scales=scales,
         blocks=variant.blocks, names=[m.name for m in variant.models], tokenizer=_tokenizer(ctx, variant))
@@ -415,13 +427,14 @@ def _config_rows(folder: Path) -> int | None:
 
 
 def _choose(ctx: Context, variant: Variant, vectors: list["TaskVector"], hessians: list["HessianSet"] | None,
-            workers: int) -> Choice:
+            workers: int) -> tuple[Choice, Path | None]:
     """The chooser's choice, scored on the merges it asks for (stored once in the workspace as
-    parts: every process of a torchrun job scores its share of the windows)."""
+    parts: every process of a torchrun job scores its share of the windows), and those parts' folder."""
     spec = parts_spec(ctx, variant)
     if spec is None:
-        return Choice()
-    from ..engine.writer import write_parts  # start-up time (torch)
+        return Choice(), None
+    from ..engine.parts import part_folders  # start-up time (torch)
+    from ..engine.writer import write_parts
     from ..models.safetensors_io import Checkpoint
 
     plan = _plan(ctx, variant, vectors, hessians, Choice(lam=1.0))
@@ -430,13 +443,12 @@ def _choose(ctx: Context, variant: Variant, vectors: list["TaskVector"], hessian
         folder, plan, ctx.base.path, ctx.arch, [None if s is None else list(s) for s in spec.parts], ctx.torch_device,
         workers, ctx.reporter, label))
     setting = _setting(ctx, variant)
-    folders = [artifact.path / f"part-{i}" for i in range(len(spec.parts))]
     parts = [setting.runner.checkpoint_weights(Checkpoint.open(folder), partial=True,
                                                only=json.loads((folder / "changed.json").read_text()))
-             for folder in folders]
+             for folder in part_folders(artifact.path, len(spec.parts))]
     choice = variant.chooser.choose(setting, parts)
     ctx.reporter.log(f"merge [bold]{variant.name}[/]: {escape(variant.chooser.log_line(choice.record or {}))}")
-    return choice
+    return choice, artifact.path
 
 
 def _setting(ctx: Context, variant: Variant) -> "Setting":
