@@ -196,6 +196,24 @@ def run(path: Path, *args: str) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_gib": round(rss, 3), "peak_anon_gib": round(anon, 3)}
 
 
+def watch_anon(every: float = 0.05) -> list[int]:
+    """This process's peak RssAnon in kB so far (`[peak]`, kept up to date by a daemon thread): what
+    it allocated, without the pages of the checkpoints it maps (`run` samples a child the same way)."""
+    import re
+    import threading
+
+    peak = [0]
+
+    def watch() -> None:
+        while True:
+            found = re.search(r"RssAnon:\s+(\d+)", open("/proc/self/status").read())
+            peak[0] = max(peak[0], int(found.group(1)))
+            time.sleep(every)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return peak
+
+
 def folder_gib(path: Path) -> float:
     return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**30, 3)
 

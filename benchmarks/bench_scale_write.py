@@ -18,11 +18,12 @@ import json
 import re
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_scale import watch_anon  # noqa: E402 - beside this script
 
 
 def main() -> None:
@@ -30,15 +31,7 @@ def main() -> None:
     from mergecli.quality.scales import Choice
     from mergecli.stages import merge, taskvec
 
-    anon = [0]
-
-    def watch() -> None:
-        while True:
-            found = re.search(r"RssAnon:\s+(\d+)", open("/proc/self/status").read())
-            anon[0] = max(anon[0], int(found.group(1)))
-            time.sleep(0.05)
-
-    threading.Thread(target=watch, daemon=True).start()
+    anon = watch_anon()
     path, name = Path(sys.argv[1]), sys.argv[2]
     ctx = Context(load_recipe(path))
     variant = merge.variant_of(ctx.recipe, ctx.recipe.merge(name))

@@ -225,6 +225,8 @@ def test_count_weighted_is_regmean_of_a_one_hot_lookup():
     out = count_weighted_delta(taus, freqs, weights)
     assert torch.allclose(out[seen], ref, atol=1e-10)
     assert torch.allclose(out[~seen], (sum(w * t for t, w in zip(taus, weights)) / weights.sum())[~seen])
+    # computed a few rows at a time (a 7B embedding's fp64 terms would be GBs), the same bits
+    assert torch.equal(count_weighted_delta(taus, freqs, weights, block=2 * d), out)
     # through the registered method: embedding stats select it, `embedding: mean` and linear stats do not
     stats = [TokenCounts(f) for f in freqs]
     merged, _, _ = merge_tensor(TensorPlan(METHODS["regmean"], weights.tolist(), {}, "embed"), taus, stats=stats)

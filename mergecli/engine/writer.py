@@ -345,11 +345,13 @@ def merged_tensors(plan: VariantPlan, ckpt: Checkpoint, infos: list[TensorInfo],
         return theta.to(info.dtype), k, n, missing, what
 
     def working_set(info: TensorInfo) -> int:
-        """fp32 entries a tensor's merge holds: the tensor and, where statistics are read, about
-        three fp64 fan-in x fan-in matrices (RegMean's Gram sum, one G~ and the solve's factor; OBS's
-        damped H, factor and inverse). At 7B widths a down projection's are 2.9 GB: two of them
-        at once would be most of a 16 GB machine, so they run one at a time."""
-        entries = math.prod(info.shape) * len(plan.parts or [None])
+        """fp32 entries a tensor's merge holds: its result (one per part), each model's trimmed task
+        vector, the base's rows and a temporary, and, where statistics are read, about three fp64
+        fan-in x fan-in matrices (RegMean's Gram sum, one G~ and the solve's factor; OBS's damped H,
+        factor and inverse). At 7B widths a down projection's are 2.9 GB, and an embedding's parts
+        for three fine-tunes about 4 GB: two of either at once would be most of a 16 GB machine, so
+        they run one at a time."""
+        entries = math.prod(info.shape) * (len(plan.parts or [None]) + len(plan.vectors) + 2)
         canonical = layout.by_name[info.name].reference
         if plan.readers and len(info.shape) == 2 and arch.is_linear(canonical):
             fan_in = info.shape[0] if arch.is_transposed(canonical) else info.shape[1]

@@ -146,7 +146,7 @@ def regmean_deltas(taus: Sequence[torch.Tensor], scalings: Sequence[Sequence[flo
 
 
 def count_weighted_delta(taus: Sequence[torch.Tensor], freqs: Sequence[torch.Tensor],
-                         weights: torch.Tensor) -> torch.Tensor:
+                         weights: torch.Tensor, block: int = 1 << 20) -> torch.Tensor:
     """RegMean for an embedding lookup (rows = tokens): row v of the merged delta is
     sum_i w_i c_iv tau_iv / sum_i w_i c_iv, c_iv = model i's frequency of token v.
 
@@ -154,11 +154,21 @@ def count_weighted_delta(taus: Sequence[torch.Tensor], freqs: Sequence[torch.Ten
     RegMean's (sum w_i tau_i G_i)(sum w_i G_i)^-1 becomes this per-row mean; the dense V x V
     matrix never exists. A row no model's calibration data contains has no data term at all and
     keeps the weighted mean (what the limit of equal counts gives), never 0/0.
+
+    Rows are independent, so they are computed `block` entries at a time: the fp64 terms of a
+    7B embedding (32,000 x 4,096) would be ~5 GB at once, a block's are a few MB.
     """
     w = weights.tolist()
-    num = sum(wi * c.to(torch.float64).unsqueeze(1) * t.to(torch.float64) for t, c, wi in zip(taus, freqs, w))
     den = sum(wi * c.to(torch.float64) for c, wi in zip(freqs, w))
-    mean = sum(wi * t.to(torch.float64) for t, wi in zip(taus, w)) / float(weights.sum())
     seen = den != 0
-    out = torch.where(seen.unsqueeze(1), num / torch.where(seen, den, 1.0).unsqueeze(1), mean)
-    return out.to(taus[0].dtype)
+    safe = torch.where(seen, den, 1.0)
+    total = float(weights.sum())
+    out = torch.empty(taus[0].shape, dtype=taus[0].dtype, device=taus[0].device)
+    step = max(1, block // max(1, taus[0][0].numel()))
+    for start in range(0, out.shape[0], step):
+        rows = slice(start, start + step)
+        num = sum(wi * c[rows].to(torch.float64).unsqueeze(1) * t[rows].to(torch.float64)
+                  for t, c, wi in zip(taus, freqs, w))
+        mean = sum(wi * t[rows].to(torch.float64) for t, wi in zip(taus, w)) / total
+        out[rows] = torch.where(seen[rows].unsqueeze(1), num / safe[rows].unsqueeze(1), mean)
+    return out

@@ -342,10 +342,12 @@ def merge_parts(plan: TensorPlan, scalings: Sequence[Sequence[float] | None],
 
 
 def _scaled(trimmed: Sequence[torch.Tensor], scales: Sequence[float] | None) -> list[torch.Tensor]:
-    """The trimmed task vectors, each times its model's scale (a factor of 1 leaves it as it is)."""
+    """The trimmed task vectors, each times its model's scale (a factor of 1 leaves it as it is, a
+    factor of 0 is a zero that costs no memory: one fine-tune's part alone, of an embedding at 7B
+    widths, would otherwise copy every other fine-tune's 0.5 GB of zeros)."""
     if scales is None:
         return list(trimmed)
-    return [t if s == 1.0 else t * s for t, s in zip(trimmed, scales)]
+    return [t if s == 1.0 else t.new_zeros(()).expand_as(t) if s == 0.0 else t * s for t, s in zip(trimmed, scales)]
 
 
 def fit(values: torch.Tensor, dtype: torch.dtype, clamp: bool, tensor_name: str) -> torch.Tensor:
