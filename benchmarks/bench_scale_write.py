@@ -6,9 +6,9 @@ A `lambda: learned` (or `auto`) merge ends by writing base + sum_i s_i * part_i 
 the workspace (`engine.parts`). At 7B widths the whole merge takes hours (its passes), so this
 measures its last step on its own: on a `bench_scale.py` workspace whose parts for the merge
 exist, it writes the merge with every scale 1 (the cost does not depend on the values: every
-part is read once per tensor) into a temporary folder beside the recipe's outputs, removed
-afterwards. Wall time, VmHWM and RssAnon sampled every 50 ms, as `bench_scale.run` reports them.
-It calls the merge stage's own planning and writing steps (private functions) because no command
+part is read once per tensor) into a fresh temporary folder (the system's), removed afterwards;
+nothing of the recipe's outputs is touched. Wall time, VmHWM and RssAnon sampled every 50 ms, as
+`bench_scale.run` reports them. It calls the merge stage's own planning and writing steps (private functions) because no command
 writes a chosen merge without choosing it first.
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,14 +46,9 @@ def main() -> None:
     start = time.perf_counter()
     plan = merge._plan(ctx, variant, [vectors[m.name] for m in variant.models], None, Choice(lam=1.0, scales={}),
                        folder)
-    out = ctx.recipe.output_path / f".{name}-write-bench"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    try:
-        written, _ = merge._write(ctx, variant, plan, out, workers=2)
+    with tempfile.TemporaryDirectory(prefix="mergecli-write-bench-") as out:  # a fresh folder of its own
+        written, _ = merge._write(ctx, variant, plan, Path(out), workers=2)
         seconds = time.perf_counter() - start
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
     hwm = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
     print(json.dumps({"merge": name, "tensors": written.tensors, "kept_density": round(written.kept_density, 4),
                       "seconds": round(seconds, 1), "peak_rss_gib": round(hwm / 2**20, 3),

@@ -365,7 +365,7 @@ def _plan(ctx: Context, variant: Variant, vectors: list["TaskVector"], hessians:
     import torch  # start-up time: the CLI builds --help from the stages without torch
 
     from ..engine.hessians import HessianReader  # start-up time (torch)
-    from ..engine.parts import StoredParts
+    from ..engine.parts import StoredParts  # start-up time (torch)
     from ..engine.writer import VariantPlan
 
     merge, arch = variant.spec, ctx.arch
